@@ -1,0 +1,184 @@
+"""Configuration: one validated object, built once by the entry point and passed in.
+
+Every setting has an environment variable (names are a contract with existing
+deployments) and a command-line flag that overrides it. A bad value is a `ConfigError`
+naming the variable, never a silent default. No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting with a value the relay cannot use."""
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum else f"at least {minimum}"
+            raise ValueError(f"must be {bound}")
+        return value
+    return parse
+
+
+def _seconds(minimum: float, *, allow_zero: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not (value >= minimum or (allow_zero and value == 0)) or value != value \
+                or value == float("inf"):
+            raise ValueError(f"must be a finite number of seconds of at least {minimum}"
+                             + (" (or 0)" if allow_zero else ""))
+        return value
+    return parse
+
+
+def _address(text: str) -> str:
+    text = text.strip()
+    if not text or any(c.isspace() for c in text) or "/" in text:
+        raise ValueError("must be an IP address, '*' or an interface name")
+    return text
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return Path(text).expanduser()
+
+
+_HOST_PORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9._-]+))(?::(\d{1,5}))?\Z")
+
+
+def parse_allowed_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
+    """``"127.0.0.1:8099, localhost"`` -> ``(("127.0.0.1", 8099), ("localhost", None))``;
+    an entry without a port allows any port on that host."""
+    hosts = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        match = _HOST_PORT.match(entry)
+        if match is None:
+            raise ValueError(f"{entry!r} is not host[:port]")
+        ipv6, host, port = match.groups()
+        hosts.append(((ipv6 or host).lower(), _whole(1, 65535)(port) if port else None))
+    return tuple(hosts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    field: str
+    env: str | None
+    flag: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+
+
+# The one table of settings: the parser, the flags and the README's table follow it.
+SETTINGS = (
+    Setting("home", "SWIMMY_HOME", "--home", _path, None,
+            "base directory; runtime files go in $SWIMMY_HOME/data/ (default: current directory)"),
+    Setting("port", "SWIMMY_PORT_NOTIFIER", "--port", _whole(1, 65535), "5562",
+            "TCP port the relay binds its PULL socket to"),
+    Setting("bind_addr", "SWIMMY_NOTIFIER_BIND_ADDR", "--bind-addr", _address, "127.0.0.1",
+            "address to bind (loopback only unless set)"),
+    Setting("queue_max", "SWIMMY_NOTIFIER_QUEUE_MAX", "--queue-max", _whole(1, 10_000_000),
+            "1000", "bound on messages held (oldest dropped first)"),
+    Setting("metrics_interval", "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "--metrics-interval",
+            _seconds(0.05), "5", "seconds between metrics snapshots"),
+    Setting("dedupe_window", "SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "--dedupe-window",
+            _seconds(0.0, allow_zero=True), "180", "duplicate suppression window, 0 disables"),
+    Setting("metrics_file", "SWIMMY_NOTIFIER_METRICS_FILE", "--metrics-file", _path, None,
+            "metrics snapshot (default: $SWIMMY_HOME/data/notifier_metrics.sexp)"),
+    Setting("log_file", "SWIMMY_NOTIFIER_LOG_FILE", "--log-file", _path, None,
+            "log file, reopened after rotation (default: standard error)"),
+    Setting("allowed_hosts", "SWIMMY_NOTIFIER_ALLOWED_HOSTS", "--allowed-hosts",
+            parse_allowed_hosts, "",
+            "extra webhook hosts allowed, comma-separated host[:port]; plain http is allowed "
+            "only for these (local stand-ins and tests)"),
+    Setting("senders", "SWIMMY_NOTIFIER_SENDERS", "--senders", _whole(1, 64), "4",
+            "sender threads: webhooks that hang or wait hold at most this many"),
+    Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0.0, allow_zero=True),
+            "5", "on SIGTERM, seconds spent delivering what is pending before persisting it"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    home: Path
+    port: int = 5562
+    bind_addr: str = "127.0.0.1"
+    queue_max: int = 1000
+    metrics_interval: float = 5.0
+    dedupe_window: float = 180.0
+    metrics_file: Path | None = None
+    log_file: Path | None = None
+    allowed_hosts: tuple[tuple[str, int | None], ...] = ()
+    senders: int = 4
+    drain_sec: float = 5.0
+
+    def __post_init__(self):
+        if self.metrics_file is None:
+            object.__setattr__(self, "metrics_file", self.data_dir / "notifier_metrics.sexp")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def pending_file(self) -> Path:
+        """Where a stopping relay leaves what it could not deliver (mode 0600)."""
+        return self.data_dir / "notifier_pending.sexp"
+
+    @property
+    def endpoint(self) -> str:
+        host = self.bind_addr
+        try:
+            if ipaddress.ip_address(host).version == 6:
+                host = f"[{host}]"
+        except ValueError:
+            pass
+        return f"tcp://{host}:{self.port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
+    """Add the flags of `fields` (all by default) to `parser`; values stay strings."""
+    for setting in SETTINGS:
+        if fields is None or setting.field in fields:
+            parser.add_argument(setting.flag, dest=setting.field, metavar="VALUE",
+                                default=None, help=f"{setting.help} [{setting.env}]")
+
+
+def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Config:
+    """Build the configuration: a flag wins over its environment variable, which wins
+    over the default. Raises `ConfigError` naming the first bad setting."""
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        flag_value = flags.get(setting.field)
+        if flag_value is not None:
+            text, source = str(flag_value), setting.flag
+        elif setting.env in environ:
+            text, source = environ[setting.env], setting.env
+        elif setting.default is not None:
+            text, source = setting.default, "default"
+        else:
+            continue
+        try:
+            values[setting.field] = setting.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}, got {text!r}") from None
+    values.setdefault("home", Path(os.getcwd()))
+    return Config(**values)

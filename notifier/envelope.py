@@ -1,0 +1,236 @@
+"""Envelopes: what producers send, turned into a validated `Message` or an `EnvelopeError`.
+
+One ZeroMQ message is one UTF-8 envelope, an S-expression alist (canonical, what the Lisp
+side prints) or a JSON object with the same keys:
+
+    ((type . "NOTIFIER") (schema_version . 1) (action . "SEND")
+     (webhook . "https://discord.com/api/webhooks/<id>/<token>")
+     (payload_json . "{\\"content\\":\\"hello\\"}"))
+
+``payload`` (an alist, converted to JSON) may replace ``payload_json``; legacy producers
+send type ``"NOTIFY"`` or ``{"webhook": ..., "data": {...}}``. Keys match whatever their
+spelling (``schema_version``, ``schema-version``, ``:schema-version``, any case, any
+package prefix). See PROTOCOL.md for the whole contract.
+
+Webhook URLs carry a secret token. Nothing here puts one into an error message, and
+`redact` / `scrub` reduce URLs to the webhook id before anything reaches a log.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from fractions import Fraction
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
+
+from notifier import sexp
+
+MAX_ENVELOPE_BYTES = 64 * 1024
+"""Largest envelope accepted. A Discord message tops out near 6,000 characters of embed
+text plus 2,000 of content (under 40 KiB even as 4-byte UTF-8 and escaped twice), so this
+is never reached by a real notification and keeps the queue's worst case at
+queue_max x 64 KiB."""
+
+DISCORD_HOSTS = frozenset(
+    f"{prefix}{domain}" for domain in ("discord.com", "discordapp.com")
+    for prefix in ("", "canary.", "ptb."))
+
+_WEBHOOK_PATH = re.compile(r"/api(?:/v\d+)?/webhooks/(\d{1,25})/([A-Za-z0-9_.-]{1,200})/?\Z")
+_THREAD_QUERY = re.compile(r"thread_id=\d{1,25}\Z")
+_URL_IN_TEXT = re.compile(r"(/webhooks/\d+)/[^/?#\s'\"<>]+")
+_PAYLOAD_KEYS = ("payload", "payload_json", "data")
+
+
+class EnvelopeError(ValueError):
+    """A refused envelope; `reason` says what to fix and never contains a token."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Message(NamedTuple):
+    """A validated notification: where to post it and the JSON object to post."""
+
+    webhook: str
+    payload: dict
+
+    @property
+    def webhook_id(self) -> str:
+        return webhook_id(self.webhook)
+
+
+def webhook_id(url: str) -> str:
+    """The numeric id of a webhook URL, the only part of it that may be logged."""
+    match = _URL_IN_TEXT.search(url)
+    return match.group(1).rpartition("/")[2] if match else "?"
+
+
+def redact(url: str) -> str:
+    """The URL with its token replaced, for output an operator reads."""
+    return scrub(url)
+
+
+def scrub(text: str) -> str:
+    """Replace every webhook token inside `text` (an exception message, a log line)."""
+    return _URL_IN_TEXT.sub(r"\1/<token>", text)
+
+
+def check_webhook(url: Any, allowed_hosts: tuple[tuple[str, int | None], ...] = ()) -> str:
+    """Return `url` if it is a Discord webhook URL the relay may post to, else raise
+    `EnvelopeError`. `allowed_hosts` adds ``(host, port or None)`` pairs, which may also
+    use plain http (local stand-ins, tests)."""
+    if not isinstance(url, str) or not url:
+        raise EnvelopeError("webhook must be a non-empty string URL")
+    return _check_url(url, allowed_hosts)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> str:
+    """(Memoized: a relay posts to a handful of webhooks, over and over.)"""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise EnvelopeError("webhook is not a valid URL") from None
+    host = (parts.hostname or "").lower()
+    extra = any(host == allowed and (allowed_port is None or port == allowed_port)
+                for allowed, allowed_port in allowed_hosts)
+    if not extra:
+        if host not in DISCORD_HOSTS:
+            raise EnvelopeError(
+                f"webhook host {host or '(none)'!r} is not Discord's; add it to "
+                "SWIMMY_NOTIFIER_ALLOWED_HOSTS to allow it")
+        if parts.scheme != "https" or port not in (None, 443):
+            raise EnvelopeError("webhook must use https on Discord's default port")
+    elif parts.scheme not in ("http", "https"):
+        raise EnvelopeError("webhook must be an http or https URL")
+    if parts.username is not None or parts.password is not None:
+        raise EnvelopeError("webhook must not carry user credentials")
+    if not _WEBHOOK_PATH.match(parts.path):
+        raise EnvelopeError("webhook path must be /api/webhooks/<id>/<token>")
+    if parts.fragment or (parts.query and not _THREAD_QUERY.match(parts.query)):
+        raise EnvelopeError("webhook URL may only carry a thread_id query")
+    return url
+
+
+def _preview(value: Any) -> str:
+    """A short rendering of a bad value for a reason: Lisp data as Lisp prints it."""
+    lisp = isinstance(value, (sexp.Symbol, sexp.DottedList, Fraction))
+    text = sexp.dumps(value) if lisp else repr(value)
+    return scrub(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _json_value(value: Any, path: str) -> Any:
+    """The JSON form of a payload read from an S-expression; refuse what JSON lacks."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {key: _json_value(item, f"{path}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    kind = ("a symbol" if isinstance(value, sexp.Symbol) else
+            "a ratio" if isinstance(value, Fraction) else
+            "a dotted list" if isinstance(value, sexp.DottedList) else type(value).__name__)
+    raise EnvelopeError(f"{path} is {kind} ({_preview(value)}), which has no JSON form; "
+                        "send a string or a number")
+
+
+def _decode_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError(f"invalid UTF-8 at byte {exc.start}") from None
+    except ValueError as exc:
+        raise EnvelopeError(
+            "not an S-expression (does not start with '(') and not JSON: "
+            f"{getattr(exc, 'msg', exc)} at line {getattr(exc, 'lineno', '?')}, "
+            f"column {getattr(exc, 'colno', '?')}") from None
+
+
+def _fields(data: bytes) -> tuple[dict, bool]:
+    """Read the envelope and index its values by normalized key (first one wins). Values
+    of an S-expression envelope stay in the Lisp view until `_payload` converts one."""
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeError(f"envelope of {len(data)} bytes is over the "
+                            f"{MAX_ENVELOPE_BYTES}-byte limit")
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        data = data[3:]
+    if data.lstrip()[:1] == b"(":
+        try:
+            entries = sexp.read_alist(data, max_bytes=MAX_ENVELOPE_BYTES)
+        except sexp.SexpError as exc:
+            raise EnvelopeError(f"bad S-expression: {scrub(str(exc))}") from None
+        if entries is None:
+            raise EnvelopeError("envelope must be an alist of (key . value) entries")
+        fields: dict[str, Any] = {}
+        for key, value in entries:
+            fields.setdefault(sexp.normalize_key(key.text), value)
+        return fields, True
+    envelope = _decode_json(data)
+    if not isinstance(envelope, dict):
+        raise EnvelopeError("a JSON envelope must be an object")
+    fields = {}
+    for key, value in envelope.items():
+        fields.setdefault(sexp.normalize_key(key), value)
+    return fields, False
+
+
+def _payload(fields: dict, is_sexp: bool) -> dict:
+    present = [key for key in _PAYLOAD_KEYS if key in fields]
+    if not present:
+        raise EnvelopeError("no payload: send one of payload, payload_json or data")
+    if len(present) > 1:
+        raise EnvelopeError(f"both {' and '.join(present)} given: send exactly one")
+    key = present[0]
+    value = fields[key]
+    if key == "payload_json":
+        if not isinstance(value, str):
+            raise EnvelopeError("payload_json must be a string holding a JSON object")
+        if not value.strip():
+            raise EnvelopeError("payload_json is empty")
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise EnvelopeError(f"payload_json is not valid JSON: {exc}") from None
+    elif is_sexp:
+        value = _json_value(sexp.to_python(value), key)
+    if value is None or value == {} or value == "":
+        raise EnvelopeError(f"{key} is empty")
+    if not isinstance(value, dict):
+        raise EnvelopeError(f"{key} must be an object (an alist), not {type(value).__name__}")
+    if not (value.get("content") or value.get("embeds") or value.get("poll")):
+        raise EnvelopeError(f"{key} has no content, embeds or poll: Discord would refuse it")
+    return value
+
+
+def _expect(fields: dict, key: str, default: Any, accepted: tuple) -> None:
+    """Refuse a `key` whose value is not one of `accepted` (strings in any case)."""
+    value = fields.get(key, default)
+    kind = type(value)
+    if kind is str:
+        value = value.upper()
+    elif kind is not int:  # not bool: True == 1
+        value = None
+    if value not in accepted:
+        raise EnvelopeError(f"unknown {key} {_preview(fields[key])}: expected "
+                            + " or ".join(map(repr, accepted)))
+
+
+def parse(data: bytes | str, allowed_hosts: tuple[tuple[str, int | None], ...] = ()) -> Message:
+    """Validate one envelope. Raises `EnvelopeError` with a reason an operator can act on."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fields, is_sexp = _fields(data)
+    if "type" in fields or is_sexp or "data" not in fields:
+        if "type" not in fields:
+            raise EnvelopeError("missing type (expected \"NOTIFIER\")")
+        _expect(fields, "type", None, ("NOTIFIER", "NOTIFY"))
+    _expect(fields, "schema_version", 1, (1,))
+    _expect(fields, "action", "SEND", ("SEND",))
+    if "webhook" not in fields:
+        raise EnvelopeError("missing webhook")
+    webhook = check_webhook(fields["webhook"], allowed_hosts)
+    return Message(webhook, _payload(fields, is_sexp))

@@ -1,0 +1,44 @@
+"""`python -m notifier check`: what the relay would post, or why it refuses, as a process."""
+
+import json
+import subprocess
+import sys
+
+from tests.test_envelope import HOOK, PAYLOAD, TOKEN, lisp
+
+
+def check(*args, stdin=b""):
+    return subprocess.run([sys.executable, "-m", "notifier", "check", *args], input=stdin,
+                          capture_output=True, timeout=60)
+
+
+def test_a_good_envelope_prints_the_post_with_the_token_redacted(tmp_path):
+    path = tmp_path / "envelope.sexp"
+    path.write_text(lisp(type="NOTIFIER", webhook=HOOK, payload=PAYLOAD), encoding="utf-8")
+    for result in (check(str(path)), check(stdin=path.read_bytes()), check("-", stdin=path.read_bytes())):
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {
+            "webhook": "https://discord.com/api/webhooks/42/<token>", "payload": PAYLOAD}
+        assert TOKEN.encode() not in result.stdout + result.stderr
+
+
+def test_a_refused_envelope_prints_the_reason_and_exits_1():
+    result = check(stdin=lisp(type="NOTIFIER", webhook=HOOK.replace("discord.com", "evil.example"),
+                              payload=PAYLOAD).encode())
+    assert result.returncode == 1
+    assert b"rejected: webhook host 'evil.example' is not Discord's" in result.stderr
+    assert TOKEN.encode() not in result.stdout + result.stderr
+
+
+def test_allowed_hosts_come_from_the_flag_or_the_environment(tmp_path):
+    local = "http://127.0.0.1:8099/api/webhooks/7/tok"
+    data = lisp(type="NOTIFIER", webhook=local, payload=PAYLOAD).encode()
+    assert check(stdin=data).returncode == 1
+    assert check("--allowed-hosts", "127.0.0.1:8099", stdin=data).returncode == 0
+    bad = check("--allowed-hosts", "127.0.0.1:http", stdin=data)
+    assert bad.returncode == 2 and b"--allowed-hosts: '127.0.0.1:http' is not host[:port]" in bad.stderr
+
+
+def test_an_unreadable_file_is_a_clear_error(tmp_path):
+    result = check(str(tmp_path / "missing.sexp"))
+    assert result.returncode == 2 and b"cannot read" in result.stderr and not result.stdout

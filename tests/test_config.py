@@ -1,0 +1,58 @@
+"""Configuration: defaults, environment, flags over environment, and clear errors."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from notifier import config
+from notifier.config import ConfigError
+
+
+def test_defaults_follow_the_design_table(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = config.load({})
+    assert settings.home == tmp_path
+    assert (settings.port, settings.bind_addr, settings.queue_max) == (5562, "127.0.0.1", 1000)
+    assert (settings.metrics_interval, settings.dedupe_window) == (5.0, 180.0)
+    assert settings.metrics_file == tmp_path / "data" / "notifier_metrics.sexp"
+    assert settings.pending_file == tmp_path / "data" / "notifier_pending.sexp"
+    assert settings.log_file is None and settings.allowed_hosts == ()
+    assert settings.endpoint == "tcp://127.0.0.1:5562"
+
+
+def test_environment_then_flags_win(tmp_path):
+    environ = {"SWIMMY_HOME": str(tmp_path), "SWIMMY_PORT_NOTIFIER": "6000",
+               "SWIMMY_NOTIFIER_QUEUE_MAX": "50", "SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC": "0",
+               "SWIMMY_NOTIFIER_ALLOWED_HOSTS": "127.0.0.1:8099, Localhost ,[::1]:9000",
+               "SWIMMY_NOTIFIER_BIND_ADDR": "::1", "SWIMMY_NOTIFIER_LOG_FILE": "/tmp/n.log"}
+    settings = config.load(environ, {"port": "7000", "queue_max": None})
+    assert settings.port == 7000 and settings.queue_max == 50 and settings.dedupe_window == 0
+    assert settings.allowed_hosts == (("127.0.0.1", 8099), ("localhost", None), ("::1", 9000))
+    assert settings.endpoint == "tcp://[::1]:7000"
+    assert settings.log_file == Path("/tmp/n.log")
+    assert settings.metrics_file == tmp_path / "data" / "notifier_metrics.sexp"
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("SWIMMY_PORT_NOTIFIER", "http", "SWIMMY_PORT_NOTIFIER: must be a whole number, got 'http'"),
+    ("SWIMMY_PORT_NOTIFIER", "70000", "must be from 1 to 65535"),
+    ("SWIMMY_NOTIFIER_QUEUE_MAX", "0", "SWIMMY_NOTIFIER_QUEUE_MAX: must be from 1 to 10000000"),
+    ("SWIMMY_NOTIFIER_QUEUE_MAX", "1e3", "must be a whole number"),
+    ("SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "0", "must be a finite number of seconds"),
+    ("SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "nan", "must be a finite number of seconds"),
+    ("SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "-1", "of at least 0.0 (or 0)"),
+    ("SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "inf", "finite"),
+    ("SWIMMY_NOTIFIER_BIND_ADDR", "", "must be an IP address"),
+    ("SWIMMY_NOTIFIER_ALLOWED_HOSTS", "http://x", "is not host[:port]"),
+    ("SWIMMY_NOTIFIER_METRICS_FILE", " ", "must not be empty"),
+    ("SWIMMY_NOTIFIER_SENDERS", "0", "SWIMMY_NOTIFIER_SENDERS: must be from 1 to 64"),
+])
+def test_a_bad_value_is_an_error_naming_the_variable(variable, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.load({variable: value})
+
+
+def test_a_bad_flag_names_the_flag():
+    with pytest.raises(ConfigError, match="--queue-max: must be from 1 to 10000000"):
+        config.load({"SWIMMY_NOTIFIER_QUEUE_MAX": "10"}, {"queue_max": "-5"})

@@ -1,0 +1,182 @@
+"""Envelope parsing: every accepted form, every rejection reason, the webhook allowlist."""
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from notifier import envelope, sexp
+from notifier.envelope import EnvelopeError, Message
+from tests.test_sexp import ENVELOPES
+
+TOKEN = "SECRETtoken_123-abc"
+HOOK = f"https://discord.com/api/webhooks/42/{TOKEN}"
+PAYLOAD = {"embeds": [{"title": "Swimmy", "description": "hello", "color": 3447003}]}
+PAYLOAD_JSON = json.dumps(PAYLOAD)
+
+
+def lisp(**fields):
+    return sexp.dumps(fields)
+
+
+def rejected(data, allowed_hosts=()):
+    with pytest.raises(EnvelopeError) as error:
+        envelope.parse(data, allowed_hosts)
+    assert TOKEN not in error.value.reason and TOKEN not in str(error.value)
+    return error.value.reason
+
+
+@pytest.mark.parametrize("case", [c for c in ENVELOPES if c["name"].startswith("notifier_")],
+                         ids=lambda c: c["name"])
+def test_every_lisp_notifier_fixture_is_accepted(case):
+    message = envelope.parse(case["wire"])
+    fields = sexp.loads(case["wire"])
+    expected = (json.loads(fields["payload_json"]) if "payload_json" in fields
+                else json.loads(json.dumps(fields["payload"])))
+    assert message == Message("https://discord.com/api/webhooks/1/tok", expected)
+    assert json.loads(json.dumps(message.payload)) == message.payload
+
+
+def test_nested_alist_payload_becomes_discord_json():
+    case = {c["name"]: c for c in ENVELOPES}["notifier_payload_nested_fields"]
+    payload = envelope.parse(case["wire"]).payload
+    assert payload["embeds"][0]["fields"] == [
+        {"name": "PnL", "value": "+12.5", "inline": True},
+        {"name": "DD", "value": "3%", "inline": None}]
+    assert payload["embeds"][0]["footer"] == {"text": "swimmy"}
+    assert type(payload) is dict and type(payload["embeds"][0]) is dict
+
+
+@pytest.mark.parametrize("data", [
+    lisp(type="NOTIFIER", schema_version=1, action="SEND", webhook=HOOK, payload_json=PAYLOAD_JSON),
+    lisp(type="NOTIFIER", schema_version=1, action="SEND", webhook=HOOK, payload=PAYLOAD),
+    lisp(type="NOTIFY", webhook=HOOK, payload=PAYLOAD),
+    lisp(type="notifier", action="send", webhook=HOOK, data=PAYLOAD),
+    f'((swimmy.core::type . "NOTIFIER") (:SCHEMA-VERSION . 1) (swimmy.core::Action . "SEND")'
+    f' (WEBHOOK . "{HOOK}") (|payload_json| . {sexp.dumps(PAYLOAD_JSON)}))',
+    "\ufeff  \n" + lisp(type="NOTIFIER", webhook=HOOK, payload_json=PAYLOAD_JSON),
+    json.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND", "webhook": HOOK,
+                "payload": PAYLOAD}),
+    json.dumps({"type": "NOTIFIER", "schema-version": 1, "webhook": HOOK,
+                "payload_json": PAYLOAD_JSON}),
+    json.dumps({"Type": "NOTIFY", ":Schema_Version": 1, "webhook": HOOK, "data": PAYLOAD}),
+    json.dumps({"webhook": HOOK, "data": PAYLOAD}),
+    "\ufeff" + json.dumps({"webhook": HOOK, "data": PAYLOAD}),
+], ids=["sexp-payload_json", "sexp-payload-alist", "sexp-legacy-notify", "sexp-data",
+        "sexp-key-spellings", "sexp-bom-whitespace", "json-payload", "json-payload_json",
+        "json-legacy-notify", "json-legacy-webhook-data", "json-bom"])
+def test_every_accepted_form(data):
+    assert envelope.parse(data) == Message(HOOK, PAYLOAD)
+    assert envelope.parse(data.encode("utf-8")) == Message(HOOK, PAYLOAD)
+
+
+def test_content_only_payload_and_unknown_extra_keys():
+    data = lisp(type="NOTIFIER", webhook=HOOK, payload={"content": "hi"}, id="x", extra=[1, 2])
+    assert envelope.parse(data).payload == {"content": "hi"}
+
+
+@pytest.mark.parametrize("data, reason", [
+    (lisp(type="HEARTBEAT", webhook=HOOK, payload=PAYLOAD), "unknown type 'HEARTBEAT'"),
+    (lisp(webhook=HOOK, payload=PAYLOAD), "missing type"),
+    (json.dumps({"webhook": HOOK, "payload": PAYLOAD}), "missing type"),
+    (lisp(type="NOTIFIER", action="DELETE", webhook=HOOK, payload=PAYLOAD), "unknown action"),
+    (lisp(type="NOTIFIER", schema_version=2, webhook=HOOK, payload=PAYLOAD),
+     "unknown schema_version 2"),
+    (lisp(type="NOTIFIER", schema_version="1", webhook=HOOK, payload=PAYLOAD),
+     "unknown schema_version '1'"),
+    (json.dumps({"type": "NOTIFIER", "schema_version": True, "webhook": HOOK,
+                 "payload": PAYLOAD}), "unknown schema_version True"),
+    (lisp(type="NOTIFIER", payload=PAYLOAD), "missing webhook"),
+    (lisp(type="NOTIFIER", webhook=HOOK), "no payload"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload=PAYLOAD, payload_json=PAYLOAD_JSON),
+     "both payload and payload_json given"),
+    (json.dumps({"webhook": HOOK, "data": PAYLOAD, "payload": PAYLOAD, "type": "NOTIFY"}),
+     "both payload and data given"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload_json=""), "payload_json is empty"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload_json="{not json"),
+     "payload_json is not valid JSON"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload_json="[1]"), "payload_json must be an object"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload_json=3), "payload_json must be a string"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload_json="{}"), "payload_json is empty"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload={"content": ""}), "has no content, embeds"),
+    (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload))', "payload is empty"),
+    (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload (content . hello)))',
+     "payload.content is a symbol (hello)"),
+    (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload (embeds ((color . 1/3)))))',
+     "payload.embeds[0].color is a ratio"),
+    (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload "a" "b"))',
+     "payload must be an object (an alist), not list"),
+    (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload_json . "x")', "never closed"),
+    (f'((type . "NOTIFIER")\n (x . #.(run-program "sh")))', "line 2, column 7"),
+    ('(1 2 3)', "envelope must be an alist"),
+    ('nil', "not an S-expression (does not start with '(') and not JSON"),
+    ('[1, 2]', "a JSON envelope must be an object"),
+    (b'{"webhook": "\xff"}', "invalid UTF-8"),
+    (b'((type . "\xff"))', "invalid UTF-8"),
+    (lisp(type="NOTIFIER", webhook=HOOK, payload={"content": "x" * 70_000}), "over the 65536"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None)
+def test_each_rejection_has_a_reason(data, reason):
+    assert reason in rejected(data)
+
+
+@pytest.mark.parametrize("url", [
+    HOOK,
+    f"https://canary.discord.com/api/webhooks/42/{TOKEN}",
+    f"https://ptb.discordapp.com/api/webhooks/42/{TOKEN}",
+    f"https://DISCORD.com:443/api/v10/webhooks/42/{TOKEN}",
+    f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=99",
+])
+def test_discord_webhook_urls_are_accepted(url):
+    assert envelope.check_webhook(url) == url
+
+
+@pytest.mark.parametrize("url, reason", [
+    (f"https://evil.example/api/webhooks/42/{TOKEN}", "host 'evil.example' is not Discord's"),
+    (f"https://discord.com.evil.example/api/webhooks/42/{TOKEN}", "is not Discord's"),
+    (f"http://discord.com/api/webhooks/42/{TOKEN}", "must use https"),
+    (f"https://discord.com:8443/api/webhooks/42/{TOKEN}", "must use https on Discord's default"),
+    (f"https://user:pw@discord.com/api/webhooks/42/{TOKEN}", "must not carry user credentials"),
+    (f"https://discord.com/api/channels/42/{TOKEN}", "path must be /api/webhooks/<id>/<token>"),
+    (f"https://discord.com/api/webhooks/x42/{TOKEN}", "path must be"),
+    ("https://discord.com/api/webhooks/42/", "path must be"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?wait=false", "only carry a thread_id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}#frag", "only carry a thread_id"),
+    (f"https://[::1/api/webhooks/42/{TOKEN}", "not a valid URL"),
+    (f"ftp://127.0.0.1/api/webhooks/42/{TOKEN}", "is not Discord's"),
+    ("", "non-empty string"),
+    (42, "non-empty string"),
+])
+def test_webhook_allowlist_refuses_everything_else(url, reason):
+    data = json.dumps({"webhook": url, "data": PAYLOAD})
+    assert reason in rejected(data)
+
+
+def test_extra_hosts_need_an_explicit_opt_in_and_may_use_http():
+    local = f"http://127.0.0.1:8099/api/webhooks/42/{TOKEN}"
+    data = lisp(type="NOTIFIER", webhook=local, payload=PAYLOAD)
+    assert "not Discord's" in rejected(data)
+    assert envelope.parse(data, (("127.0.0.1", 8099),)).webhook == local
+    assert envelope.parse(data, (("127.0.0.1", None),)).webhook == local
+    assert "not Discord's" in rejected(data, (("127.0.0.1", 8100),))
+    assert "http or https" in rejected(
+        lisp(type="NOTIFIER", webhook=local.replace("http", "ws"), payload=PAYLOAD),
+        (("127.0.0.1", None),))
+
+
+def test_redaction_keeps_only_the_webhook_id():
+    assert envelope.webhook_id(HOOK) == "42"
+    assert envelope.redact(HOOK) == "https://discord.com/api/webhooks/42/<token>"
+    text = f"HTTPSConnectionPool: Max retries exceeded with url: /api/webhooks/42/{TOKEN}?wait=true"
+    assert TOKEN not in envelope.scrub(text) and "/webhooks/42/<token>?wait=true" in envelope.scrub(text)
+    assert envelope.webhook_id("not a url") == "?"
+
+
+@given(st.text(max_size=80), st.text(max_size=80))
+@settings(max_examples=300)
+def test_no_rejection_ever_repeats_a_webhook_token(before, after):
+    for data in (before + HOOK + after, lisp(type="NOTIFIER", webhook=before + HOOK + after),
+                 "(" + before + f"(webhook . {HOOK})" + after):
+        try:
+            envelope.parse(data)
+        except EnvelopeError as error:
+            assert TOKEN not in error.reason
