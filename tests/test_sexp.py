@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 from notifier import sexp
 from notifier.sexp import Alist, DottedList, SexpError, Symbol
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lisp"
+# A copy of ../shared/fixtures/lisp (real SBCL output), kept here so a bare clone tests.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lisp"
 ENVELOPES = json.loads((FIXTURES / "envelopes.json").read_text(encoding="utf-8"))
 METRICS = sorted((FIXTURES / "metrics").iterdir())
 
