@@ -154,11 +154,12 @@ class Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
-    """Add the flags of `fields` (all by default) to `parser`; values stay strings."""
+    """Add the flags of `fields` (all by default) to `parser`; values stay strings and
+    are absent from the namespace unless given, so `load` sees only real flags."""
     for setting in SETTINGS:
         if fields is None or setting.field in fields:
             parser.add_argument(setting.flag, dest=setting.field, metavar="VALUE",
-                                default=None, help=f"{setting.help} [{setting.env}]")
+                                default=argparse.SUPPRESS, help=f"{setting.help} [{setting.env}]")
 
 
 def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Config:

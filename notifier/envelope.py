@@ -116,6 +116,11 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
     return url
 
 
+def too_large(size: int) -> str:
+    """The reason for refusing an envelope of `size` bytes."""
+    return f"envelope of {size} bytes is over the {MAX_ENVELOPE_BYTES}-byte limit"
+
+
 def _preview(value: Any) -> str:
     """A short rendering of a bad value for a reason: Lisp data as Lisp prints it."""
     lisp = isinstance(value, (sexp.Symbol, sexp.DottedList, Fraction))
@@ -139,8 +144,9 @@ def _json_value(value: Any, path: str) -> Any:
 
 
 def _decode_json(data: bytes) -> Any:
+    """JSON envelopes are UTF-8 (json.loads would guess UTF-16 from some garbage)."""
     try:
-        return json.loads(data)
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"invalid UTF-8 at byte {exc.start}") from None
     except ValueError as exc:
@@ -154,8 +160,7 @@ def _fields(data: bytes) -> tuple[dict, bool]:
     """Read the envelope and index its values by normalized key (first one wins). Values
     of an S-expression envelope stay in the Lisp view until `_payload` converts one."""
     if len(data) > MAX_ENVELOPE_BYTES:
-        raise EnvelopeError(f"envelope of {len(data)} bytes is over the "
-                            f"{MAX_ENVELOPE_BYTES}-byte limit")
+        raise EnvelopeError(too_large(len(data)))
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
         data = data[3:]
     if data.lstrip()[:1] == b"(":

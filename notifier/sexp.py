@@ -628,7 +628,6 @@ def read_entries(data: bytes | str, *, max_depth: int = MAX_DEPTH,
 # --------------------------------------------------------------------------- writer
 
 _PLAIN_NAME = re.compile(r"[a-z_*][a-z0-9_*.+/<>=!?%&-]*\Z")
-_NEEDS_ESCAPE = re.compile(r'["\\]')
 _BAR_ESCAPE = re.compile(r"[|\\]")
 
 
@@ -680,7 +679,7 @@ def _write(value: Any, out: list[str]) -> None:
     elif value is True:
         out.append("t")
     elif isinstance(value, str):
-        out.append('"' + _NEEDS_ESCAPE.sub(r"\\\g<0>", value) + '"')
+        out.append('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
     elif isinstance(value, int):
         out.append(str(value))
     elif isinstance(value, float):

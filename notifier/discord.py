@@ -1,0 +1,188 @@
+"""Discord's answers read as decisions: pure functions, no I/O, no clock.
+
+Each HTTP response (or network error) becomes an `Outcome` that says what the sender
+should do next: count the messages as delivered, retry after a backoff, wait for a rate
+limit (this webhook, or every webhook), quarantine a dead webhook, or give up on a
+payload Discord will never accept. The rate-limit headers of every response become a
+`RateLimit`, so the scheduler can wait *before* a limit bites instead of after a 429.
+
+Facts relied on (Discord's rate-limit documentation): every response carries
+``X-RateLimit-Limit/Remaining/Reset/Reset-After/Bucket`` with fractional seconds;
+a 429 body is ``{"message", "retry_after", "global"}`` with ``X-RateLimit-Scope`` user,
+global or shared; 401, 403 and 429 count toward 10,000 invalid requests per 10 minutes
+(except 429s of scope shared), past which Cloudflare bans the IP for hours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Mapping
+
+MAX_WAIT_SEC = 900.0
+"""Longest wait any header or body can impose: a wrong or hostile value must not stall a
+webhook for days."""
+
+BAN_COOLDOWN_SEC = 120.0
+"""Pause of every webhook after a 429 without a usable body (a Cloudflare ban page)."""
+
+UNAUTHORIZED_PAUSE_SEC = 600.0
+"""Quarantine after 401/403: the token may be restored, so try again after this."""
+
+GONE_PAUSE_SEC = 3600.0
+"""Quarantine after 404 (Unknown Webhook): it was deleted; probe only rarely."""
+
+INVALID_WINDOW_SEC = 600.0
+INVALID_SOFT_LIMIT = 1000
+"""Discord bans an IP after 10,000 invalid requests in 10 minutes; the relay pauses all
+sending once it has made a tenth of that, so it never comes close."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """The ``X-RateLimit-*`` headers of one response; None where a header is missing."""
+
+    bucket: str | None = None
+    limit: int | None = None
+    remaining: int | None = None
+    reset_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one request came to.
+
+    kind: ``delivered``; ``retry`` (network error, timeout, 5xx: back off and retry);
+    ``rate_limited`` (wait `wait` seconds; `scope` ``route`` for this webhook, ``shared``
+    for its channel, ``global`` or ``ban`` for every webhook); ``dead`` (401/403/404:
+    quarantine the webhook, `gone` when Discord says it no longer exists);
+    ``bad_payload`` (400: never send it unchanged).
+    """
+
+    kind: str
+    reason: str = ""
+    wait: float = 0.0
+    scope: str = ""
+    gone: bool = False
+    invalid: bool = False  # counts toward Discord's invalid-request limit
+    rate: RateLimit = RateLimit()
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
+
+
+def _int(text: str | None) -> int | None:
+    value = _float(text)
+    return int(value) if value is not None else None
+
+
+def read_rate_limit(headers: Mapping[str, str]) -> RateLimit:
+    """The rate-limit headers, tolerating missing or malformed ones (None)."""
+    return RateLimit(bucket=headers.get("X-RateLimit-Bucket") or None,
+                     limit=_int(headers.get("X-RateLimit-Limit")),
+                     remaining=_int(headers.get("X-RateLimit-Remaining")),
+                     reset_after=_capped(_float(headers.get("X-RateLimit-Reset-After"))))
+
+
+def _capped(seconds: float | None) -> float | None:
+    return None if seconds is None else min(seconds, MAX_WAIT_SEC)
+
+
+def _json_object(body: bytes) -> dict | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _discord_error(body: bytes) -> str:
+    """Discord's own words for an error, shortened: its message, code and, for 400s,
+    the first field it complains about."""
+    error = _json_object(body)
+    if error is None:
+        return "no JSON error body"
+    text = str(error.get("message", "no message"))[:120]
+    if "code" in error:
+        text += f" (code {error['code']})"
+    field = _first_field_error(error.get("errors"))
+    return f"{text}: {field}" if field else text
+
+
+def _first_field_error(errors: object, path: str = "") -> str:
+    if not isinstance(errors, dict):
+        return ""
+    for key, value in errors.items():
+        if key == "_errors" and isinstance(value, list) and value:
+            return f"{path or 'body'}: {str(value[0].get('message', ''))[:160]}"
+        found = _first_field_error(value, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return ""
+
+
+def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
+    """Read one response. `headers` must look names up case-insensitively (as
+    `requests`' headers do)."""
+    rate = read_rate_limit(headers)
+    if 200 <= status < 300:
+        return Outcome("delivered", rate=rate)
+    if status == 429:
+        return _rate_limited(headers, body, rate)
+    if status in (401, 403, 404):
+        return Outcome("dead", reason=f"HTTP {status}: {_discord_error(body)}",
+                       gone=status == 404, invalid=status != 404, rate=rate)
+    if status == 400:
+        return Outcome("bad_payload", reason=f"HTTP 400: {_discord_error(body)}", rate=rate)
+    return Outcome("retry", reason=f"HTTP {status}", rate=rate)
+
+
+def _rate_limited(headers: Mapping[str, str], body: bytes, rate: RateLimit) -> Outcome:
+    error = _json_object(body)
+    retry_after = _capped(_float(str(error.get("retry_after")))) if error else None
+    if retry_after is None:  # a ban page or a broken body: long, capped, for everyone
+        header = _capped(_float(headers.get("Retry-After")))
+        return Outcome("rate_limited", reason="HTTP 429 without a JSON body (blocked?)",
+                       wait=max(header or 0.0, BAN_COOLDOWN_SEC), scope="ban",
+                       invalid=True, rate=rate)
+    scope = (headers.get("X-RateLimit-Scope") or "").lower()
+    if error.get("global") is True or scope == "global" or \
+            (headers.get("X-RateLimit-Global") or "").lower() == "true":
+        scope = "global"
+    elif scope != "shared":
+        scope = "route"
+    return Outcome("rate_limited", reason=f"HTTP 429 ({scope}), retry after {retry_after:g} s",
+                   wait=retry_after, scope=scope, invalid=scope != "shared", rate=rate)
+
+
+def network_error(exc: BaseException) -> Outcome:
+    """A request that got no response: connection refused, reset, timeout."""
+    return Outcome("retry", reason=type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter for network errors, timeouts and 5xx.
+
+    Attempt n (1-based) waits between half and all of ``min(cap, base * 2**(n-1))``
+    seconds; after `max_attempts` failed attempts the messages count as failed. The
+    defaults ride out about three minutes of trouble: 0.5 s, 1 s, 2 s ... up to 60 s.
+    """
+
+    base: float = 0.5
+    cap: float = 60.0
+    max_attempts: int = 10
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        ceiling = min(self.cap, self.base * 2 ** min(attempt - 1, 62))
+        return ceiling * (0.5 + 0.5 * (rng or random).random())
+
+    def gives_up(self, attempt: int) -> bool:
+        return attempt >= self.max_attempts

@@ -1,0 +1,57 @@
+"""Atomic file replacement: a reader sees the old file or the new one, never a torn one."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data`.
+
+    The temp file sits in the same directory (so the rename cannot cross file systems)
+    and is named after the process and thread (so concurrent writers never share one).
+    It is fsynced before the rename: otherwise a crash just after the rename can leave
+    an empty file under the real name on some file systems. On any failure the temp
+    file is removed and the error re-raised; the old file is untouched.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove temp files `write_atomic` left for `path` when its process was killed
+    mid-write (their process no longer exists). Returns how many were removed."""
+    removed = 0
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            pid = int(temp.name[len(path.name) + 2:].split(".")[0])
+            if pid != os.getpid() and not _alive(pid):
+                temp.unlink()
+                removed += 1
+        except (ValueError, OSError):
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,67 @@
+"""Logging: one greppable line per event, tokens scrubbed, rotation-safe files.
+
+Only entry points call `configure`; every module logs through its own named logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from notifier.envelope import scrub
+
+
+class ScrubbingFormatter(logging.Formatter):
+    """UTC timestamps, and every webhook token in a line or traceback replaced: the last
+    line of defence, since exception messages from HTTP libraries quote URLs."""
+
+    converter = time.gmtime
+
+    def __init__(self):
+        super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
+                         "%Y-%m-%dT%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
+def configure(log_file: Path | None, level: int = logging.INFO) -> None:
+    """Log to `log_file` (reopened when logrotate moves it) or to standard error."""
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ScrubbingFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs every URL it opens
+
+
+class Throttle:
+    """Lets at most `burst` lines through per `interval` seconds for one recurring event;
+    `allow` returns None for a line to leave out, else how many were left out before it,
+    so that a flood of bad input cannot flood the log."""
+
+    def __init__(self, burst: int = 10, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._burst, self._interval, self._clock = burst, interval, clock
+        self._window_start = float("-inf")
+        self._used = 0
+        self._suppressed = 0
+
+    def allow(self) -> int | None:
+        now = self._clock()
+        if now - self._window_start >= self._interval:
+            self._window_start, self._used = now, 0
+        if self._used >= self._burst:
+            self._suppressed += 1
+            return None
+        self._used += 1
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed

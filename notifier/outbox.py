@@ -1,0 +1,514 @@
+"""Everything the relay holds, and where every message it accepted went.
+
+One `Outbox`, one lock. The receiver thread puts raw envelopes in (`accept`), parses
+them when the socket is idle (`take_unparsed`, then `add_parsed`), and sender threads
+take requests out (`next_job`) and report what Discord answered (`finish`). Keeping the
+messages, the counters and the schedule under the same lock is what makes the
+accounting exact at every snapshot:
+
+    received = delivered + drops + rejected + deduplicated + failed + pending
+
+Holding: raw envelopes not yet parsed (the newest), then per webhook a *lane*: a FIFO of
+parsed messages plus the job being sent (taken messages stay held until they are
+delivered or failed). All of it counts against `queue_max`; when full, the oldest
+waiting message is dropped (a job being sent is never dropped).
+
+Scheduling, per lane, one request at a time (so each webhook keeps its order): a lane
+is ready when it has work, no request in flight, its backoff or quarantine is over, its
+rate-limit bucket has requests left (or its window has reset), and no global pause is
+on. Lanes are served round-robin, so one busy webhook cannot starve another, and a
+webhook that hangs holds one sender thread only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from notifier import payload as discord_payload
+from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW_SEC,
+                              UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
+from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
+
+log = logging.getLogger("notifier.outbox")
+
+DEDUPE_MAX_ENTRIES = 10_000
+"""Most payloads remembered for duplicate suppression; past this the oldest are
+forgotten early, so a flood of distinct messages cannot grow memory."""
+
+BATCH_LOOKAHEAD = 10
+"""Waiting messages considered for one combined request (Discord allows 10 embeds)."""
+
+
+def dedupe_key(message: Message) -> bytes:
+    """Same webhook and same payload (key order aside) give the same 16 bytes."""
+    text = json.dumps(message.payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(f"{message.webhook}\0{text}".encode("utf-8", "surrogatepass"),
+                           digest_size=16).digest()
+
+
+class Held:
+    """One accepted, parsed message and what the relay knows of it."""
+
+    __slots__ = ("seq", "received_at", "message", "parts")
+
+    def __init__(self, seq: int, received_at: float, message: Message):
+        self.seq = seq
+        self.received_at = received_at  # monotonic
+        self.message = message
+        self.parts: list[dict] | None = None  # what fit() made of it, once asked
+
+
+class Job:
+    """The request(s) a lane is working through: its messages (or a loss notice) and
+    the payloads to post, one request each, in order."""
+
+    __slots__ = ("lane", "items", "parts", "part", "attempts", "notice", "bucket")
+
+    def __init__(self, lane: "Lane", items: list[Held], parts: list[dict], notice=None):
+        self.lane = lane
+        self.items = items
+        self.parts = parts
+        self.part = 0
+        self.attempts = 0
+        self.notice = notice  # (dropped, failed) that a loss notice reports
+        self.bucket: Bucket | None = None  # the bucket its request in flight counts on
+
+    @property
+    def webhook(self) -> str:
+        return self.lane.webhook
+
+    @property
+    def payload(self) -> dict:
+        return self.parts[self.part]
+
+
+class Lane:
+    """One webhook: its waiting messages, its job, its schedule and its statistics."""
+
+    def __init__(self, webhook: str):
+        self.webhook = webhook
+        self.id = webhook_id(webhook)
+        self.waiting: deque[Held] = deque()
+        self.job: Job | None = None
+        self.busy = False  # a sender is posting the job's current part
+        self.not_before = 0.0  # monotonic: backoff, 429, or quarantine
+        self.bucket = webhook  # rate-limit bucket key, Discord's once it names it
+        self.dead_reason: str | None = None  # set while quarantined
+        self.dead_failed = 0  # messages failed during this quarantine
+        self.singles = 0  # send this many next messages alone (after a 400 on a batch)
+        self.delivered = self.dropped = self.failed = 0
+        self.last_success_at: float | None = None  # wall clock
+        self.lost_dropped = self.lost_failed = 0  # not yet reported in the channel
+        self.lost_since: float | None = None  # wall clock
+        self.notice_due = False
+
+
+@dataclass
+class Bucket:
+    """A rate-limit bucket as the latest response described it."""
+
+    remaining: int | None = None
+    reset_at: float = 0.0  # monotonic
+    in_flight: int = 0
+
+
+class Outbox:
+    """See the module docstring. Clocks and randomness are injected for tests."""
+
+    def __init__(self, queue_max: int, dedupe_window: float, *,
+                 retry: RetryPolicy = RetryPolicy(),
+                 monotonic: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 rng: random.Random | None = None):
+        self.queue_max = queue_max
+        self.dedupe_window = dedupe_window
+        self._retry = retry
+        self._monotonic = monotonic
+        self._wall = wall
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._raw: deque[tuple[bytes, float]] = deque()  # (envelope, received_at)
+        self._lanes: OrderedDict[str, Lane] = OrderedDict()
+        self._buckets: dict[str, Bucket] = {}
+        self._dedupe: OrderedDict[bytes, float] = OrderedDict()
+        self._invalid: deque[float] = deque()  # times of 401/403/429 responses
+        self._global_until = 0.0
+        self._held = 0
+        self._seq = 0
+        self._closed = False
+        self.counts = dict.fromkeys(
+            ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
+             "errors", "retries", "rate_limited", "requests", "notices", "restored"), 0)
+        self.last_delivery_at: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    # ------------------------------------------------------------------ intake
+
+    def accept(self, envelopes: list[bytes], restored: bool = False) -> tuple[int, list[int]]:
+        """Take envelopes off the socket. Returns the number of messages dropped to stay
+        within the bound and the sizes of envelopes rejected for their size."""
+        now = self._monotonic()
+        counts = self.counts
+        dropped, oversized = 0, []
+        with self._lock:
+            counts["received"] += len(envelopes)
+            if restored:
+                counts["restored"] += len(envelopes)
+            for data in envelopes:
+                if len(data) > MAX_ENVELOPE_BYTES:
+                    oversized.append(len(data))
+                    continue
+                if self._held >= self.queue_max:
+                    dropped += 1
+                    if not self._drop_oldest():
+                        continue  # everything held is being sent: the newcomer goes
+                else:
+                    self._held += 1
+                self._raw.append((data, now))
+            counts["rejected"] += len(oversized)
+            counts["drops"] += dropped
+        return dropped, oversized
+
+    def _drop_oldest(self) -> bool:
+        """Drop the oldest waiting message (parsed ones are older than raw ones)."""
+        oldest = None
+        for lane in self._lanes.values():
+            if lane.waiting and (oldest is None or lane.waiting[0].seq < oldest.waiting[0].seq):
+                oldest = lane
+        if oldest is not None:
+            oldest.waiting.popleft()
+            oldest.dropped += 1
+            self._note_loss(oldest, dropped=1)
+            return True
+        if self._raw:
+            self._raw.popleft()
+            return True
+        return False
+
+    def take_unparsed(self, limit: int) -> list[tuple[bytes, float]]:
+        """Up to `limit` raw envelopes, oldest first, for the receiver to parse. They
+        stay held (and undroppable) until `add_parsed` takes them back."""
+        with self._lock:
+            raw = self._raw
+            return [raw.popleft() for _ in range(min(limit, len(raw)))]
+
+    @property
+    def unparsed(self) -> int:
+        return len(self._raw)  # a deque's len is atomic
+
+    def add_parsed(self, results: list[tuple[float, Message | str, bytes | None]]) -> None:
+        """Give back what `take_unparsed` lent, parsed: ``(received_at, message or
+        rejection reason, dedupe key or None)`` each, in the same order."""
+        now = self._monotonic()
+        counts = self.counts
+        with self._lock:
+            for received_at, result, key in results:
+                if isinstance(result, str):
+                    counts["rejected"] += 1
+                    self._held -= 1
+                    continue
+                if key is not None and self._seen(key, now):
+                    counts["deduplicated"] += 1
+                    self._held -= 1
+                    continue
+                lane = self._lanes.get(result.webhook)
+                if lane is None:
+                    lane = self._lanes[result.webhook] = Lane(result.webhook)
+                if lane.dead_reason is not None and lane.not_before > now:
+                    self._fail([result], lane, lane.dead_reason, quiet=True)
+                    lane.dead_failed += 1
+                    continue
+                self._seq += 1
+                lane.waiting.append(Held(self._seq, received_at, result))
+            self._changed.notify_all()
+
+    def _seen(self, key: bytes, now: float) -> bool:
+        """Whether an identical payload went to the same webhook within the window."""
+        dedupe = self._dedupe
+        horizon = now - self.dedupe_window
+        while dedupe and (next(iter(dedupe.values())) < horizon
+                          or len(dedupe) >= DEDUPE_MAX_ENTRIES):
+            dedupe.popitem(last=False)
+        if key in dedupe:
+            return True
+        dedupe[key] = now
+        return False
+
+    # ------------------------------------------------------------------ sending
+
+    def next_job(self) -> Job | None:
+        """Block until some lane may send, and return its job with the sender's claim on
+        it; None once the outbox is closed."""
+        with self._lock:
+            while not self._closed:
+                now = self._monotonic()
+                wake_at = None
+                for lane in self._lanes.values():
+                    at = self._ready_at(lane, now)
+                    if at is None:
+                        continue
+                    if at <= now:
+                        self._lanes.move_to_end(lane.webhook)  # round-robin
+                        return self._claim(lane)
+                    wake_at = at if wake_at is None else min(wake_at, at)
+                self._changed.wait(None if wake_at is None else wake_at - now)
+            return None
+
+    def _ready_at(self, lane: Lane, now: float) -> float | None:
+        """When `lane` may send next (<= now: at once), or None if it has nothing to do."""
+        if lane.busy or (lane.job is None and not lane.waiting and not lane.notice_due):
+            return None
+        at = max(lane.not_before, self._global_until, self._invalid_pause_until())
+        bucket = self._buckets.get(lane.bucket)
+        if bucket is not None and bucket.reset_at > now and bucket.remaining is not None \
+                and bucket.remaining - bucket.in_flight <= 0:
+            at = max(at, bucket.reset_at)
+        return at
+
+    def _invalid_pause_until(self) -> float:
+        """While the relay has made INVALID_SOFT_LIMIT invalid requests in the window,
+        nothing is sent until enough of them have aged out."""
+        invalid = self._invalid
+        if len(invalid) < INVALID_SOFT_LIMIT:
+            return 0.0
+        return invalid[len(invalid) - INVALID_SOFT_LIMIT] + INVALID_WINDOW_SEC
+
+    def _claim(self, lane: Lane) -> Job:
+        if lane.job is None:
+            lane.job = self._plan(lane)
+        lane.busy = True
+        job = lane.job
+        job.bucket = self._buckets.get(lane.bucket)
+        if job.bucket is not None:
+            job.bucket.in_flight += 1
+        return job
+
+    def _plan(self, lane: Lane) -> Job:
+        """The next job of a lane: a due loss notice, else its oldest message(s): one
+        message alone when it needs several requests or nothing waits behind it, else
+        as many as `combine` merges into one request."""
+        if lane.notice_due and lane.job is None:
+            lane.notice_due = False
+            counts = (lane.lost_dropped, lane.lost_failed)
+            notice = discord_payload.loss_notice(*counts, lane.lost_since)
+            return Job(lane, [], [notice], notice=counts)
+        first = lane.waiting[0]
+        parts = self._parts(first)
+        if len(parts) > 1 or len(lane.waiting) == 1 or lane.singles:
+            lane.singles = max(0, lane.singles - 1)
+            return Job(lane, [lane.waiting.popleft()], parts)
+        candidates = []
+        for i, item in enumerate(lane.waiting):
+            if i == BATCH_LOOKAHEAD:
+                break
+            item_parts = self._parts(item)
+            if len(item_parts) != 1:
+                break
+            candidates.append(item_parts[0])
+        taken, combined = discord_payload.combine(candidates)
+        return Job(lane, [lane.waiting.popleft() for _ in range(taken)], [combined])
+
+    @staticmethod
+    def _parts(item: Held) -> list[dict]:
+        if item.parts is None:
+            item.parts = discord_payload.fit(item.message.payload)
+        return item.parts
+
+    def finish(self, job: Job, outcome: Outcome) -> None:
+        """Record what one request of `job` came to and decide what the lane does next."""
+        now = self._monotonic()
+        lane, counts = job.lane, self.counts
+        with self._lock:
+            lane.busy = False
+            counts["requests"] += 1
+            if job.bucket is not None:
+                job.bucket.in_flight -= 1
+                job.bucket = None
+            self._update_bucket(lane, outcome.rate, now)
+            if outcome.invalid:
+                self._invalid.append(now)
+            while self._invalid and self._invalid[0] < now - INVALID_WINDOW_SEC:
+                self._invalid.popleft()
+            kind = outcome.kind
+            if kind == "delivered":
+                job.part += 1
+                if job.part == len(job.parts):
+                    self._completed(job)
+            elif kind == "rate_limited":
+                counts["rate_limited"] += 1
+                if outcome.scope in ("global", "ban"):
+                    self._global_until = max(self._global_until, now + outcome.wait)
+                else:
+                    lane.not_before = max(lane.not_before, now + outcome.wait)
+                log.warning("rate limited webhook=%s scope=%s wait_s=%.3f reason=%s",
+                            lane.id, outcome.scope, outcome.wait, outcome.reason)
+            else:
+                counts["errors"] += 1
+                self.last_error, self.last_error_at = f"webhook {lane.id}: {outcome.reason}", \
+                    self._wall()
+                if kind == "retry":
+                    self._retry_later(job, outcome, now)
+                elif kind == "dead":
+                    self._quarantine(lane, outcome, now)
+                else:
+                    self._refused(job, outcome)
+            self._changed.notify_all()
+
+    def _update_bucket(self, lane: Lane, rate, now: float) -> None:
+        if rate.bucket is not None:
+            lane.bucket = rate.bucket  # webhooks sharing a bucket now share its state
+        if rate.remaining is not None:
+            bucket = self._buckets.setdefault(lane.bucket, Bucket())
+            bucket.remaining = rate.remaining
+            bucket.reset_at = now + (rate.reset_after or 0.0)
+
+    def _completed(self, job: Job) -> None:
+        lane, counts = job.lane, self.counts
+        lane.job = None
+        lane.not_before = 0.0
+        now = self._wall()
+        if job.notice:
+            counts["notices"] += 1
+            lane.lost_dropped -= job.notice[0]
+            lane.lost_failed -= job.notice[1]
+            if not (lane.lost_dropped or lane.lost_failed):
+                lane.lost_since = None
+            log.info("loss notice sent webhook=%s dropped=%d failed=%d",
+                     lane.id, *job.notice)
+            return
+        self._held -= len(job.items)
+        counts["delivered"] += len(job.items)
+        lane.delivered += len(job.items)
+        lane.last_success_at = self.last_delivery_at = now
+        if lane.dead_reason is not None:
+            log.info("webhook=%s is back after quarantine (%d messages failed meanwhile)",
+                     lane.id, lane.dead_failed)
+            lane.dead_reason, lane.dead_failed = None, 0
+        if lane.lost_dropped or lane.lost_failed:
+            lane.notice_due = True
+        oldest = min(item.received_at for item in job.items)
+        log.info("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
+                 lane.id, len(job.items), len(job.parts),
+                 (self._monotonic() - oldest) * 1000)
+
+    def _retry_later(self, job: Job, outcome: Outcome, now: float) -> None:
+        lane = job.lane
+        job.attempts += 1
+        if self._retry.gives_up(job.attempts):
+            lane.job = None
+            self._fail([item.message for item in job.items], lane,
+                       f"{outcome.reason} after {job.attempts} attempts")
+            return
+        self.counts["retries"] += 1
+        delay = self._retry.backoff(job.attempts, self._rng)
+        lane.not_before = now + delay
+        log.warning("retry webhook=%s attempt=%d in_s=%.2f reason=%s",
+                    lane.id, job.attempts, delay, outcome.reason)
+
+    def _quarantine(self, lane: Lane, outcome: Outcome, now: float) -> None:
+        """Stop sending to a webhook that answered 401/403/404: fail what waits for it
+        now and what comes for it until the pause is over, then try again."""
+        pause = GONE_PAUSE_SEC if outcome.gone else UNAUTHORIZED_PAUSE_SEC
+        lane.not_before = now + pause
+        lane.dead_reason = outcome.reason
+        job, lane.job = lane.job, None
+        messages = [item.message for item in job.items] if job and not job.notice else []
+        messages += [item.message for item in lane.waiting]
+        lane.waiting.clear()
+        log.error("webhook=%s quarantined for %.0f s: %s; failed now=%d, failed during the "
+                  "last quarantine=%d; new messages to it fail at once until then",
+                  lane.id, pause, outcome.reason, len(messages), lane.dead_failed)
+        lane.dead_failed = 0
+        self._fail(messages, lane, outcome.reason, quiet=True)
+
+    def _refused(self, job: Job, outcome: Outcome) -> None:
+        """A 400: never resend the same request. A combined batch is split so that only
+        the message Discord refuses fails."""
+        lane = job.lane
+        lane.job = None
+        if job.notice:
+            log.error("loss notice refused webhook=%s: %s", lane.id, outcome.reason)
+            return
+        if len(job.items) > 1:
+            lane.waiting.extendleft(reversed(job.items))
+            lane.singles = len(job.items)
+            log.warning("batch refused webhook=%s messages=%d, resending one by one: %s",
+                        lane.id, len(job.items), outcome.reason)
+            return
+        self._fail([job.items[0].message], lane, outcome.reason)
+
+    def _fail(self, messages: list[Message], lane: Lane, reason: str, quiet=False) -> None:
+        if not messages:
+            return
+        self._held -= len(messages)
+        self.counts["failed"] += len(messages)
+        lane.failed += len(messages)
+        self._note_loss(lane, failed=len(messages))
+        if not quiet:
+            log.error("failed webhook=%s messages=%d reason=%s", lane.id, len(messages), reason)
+
+    def _note_loss(self, lane: Lane, dropped: int = 0, failed: int = 0) -> None:
+        lane.lost_dropped += dropped
+        lane.lost_failed += failed
+        if lane.lost_since is None:
+            lane.lost_since = self._wall()
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait until nothing is held (all delivered or failed); False on timeout."""
+        with self._lock:
+            return self._changed.wait_for(lambda: self._held == 0, timeout)
+
+    # ------------------------------------------------------------------ reporting
+
+    def snapshot(self) -> dict:
+        """The counters, consistent with each other, and a line per webhook."""
+        now = self._monotonic()
+        with self._lock:
+            snapshot = dict(self.counts)
+            snapshot.update(
+                pending=self._held, queue_len=self._held, queue_max=self.queue_max,
+                unparsed=len(self._raw), invalid_requests_10m=sum(
+                    1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC),
+                last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
+                last_error=self.last_error, webhooks=[self._lane_report(lane, now)
+                                                      for lane in self._lanes.values()])
+        return snapshot
+
+    def _lane_report(self, lane: Lane, now: float) -> dict:
+        pending = len(lane.waiting) + (len(lane.job.items) if lane.job else 0)
+        if lane.dead_reason is not None and lane.not_before > now:
+            state = "quarantined"
+        elif max(lane.not_before, self._global_until) > now:
+            state = "waiting"
+        else:
+            state = "ok"
+        return {"id": lane.id, "state": state, "pending": pending,
+                "delivered": lane.delivered, "dropped": lane.dropped, "failed": lane.failed,
+                "last_success_at": lane.last_success_at}
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self) -> tuple[list[Message], list[bytes]]:
+        """Stop handing out jobs and return everything still held, oldest first: parsed
+        messages (those in a job first) and raw envelopes not yet parsed."""
+        with self._lock:
+            self._closed = True
+            self._changed.notify_all()
+            held: list[Held] = []
+            for lane in self._lanes.values():
+                if lane.job is not None:
+                    held.extend(lane.job.items)
+                held.extend(lane.waiting)
+            held.sort(key=lambda item: item.seq)
+            return [item.message for item in held], [data for data, _ in self._raw]
+

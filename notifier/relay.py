@@ -1,0 +1,323 @@
+"""The relay service: ZeroMQ in, Discord out, never blocking a producer.
+
+Threads (only at the edges; decisions live in `Outbox` and `discord`):
+
+* receiver: polls the PULL socket (no timeout while idle: no CPU), drains it with
+  non-blocking receives into the `Outbox`, and parses envelopes when the socket is
+  empty, so a flood is taken off the socket at close to ZeroMQ's own speed and parsing
+  catches up after (a few are still parsed per batch, so a sustained flood cannot starve
+  delivery);
+* senders (``--senders``, default 4): take the next request a webhook may send, post it
+  with their own `requests.Session`, report the answer;
+* metrics: writes the snapshot every interval;
+* the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
+  within ``--drain-sec``, saves the rest to ``data/notifier_pending.sexp`` (mode 0600:
+  it holds webhook URLs), writes the final metrics and returns. The next start delivers
+  the saved messages first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import requests
+import zmq
+
+from notifier import PROJECT_URL, __version__, envelope, files, metrics, sexp
+from notifier.config import Config
+from notifier.discord import Outcome, RetryPolicy, classify, network_error
+from notifier.logs import Throttle
+from notifier.outbox import Job, Outbox, dedupe_key
+
+log = logging.getLogger("notifier.relay")
+
+USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
+TIMEOUT = (5.0, 15.0)
+"""Connect and read timeouts of one request: a hanging webhook holds a sender this long."""
+
+RECEIVE_BATCH = 512  # envelopes taken off the socket per lock acquisition
+PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
+PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
+PREVIEW_CHARS = 80
+PENDING_SCHEMA = 1
+
+
+class RelayError(RuntimeError):
+    """The relay cannot start (port taken, data directory not writable...)."""
+
+
+def post(session: requests.Session, job: Job) -> Outcome:
+    """One request to Discord. ``wait=true`` makes Discord confirm the message was
+    saved (without it a message Discord drops still answers 204)."""
+    webhook = job.webhook
+    url = webhook + ("&" if "?" in webhook else "?") + "wait=true"
+    body = json.dumps(job.payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        response = session.post(url, data=body, timeout=TIMEOUT, allow_redirects=False,
+                                headers={"Content-Type": "application/json",
+                                         "User-Agent": USER_AGENT})
+    except requests.RequestException as exc:
+        return network_error(exc)
+    return classify(response.status_code, response.headers, response.content)
+
+
+def preview(data: bytes) -> str:
+    """The start of a refused envelope for the log: one line, token-free."""
+    text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")[:PREVIEW_CHARS]
+    return envelope.scrub(repr(text))
+
+
+class Relay:
+    """Owns the socket, the threads and the files; `Outbox` owns the messages."""
+
+    def __init__(self, settings: Config, *, retry: RetryPolicy = RetryPolicy()):
+        self.settings = settings
+        self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry)
+        self._context = zmq.Context()
+        self._pull: zmq.Socket | None = None
+        self._wake: zmq.Socket | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started_at = time.time()
+        self._accept_log = Throttle(burst=20)
+        self._reject_log = Throttle(burst=20)
+        self._drop_log = Throttle(burst=1)
+        self._unreported_drops = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Bind, restore what the last run saved, start the threads."""
+        settings = self.settings
+        try:
+            for path in (settings.metrics_file, settings.pending_file):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                files.remove_stale_temps(path)
+        except OSError as exc:
+            raise RelayError(f"cannot use the data directory: {exc}") from None
+        pull = self._context.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        try:
+            pull.bind(settings.endpoint)
+        except zmq.ZMQError as exc:
+            pull.close()
+            raise RelayError(f"cannot bind {settings.endpoint}: {exc}") from None
+        self._pull = pull
+        wake_address = f"inproc://relay-wake-{id(self)}"
+        self._wake = self._context.socket(zmq.PAIR)
+        self._wake.bind(wake_address)
+        wake_receiver = self._context.socket(zmq.PAIR)
+        wake_receiver.connect(wake_address)
+        self._restore()
+        self._write_metrics()
+        self._spawn("receiver", self._receive_loop, pull, wake_receiver)
+        for number in range(settings.senders):
+            self._spawn(f"sender-{number + 1}", self._send_loop)
+        self._spawn("metrics", self._metrics_loop)
+        log.info("relay started endpoint=%s queue_max=%d senders=%d metrics=%s pid=%d",
+                 settings.endpoint, settings.queue_max, settings.senders,
+                 settings.metrics_file, os.getpid())
+
+    def _spawn(self, name: str, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop receiving, deliver for up to ``drain_sec``, save the rest, write the final
+        metrics. Threads stuck in a request are left to die with the process."""
+        log.info("stopping: no longer receiving; draining for up to %.1f s",
+                 self.settings.drain_sec)
+        self._wake.send(b"stop")
+        receiver = self._threads[0]
+        receiver.join()
+        delivered = self.outbox.wait_empty(self.settings.drain_sec)
+        self._stopping.set()
+        messages, raw = self.outbox.close()
+        if raw:  # cannot happen: the receiver parses everything before it ends
+            log.error("%d envelopes left unparsed at shutdown", len(raw))
+        self._save_pending(messages)
+        self._write_metrics()
+        for thread in self._threads[1:]:
+            thread.join(timeout=1.0)
+        self._wake.close()
+        self._context.destroy(linger=0)
+        log.info("stopped: %s; %d messages saved for the next start",
+                 "all delivered" if delivered else "drain time over", len(messages))
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully. The handlers only set a
+        flag: the work happens here, on the main thread, outside signal context."""
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not stop.wait(3600):
+                pass
+            self.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------ receiver
+
+    def _receive_loop(self, pull: zmq.Socket, wake: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        outbox = self.outbox
+        try:
+            while True:
+                # Never sleep with envelopes to parse; wake once a second while drops
+                # wait to be reported; otherwise block until something arrives.
+                timeout = 0 if outbox.unparsed else 1000 if self._unreported_drops else None
+                events = dict(poller.poll(timeout))
+                if wake in events:
+                    break
+                busy = self._receive_batch(pull)
+                if outbox.unparsed:
+                    self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
+                self._report_drops()
+            while self._receive_batch(pull):  # what already arrived is accepted too
+                pass
+            while outbox.unparsed:
+                self._parse(PARSE_WHEN_IDLE)
+            self._report_drops(final=True)
+        except Exception:
+            log.exception("receiver failed; the relay no longer receives")
+        finally:
+            pull.close()
+            wake.close()
+
+    def _receive_batch(self, pull: zmq.Socket) -> bool:
+        """Take up to RECEIVE_BATCH envelopes; True if more may be waiting."""
+        frames: list[bytes] = []
+        receive, append = pull.recv, frames.append
+        try:
+            for _ in range(RECEIVE_BATCH):
+                append(receive(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        if frames:
+            dropped, oversized = self.outbox.accept(frames)
+            self._unreported_drops += dropped
+            for size in oversized:
+                self._log_rejection(envelope.too_large(size), b"")
+        return len(frames) == RECEIVE_BATCH
+
+    def _parse(self, limit: int) -> None:
+        allowed_hosts = self.settings.allowed_hosts
+        dedupe = self.settings.dedupe_window > 0
+        results = []
+        for data, received_at in self.outbox.take_unparsed(limit):
+            try:
+                message = envelope.parse(data, allowed_hosts)
+            except envelope.EnvelopeError as exc:
+                self._log_rejection(exc.reason, data)
+                results.append((received_at, exc.reason, None))
+                continue
+            results.append((received_at, message, dedupe_key(message) if dedupe else None))
+            suppressed = self._accept_log.allow()
+            if suppressed is not None:
+                log.info("accepted webhook=%s bytes=%d%s", message.webhook_id, len(data),
+                         f" ({suppressed} accepted lines left out)" if suppressed else "")
+        self.outbox.add_parsed(results)
+
+    def _log_rejection(self, reason: str, data: bytes) -> None:
+        suppressed = self._reject_log.allow()
+        if suppressed is not None:
+            log.warning("rejected reason=%s preview=%s%s", reason, preview(data),
+                        f" ({suppressed} rejection lines left out)" if suppressed else "")
+
+    def _report_drops(self, final: bool = False) -> None:
+        if self._unreported_drops and (final or self._drop_log.allow() is not None):
+            log.warning("dropped %d oldest messages: queue full (queue_max=%d)",
+                        self._unreported_drops, self.settings.queue_max)
+            self._unreported_drops = 0
+
+    # ------------------------------------------------------------------ senders
+
+    def _send_loop(self) -> None:
+        with requests.Session() as session:
+            while (job := self.outbox.next_job()) is not None:
+                try:
+                    outcome = post(session, job)
+                except Exception as exc:  # a bug, not Discord: retry, and say so
+                    log.exception("sending failed unexpectedly")
+                    outcome = Outcome("retry", reason=f"internal error {type(exc).__name__}")
+                self.outbox.finish(job, outcome)
+
+    # ------------------------------------------------------------------ files
+
+    def _metrics_loop(self) -> None:
+        while not self._stopping.wait(self.settings.metrics_interval):
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        now = time.time()
+        text = metrics.render(self.outbox.snapshot(), now=now, started_at=self._started_at,
+                              pid=os.getpid(), interval=self.settings.metrics_interval)
+        try:
+            metrics.write(self.settings.metrics_file, text)
+        except OSError as exc:
+            log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
+
+    def _save_pending(self, messages: list[envelope.Message]) -> None:
+        path = self.settings.pending_file
+        if not messages:
+            path.unlink(missing_ok=True)
+            return
+        texts = [sexp.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND",
+                             "webhook": m.webhook,
+                             "payload_json": json.dumps(m.payload, ensure_ascii=False)})
+                 for m in messages]
+        data = sexp.dumps({"schema_version": PENDING_SCHEMA, "saved_at": int(time.time()),
+                           "envelopes": texts})
+        try:
+            files.write_atomic(path, data.encode("utf-8"), mode=0o600)
+        except OSError as exc:
+            log.error("cannot save %d pending messages to %s: %s", len(messages), path, exc)
+
+    def _restore(self) -> None:
+        """Take back what the last run saved, ahead of anything new, and remove the
+        file: from here on those messages are held (and accounted) like any other."""
+        path = self.settings.pending_file
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.error("cannot read saved messages %s: %s", path, exc)
+            return
+        try:
+            saved = sexp.loads(data, max_bytes=max(len(data), sexp.MAX_BYTES))
+            texts = saved["envelopes"] if isinstance(saved, dict) else None
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise ValueError("no list of envelopes in it")
+        except (sexp.SexpError, ValueError, KeyError) as exc:
+            kept = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+            path.replace(kept)
+            log.error("saved messages unreadable (%s); kept as %s", exc, kept)
+            return
+        self.outbox.accept([text.encode("utf-8") for text in texts], restored=True)
+        while self.outbox.unparsed:
+            self._parse(PARSE_WHEN_IDLE)
+        path.unlink()
+        log.info("restored %d messages saved by the last run", len(texts))
+
+
+def run(settings: Config) -> int:
+    """``python -m notifier``: serve until signalled. Returns the exit code."""
+    relay = Relay(settings)
+    try:
+        relay.serve()
+    except RelayError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0

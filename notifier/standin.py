@@ -1,0 +1,563 @@
+"""A local stand-in for Discord's webhook API, for tests, demos and producer checks.
+
+It is a real HTTP server on loopback that answers ``POST /api/webhooks/<id>/<token>``
+the way Discord does: 200 with a message object for ``?wait=true``, 204 without it,
+Discord's rate-limit headers and 429s when a rate limit is configured, and 400 (code
+50035) for payloads over Discord's limits. Tests script faults per webhook (error
+statuses, hangs, global, shared and Cloudflare 429s) and simulate an outage by
+stopping it and starting a new one on the same port::
+
+    with DiscordStandIn(rate_limit=(5, 2.0)) as discord:
+        url = discord.webhook_url(1)       # http://127.0.0.1:PORT/api/webhooks/1/tok
+        discord.set_mode("1", "status", status=500, times=2)   # 500 twice, then OK
+        ...                                # point the relay at url
+        assert discord.wait_for(3, timeout=5)                  # 3 messages accepted
+        discord.messages("1")              # their JSON bodies, in arrival order
+
+From a shell, ``python -m notifier.standin --rate-limit 5/2`` prints its URL, then
+one line per message, until Ctrl-C or SIGTERM.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
+
+_WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)/?$")
+_DISCORD_EPOCH_MS = 1420070400000
+_CHANNEL_ID = "1100000000000000001"
+_NOMINAL_LIMIT = (5, 2.0)  # Discord's usual webhook limit, shown by channel_429 when none is set
+
+# Mode name -> its parameters and their defaults.
+MODES = {
+    "ok": {},
+    "status": {"status": 500, "body": None},
+    "hang": {},
+    "global_429": {"retry_after": 1.0},
+    "channel_429": {"retry_after": 40.0},
+    "html_429": {},
+}
+
+_STATUS_BODIES = {
+    401: {"message": "Invalid Webhook Token", "code": 50027},
+    403: {"message": "Missing Access", "code": 50001},
+    404: {"message": "Unknown Webhook", "code": 10015},
+    502: "error code: 502",  # Cloudflare answers bad gateways in plain text
+}
+
+_RATE_LIMITED = "You are being rate limited."
+
+_CLOUDFLARE_BAN_PAGE = """<!DOCTYPE html>
+<html lang="en-US"><head><title>Access denied | discord.com used Cloudflare to restrict access</title></head>
+<body><div id="cf-wrapper"><h1>Error 1015</h1><h2>You are being rate limited</h2>
+<p>The owner of this website (discord.com) has banned you temporarily from accessing this website.</p>
+</div></body></html>
+"""
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the stand-in saw it, and the status it answered."""
+
+    webhook_id: str | None  # None when the path is not a webhook path
+    token: str | None
+    json: object  # parsed body, or None when it is not JSON
+    status: int
+    time: float  # time.monotonic() when received
+    headers: dict  # header names lowercased
+    query: dict
+    method: str = "POST"
+    path: str = ""
+    response: object = None  # JSON (or text) body answered, None for 204
+
+
+def validate(payload):
+    """Check a webhook message against Discord's limits; return Discord's "errors" tree, empty if valid.
+
+    Lengths are counted in code points, as Discord does.
+    """
+    if not isinstance(payload, dict):
+        return _errors("DICT_TYPE_CONVERT", "The body must be a JSON object.")
+    errors = {}
+    content, embeds = payload.get("content"), payload.get("embeds")
+    if content is not None and not isinstance(content, str):
+        errors["content"] = _errors("BASE_TYPE_STRING", "Must be a string.")
+    elif content is not None and len(content) > 2000:
+        errors["content"] = _too_long(2000, content)
+    if embeds is not None and not isinstance(embeds, list):
+        errors["embeds"] = _errors("BASE_TYPE_ARRAY", "Must be an array.")
+    elif embeds and len(embeds) > 10:
+        errors["embeds"] = _errors("BASE_TYPE_MAX_LENGTH", f"Must be 10 or fewer in length (got {len(embeds)}).")
+    elif embeds:
+        embed_errors, total = {}, 0
+        for i, embed in enumerate(embeds):
+            found, chars = _check_embed(embed)
+            total += chars
+            if found:
+                embed_errors[str(i)] = found
+        if total > 6000:
+            embed_errors.update(_errors("MAX_EMBED_SIZE_EXCEEDED", f"Embed size exceeds maximum size of 6000 (got {total})."))
+        if embed_errors:
+            errors["embeds"] = embed_errors
+    if not errors and not (isinstance(content, str) and content.strip()) and not embeds:
+        errors["content"] = _errors("BASE_TYPE_REQUIRED", "Cannot send an empty message: give non-empty content or embeds.")
+    return errors
+
+
+def _check_embed(embed):
+    """Return (errors, characters counted towards the 6000 total) for one embed."""
+    if not isinstance(embed, dict):
+        return _errors("DICT_TYPE_CONVERT", "Each embed must be a JSON object."), 0
+    errors, total = {}, 0
+    checks = [(("title",), embed.get("title"), 256), (("description",), embed.get("description"), 4096)]
+    footer, author, fields = embed.get("footer"), embed.get("author"), embed.get("fields")
+    if isinstance(footer, dict):
+        checks.append((("footer", "text"), footer.get("text"), 2048))
+    if isinstance(author, dict):
+        checks.append((("author", "name"), author.get("name"), 256))
+    if isinstance(fields, list):
+        if len(fields) > 25:
+            errors["fields"] = _errors("BASE_TYPE_MAX_LENGTH", f"Must be 25 or fewer in length (got {len(fields)}).")
+        for i, field in enumerate(fields):
+            if isinstance(field, dict):
+                checks.append((("fields", str(i), "name"), field.get("name"), 256))
+                checks.append((("fields", str(i), "value"), field.get("value"), 1024))
+    for path, text, limit in checks:
+        if isinstance(text, str):
+            total += len(text)
+            if len(text) > limit:
+                _put(errors, path, _too_long(limit, text))
+    return errors, total
+
+
+def _put(tree, path, value):
+    """Nest an error the way Discord does: {"fields": {"3": {"value": ...}}}."""
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _phrase(status):
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _errors(code, message):
+    return {"_errors": [{"code": code, "message": message}]}
+
+
+def _too_long(limit, text):
+    return _errors("BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length (got {len(text)}).")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True  # restart on the same port right after stop()
+
+    def handle_error(self, request, client_address):
+        """Stay quiet: clients hanging up mid-request are part of the tests."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like Discord
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+
+    def setup(self):
+        super().setup()
+        self.server.standin._track(self.connection, True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.standin._track(self.connection, False)
+
+    def log_message(self, format, *args):
+        """Stay quiet: tests and the command line report what matters."""
+
+    def do_POST(self):
+        standin = self.server.standin
+        standin._busy(+1)
+        try:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            record, extra_headers, data = standin._answer(self.command, self.path, headers, body)
+            self.send_response(record.status)
+            for name, value in extra_headers.items():
+                self.send_header(name, value)
+            if record.status != 204:  # a 204 must carry neither body nor Content-Length
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            standin._busy(-1)
+        if standin.on_request is not None:
+            standin.on_request(record)
+
+    do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # answered 405, but recorded
+
+
+class DiscordStandIn:
+    """A Discord webhook endpoint on loopback, serving from a background thread.
+
+    rate_limit=(count, seconds) limits each bucket to `count` requests per fixed window
+    of `seconds` starting at the window's first request; without it nothing is limited
+    and no X-RateLimit-* headers are sent. shared_buckets={"name": ["1", "2"]} puts
+    several webhook ids in one bucket. on_request(RecordedRequest) is called from the
+    server thread after each answer.
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, *, rate_limit=None, shared_buckets=None, on_request=None):
+        self.host, self.port = host, port
+        self.rate_limit = (int(rate_limit[0]), float(rate_limit[1])) if rate_limit else None
+        self.on_request = on_request
+        self._bucket_of = {str(w): name for name, ids in (shared_buckets or {}).items() for w in ids}
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._records = []
+        self._modes = {}  # webhook id, or None for all -> [mode, params, times left or None]
+        self._windows = {}  # bucket key -> (window start, requests counted)
+        self._release = threading.Event()
+        self._hanging = 0
+        self._active = 0
+        self._connections = set()
+        self._last_id = 0
+        self._server = None
+        self._thread = None
+        self._stopping = False
+
+    # Life cycle
+
+    def start(self):
+        """Bind and serve in a daemon thread; returns self."""
+        server = _Server((self.host, self.port), _Handler)
+        server.standin = self
+        self.port = server.server_address[1]
+        with self._lock:
+            self._server, self._stopping = server, False
+        # A short poll interval keeps stop() prompt.
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="discord-standin", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop promptly: release hung requests, give answers in flight a moment, then close every connection.
+
+        Open keep-alive connections are closed too, so clients see Discord go away
+        (connection refused) rather than a server that still answers.
+        """
+        with self._lock:
+            server, self._server = self._server, None
+            if server is None:
+                return
+            self._stopping = True
+            self._release_all()
+        server.shutdown()
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0, timeout=1.0)
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        server.server_close()
+        self._thread.join()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def url(self):
+        return f"http://{self.host}:{self.port}"
+
+    def webhook_url(self, id=1, token="tok"):
+        return f"{self.url}/api/webhooks/{id}/{token}"
+
+    # Scripting
+
+    def set_mode(self, webhook_id, mode="ok", *, times=None, **params):
+        """Script how a webhook answers from now on; webhook_id None means every webhook.
+
+        Setting None also drops per-webhook modes. With times=N the mode applies to
+        the next N requests only, then the webhook answers "ok" again.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        unknown = set(params) - set(MODES[mode])
+        if unknown:
+            raise TypeError(f"mode {mode!r} takes no parameter(s) {', '.join(sorted(unknown))}")
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1")
+        if mode == "status" and not 200 <= params.get("status", 500) <= 599:
+            raise ValueError("status must be between 200 and 599")
+        with self._lock:
+            if webhook_id is None:
+                self._modes.clear()
+            else:
+                webhook_id = str(webhook_id)
+            self._modes[webhook_id] = [mode, {**MODES[mode], **params}, times]
+
+    def release_hangs(self):
+        """Let every request held by "hang" answer; later "hang" requests hang again."""
+        with self._lock:
+            self._release_all()
+
+    # Inspection
+
+    @property
+    def requests(self):
+        """Every request received so far, answered or refused, oldest first."""
+        with self._lock:
+            return list(self._records)
+
+    @property
+    def hanging(self):
+        """How many requests "hang" is holding right now."""
+        with self._lock:
+            return self._hanging
+
+    def messages(self, webhook_id=None):
+        """JSON bodies accepted with a 2xx, in arrival order, optionally for one webhook."""
+        with self._lock:
+            return [r.json for r in self._matching(webhook_id) if 200 <= r.status < 300]
+
+    def count_status(self, status, webhook_id=None):
+        """How many requests were answered with `status`, optionally for one webhook."""
+        with self._lock:
+            return sum(1 for r in self._matching(webhook_id) if r.status == status)
+
+    def wait_for(self, until, timeout=5.0):
+        """Wait until `until` messages were accepted in all, or until(self) is true; False on timeout."""
+        if callable(until):
+            def check():
+                return until(self)
+        else:
+            def check():
+                return len(self.messages()) >= until
+        with self._cond:
+            return bool(self._cond.wait_for(check, timeout))
+
+    def clear(self):
+        """Forget recorded requests (modes and rate-limit windows stay)."""
+        with self._lock:
+            self._records.clear()
+
+    # Internals, called from handler threads
+
+    def _matching(self, webhook_id):
+        if webhook_id is None:
+            return self._records
+        return [r for r in self._records if r.webhook_id == str(webhook_id)]
+
+    def _track(self, conn, opened):
+        with self._lock:
+            (self._connections.add if opened else self._connections.discard)(conn)
+
+    def _busy(self, delta):
+        with self._cond:
+            self._active += delta
+            self._cond.notify_all()
+
+    def _release_all(self):
+        self._release.set()
+        self._release = threading.Event()
+
+    def _answer(self, method, target, headers, body):
+        """Decide the answer to one request and record it: (record, headers, body bytes)."""
+        received = time.monotonic()
+        url = urlsplit(target)
+        query = dict(parse_qsl(url.query))
+        match = _WEBHOOK_PATH.match(url.path)
+        webhook_id, token = match.groups() if match else (None, None)
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None
+        mode, params, hold = "ok", {}, None
+        if method == "POST" and match:
+            with self._cond:
+                mode, params = self._take_mode(webhook_id)
+                if mode == "hang" and not self._stopping:
+                    hold = self._release
+                    self._hanging += 1
+                    self._cond.notify_all()
+        if hold is not None:
+            hold.wait()
+            with self._cond:
+                self._hanging -= 1
+                self._cond.notify_all()
+        with self._cond:
+            if method != "POST":
+                status, out, response = 405, {}, {"message": "405: Method Not Allowed", "code": 0}
+            elif not match:
+                status, out, response = 404, {}, {"message": "404: Not Found", "code": 0}
+            else:
+                status, out, response = self._decide(webhook_id, payload, query, mode, params)
+            record = RecordedRequest(webhook_id, token, payload, status, received, headers, query,
+                                     method, url.path, response)
+            self._records.append(record)
+            self._cond.notify_all()
+        if response is None:
+            data = b""
+        elif isinstance(response, str):
+            data = response.encode()
+            out.setdefault("Content-Type", "text/plain; charset=utf-8")
+        else:
+            data = json.dumps(response).encode()
+            out["Content-Type"] = "application/json"
+        return record, out, data
+
+    def _take_mode(self, webhook_id):
+        """The mode for this request, counting it against a times=N limit."""
+        key = webhook_id if webhook_id in self._modes else None
+        entry = self._modes.get(key)
+        if entry is None:
+            return "ok", {}
+        mode, params, times = entry
+        if times is not None:
+            if times <= 1:
+                del self._modes[key]
+            else:
+                entry[2] = times - 1
+        return mode, params
+
+    def _decide(self, webhook_id, payload, query, mode, params):
+        """(status, headers, response body) for a webhook POST in the given mode."""
+        if mode == "status":
+            status = params["status"]
+            body = params["body"]
+            if body is None:
+                body = _STATUS_BODIES.get(status, {"message": f"{status}: {_phrase(status)}", "code": 0})
+            return status, {}, None if status == 204 else body
+        if mode == "global_429":
+            retry = params["retry_after"]
+            headers = {"Retry-After": str(math.ceil(retry)), "X-RateLimit-Global": "true",
+                       "X-RateLimit-Scope": "global"}
+            return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": True}
+        if mode == "channel_429":
+            retry = params["retry_after"]
+            headers = self._count(webhook_id, consume=False)[1]
+            headers.update({"Retry-After": str(math.ceil(retry)), "X-RateLimit-Scope": "shared"})
+            return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": False}
+        if mode == "html_429":
+            return 429, {"Content-Type": "text/html; charset=UTF-8"}, _CLOUDFLARE_BAN_PAGE
+        # "ok", and "hang" once released: rate limit first, as Discord counts invalid requests too.
+        allowed, headers, reset_after = self._count(webhook_id, consume=True)
+        if not allowed:
+            headers.update({"Retry-After": str(math.ceil(reset_after)), "X-RateLimit-Scope": "user"})
+            return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(reset_after, 3), "global": False}
+        errors = validate(payload)
+        if errors:
+            return 400, headers, {"code": 50035, "message": "Invalid Form Body", "errors": errors}
+        if query.get("wait", "").lower() not in ("true", "1"):
+            return 204, headers, None
+        return 200, headers, self._message(webhook_id, payload)
+
+    def _count(self, webhook_id, consume):
+        """Count a request in its bucket's window: (allowed, X-RateLimit-* headers, seconds to reset).
+
+        With consume=False it only reports the window (used by channel_429, which
+        shows Remaining above 0 and falls back to Discord's usual 5 per 2 s).
+        """
+        if self.rate_limit is None and consume:
+            return True, {}, 0.0
+        limit, window = self.rate_limit or _NOMINAL_LIMIT
+        key = self._bucket_of.get(webhook_id, "webhook:" + webhook_id)
+        now = time.monotonic()
+        start, used = self._windows.get(key, (now, 0))
+        if now >= start + window:
+            start, used = now, 0
+        allowed = used < limit
+        if consume:
+            used += 1 if allowed else 0
+            self._windows[key] = (start, used)
+        remaining = limit - used if consume else max(1, limit - used)
+        reset_after = max(0.0, start + window - now)
+        headers = {
+            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Remaining": str(remaining),
+            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Bucket": hashlib.sha1(key.encode()).hexdigest()[:32],
+        }
+        return allowed, headers, reset_after
+
+    def _message(self, webhook_id, payload):
+        """The message object Discord returns for ?wait=true, with an increasing snowflake id."""
+        snowflake = (int(time.time() * 1000) - _DISCORD_EPOCH_MS) << 22
+        self._last_id = max(snowflake, self._last_id + 1)
+        return {
+            "id": str(self._last_id),
+            "type": 0,
+            "channel_id": _CHANNEL_ID,
+            "webhook_id": webhook_id,
+            "author": {"id": webhook_id, "username": payload.get("username") or "Stand-in", "bot": True},
+            "content": payload.get("content") or "",
+            "embeds": payload.get("embeds") or [],
+            "attachments": [],
+            "tts": bool(payload.get("tts")),
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+        }
+
+
+def _rate_limit_arg(text):
+    """Parse N/SECONDS, e.g. 5/2."""
+    try:
+        count, seconds = text.split("/")
+        limit = (int(count), float(seconds))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N/SECONDS such as 5/2, got {text!r}") from None
+    if limit[0] < 1 or not limit[1] > 0:
+        raise argparse.ArgumentTypeError(f"need N >= 1 and SECONDS > 0, got {text!r}")
+    return limit
+
+
+def _print_request(record):
+    """One line per request: webhook id and the start of its text, plus the status when refused."""
+    payload = record.json if isinstance(record.json, dict) else {}
+    text = payload.get("content")
+    if not text and isinstance(payload.get("embeds"), list) and payload["embeds"]:
+        first = payload["embeds"][0]
+        text = first.get("title") if isinstance(first, dict) else None
+    line = f"{record.webhook_id} {' '.join(str(text or '')[:80].split())}"
+    if not 200 <= record.status < 300:
+        line += f" -> {record.status} {json.dumps(record.response)[:200]}"
+    print(line, flush=True)
+
+
+def main(argv=None):
+    """Run the stand-in in the foreground until SIGINT or SIGTERM; return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m notifier standin",
+                                     description="Serve a local stand-in for Discord webhooks.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: a free port)")
+    parser.add_argument("--rate-limit", type=_rate_limit_arg, metavar="N/SECONDS",
+                        help="allow N requests per SECONDS per webhook, like Discord's 5/2 (default: no limit)")
+    args = parser.parse_args(argv)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    with DiscordStandIn(args.host, args.port, rate_limit=args.rate_limit, on_request=_print_request) as standin:
+        print(f"standin listening on {standin.url}", flush=True)
+        stopping.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Running the relay as a real process for tests: start, wait on its metrics, signal it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from notifier import metrics, sexp
+from notifier.sexp import Alist
+
+BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.02,
+               what: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def assert_balanced(snapshot: Alist) -> None:
+    """Every message the relay received is in exactly one place."""
+    parts = {key: snapshot[key] for key in BALANCE}
+    assert snapshot["received"] == sum(parts.values()), (snapshot["received"], parts)
+
+
+def envelope_text(webhook: str, content: str) -> bytes:
+    return sexp.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND",
+                       "webhook": webhook, "payload_json": f'{{"content": "{content}"}}'}
+                      ).encode("utf-8")
+
+
+class RelayProcess:
+    """``python -m notifier`` in `home`, posting to the stand-in at `allowed`."""
+
+    def __init__(self, home: Path, allowed: str, port: int | None = None, **settings: str):
+        self.home = home
+        self.port = port or free_port()
+        self.log_file = home / "relay.log"
+        self.metrics_file = home / "data" / "notifier_metrics.sexp"
+        self.pending_file = home / "data" / "notifier_pending.sexp"
+        self.env = {**os.environ, "SWIMMY_HOME": str(home),
+                    "SWIMMY_PORT_NOTIFIER": str(self.port),
+                    "SWIMMY_NOTIFIER_ALLOWED_HOSTS": allowed,
+                    "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC": "0.1",
+                    "SWIMMY_NOTIFIER_DRAIN_SEC": "1",
+                    "SWIMMY_NOTIFIER_LOG_FILE": str(self.log_file),
+                    **{f"SWIMMY_NOTIFIER_{key.upper()}": value for key, value in settings.items()}}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> "RelayProcess":
+        self.process = subprocess.Popen([sys.executable, "-m", "notifier"], env=self.env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        pid = self.process.pid
+        wait_until(lambda: self._alive_or_fail() and (self.metrics() or {}).get("pid") == pid,
+                   timeout, what="the relay's first metrics")
+        return self
+
+    def _alive_or_fail(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"relay exited with {self.process.returncode}: "
+                                 f"{self.process.stderr.read().decode(errors='replace')}"
+                                 f"{self.log()}")
+        return True
+
+    def metrics(self) -> Alist | None:
+        try:
+            return metrics.read(self.metrics_file)
+        except FileNotFoundError:
+            return None
+
+    def wait_metrics(self, condition: Callable[[Alist], bool], timeout: float = 30,
+                     what: str = "metrics") -> Alist:
+        """Wait for a snapshot written by this process that satisfies `condition`."""
+        pid = self.process.pid
+
+        def current():
+            snapshot = self.metrics()
+            return snapshot if snapshot and snapshot["pid"] == pid and condition(snapshot) else None
+        return wait_until(current, timeout, interval=0.05, what=what)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        self.process.stderr.close()
+        return code
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process.stderr.close()
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return ""
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmRSS:")))
+
+
+class Pusher:
+    """A plain PUSH socket for tests that need to push exactly what they choose."""
+
+    def __init__(self, endpoint: str, hwm: int = 1000):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        self.socket.connect(endpoint)
+
+    def send(self, data: bytes) -> None:
+        """Blocking send: tests want every envelope to reach the relay."""
+        self.socket.send(data)
+
+    def close(self) -> None:
+        """Discard anything unsent: tests wait on the relay's metrics, not on linger."""
+        self.context.destroy(linger=0)

@@ -1,0 +1,226 @@
+"""The relay as a real process: real ZeroMQ, a real HTTP stand-in for Discord, real signals."""
+
+import json
+import os
+import signal
+import stat
+
+import pytest
+
+from notifier import sexp
+from notifier.standin import DiscordStandIn
+from tests.harness import (Pusher, RelayProcess, assert_balanced, envelope_text, free_port,
+                           wait_until)
+
+
+@pytest.fixture
+def discord():
+    with DiscordStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def relays(tmp_path):
+    """Relay processes started by a test; any still running at the end are killed."""
+    started = []
+
+    def start(home=tmp_path, allowed=None, **settings):
+        relay = RelayProcess(home, allowed, **settings)
+        started.append(relay)
+        return relay.start()
+    yield start
+    for relay in started:
+        relay.kill()
+
+
+@pytest.fixture
+def pushers():
+    """PUSH sockets made by a test, closed however it ends (an open one would make
+    the garbage collector block in zmq's context termination)."""
+    made = []
+
+    def make(endpoint, **options):
+        made.append(Pusher(endpoint, **options))
+        return made[-1]
+    yield make
+    for pusher in made:
+        pusher.close()
+
+
+def contents(standin, webhook_id="1"):
+    """Every line delivered to a webhook, in arrival order (batches hold several)."""
+    return [line for message in standin.messages(webhook_id)
+            for line in message["content"].split("\n")]
+
+
+def test_messages_arrive_in_order_and_the_metrics_agree(discord, relays, pushers):
+    relay = relays(allowed=f"127.0.0.1:{discord.port}")
+    hooks = {n: discord.webhook_url(n) for n in (1, 2)}
+    pusher = pushers(relay.endpoint)
+    for i in range(60):
+        pusher.send(envelope_text(hooks[1 + i % 2], f"m{i}"))
+    snapshot = relay.wait_metrics(lambda m: m["delivered"] == 60, what="60 delivered")
+    assert contents(discord, "1") == [f"m{i}" for i in range(0, 60, 2)]
+    assert contents(discord, "2") == [f"m{i}" for i in range(1, 60, 2)]
+    assert all(request.query.get("wait") == "true" for request in discord.requests)
+    assert discord.requests[0].headers["user-agent"].startswith("DiscordBot (")
+    assert (snapshot["received"], snapshot["pending"], snapshot["failed"]) == (60, 0, 0)
+    assert {hook["id"]: hook["delivered"] for hook in snapshot["webhooks"]} == {"1": 30, "2": 30}
+    assert_balanced(snapshot)
+    assert relay.stop() == 0
+    assert_balanced(relay.metrics())
+    assert "delivered webhook=1" in relay.log() and "/tok" not in relay.log()
+
+
+def test_outage_then_errors_then_recovery_loses_and_duplicates_nothing(tmp_path, relays, pushers):
+    port = free_port()
+    relay = relays(allowed=f"127.0.0.1:{port}")
+    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"
+    pusher = pushers(relay.endpoint)
+    for i in range(20):
+        pusher.send(envelope_text(webhook, f"m{i}"))
+    relay.wait_metrics(lambda m: m["retries"] >= 1, what="a retry after connection refused")
+    with DiscordStandIn(port=port) as discord:
+        discord.set_mode(None, "status", status=500, times=2)
+        snapshot = relay.wait_metrics(lambda m: m["delivered"] == 20, what="20 delivered")
+        assert contents(discord) == [f"m{i}" for i in range(20)]
+        assert discord.count_status(500) == 2
+    assert snapshot["failed"] == 0 and snapshot["errors"] >= 3
+    assert_balanced(snapshot)
+    assert "retry webhook=1" in relay.log()
+
+
+def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(tmp_path, relays, pushers):
+    port = free_port()
+    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"
+    relay = relays(allowed=f"127.0.0.1:{port}", drain_sec="0.3")
+    pusher = pushers(relay.endpoint)
+    for i in range(25):
+        pusher.send(envelope_text(webhook, f"m{i}"))
+    relay.wait_metrics(lambda m: m["received"] == 25 and m["retries"] >= 1, what="retrying")
+    assert relay.stop() == 0
+    final = relay.metrics()
+    assert final["pending"] == 25 and final["delivered"] == 0
+    assert_balanced(final)
+    assert stat.S_IMODE(os.stat(relay.pending_file).st_mode) == 0o600
+    saved = sexp.loads(relay.pending_file.read_bytes())["envelopes"]
+    assert len(saved) == 25 and "tok" in saved[0]
+
+    with DiscordStandIn(port=port) as discord:
+        second = relays(allowed=f"127.0.0.1:{port}", port=relay.port)
+        pusher.send(envelope_text(webhook, "after restart"))
+        snapshot = second.wait_metrics(lambda m: m["delivered"] == 26, what="26 delivered")
+        assert contents(discord) == [f"m{i}" for i in range(25)] + ["after restart"]
+    assert snapshot["restored"] == 25 and snapshot["received"] == 26
+    assert_balanced(snapshot)
+    assert not relay.pending_file.exists()
+
+
+def test_sigkill_never_leaves_a_missing_or_torn_metrics_file(tmp_path, discord):
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}", metrics_interval_sec="0.05")
+    for round_number in range(12):
+        relay.start()
+        relay.wait_metrics(lambda m, n=round_number: m["uptime_sec"] >= 0, what="a snapshot")
+        # Let it rewrite the file a varying number of times, then kill it mid-stride.
+        writes = wait_until(lambda: relay.metrics()["timestamp"], 5, what="a rewrite")
+        assert writes
+        relay.kill()
+        snapshot = relay.metrics()
+        assert snapshot is not None and snapshot["schema_version"] == 1
+        assert_balanced(snapshot)
+    leftovers = list((tmp_path / "data").glob(".notifier_metrics.sexp.*.tmp"))
+    assert len(leftovers) <= 1, leftovers
+
+
+def test_a_flood_keeps_memory_flat_drops_the_oldest_and_keeps_the_newest(discord, relays, pushers):
+    discord.set_mode("1", "hang")
+    relay = relays(allowed=f"127.0.0.1:{discord.port}", queue_max="1000")
+    webhook = discord.webhook_url(1)
+    pusher = pushers(relay.endpoint, hwm=10_000)
+    pusher.send(envelope_text(webhook, "first"))
+    wait_until(lambda: discord.hanging == 1, 10, what="the first request to hang")
+    rss_before = relay.rss_kib()
+    total = 100_000
+    for i in range(total):
+        pusher.send(envelope_text(webhook, f"m{i}"))
+    snapshot = relay.wait_metrics(lambda m: m["received"] == total + 1 and m["unparsed"] == 0,
+                                  timeout=120, what="the flood absorbed")
+    growth_mib = (relay.rss_kib() - rss_before) / 1024
+    assert growth_mib < 40, f"RSS grew by {growth_mib:.1f} MiB"
+    assert snapshot["pending"] == 1000 and snapshot["drops"] == total + 1 - 1000
+    assert_balanced(snapshot)
+    assert "dropped" in relay.log() and "queue full" in relay.log()
+
+    discord.set_mode("1", "ok")
+    discord.release_hangs()
+    final = relay.wait_metrics(lambda m: m["pending"] == 0, timeout=60, what="all delivered")
+    delivered = contents(discord)
+    notices = [line for line in delivered if line.startswith("⚠️")]
+    assert delivered[0] == "first"  # it was being sent, so it was never dropped
+    assert delivered[1] == notices[0] and "dropped (relay queue full)" in notices[0]
+    assert [line for line in delivered[1:] if line not in notices] == [
+        f"m{i}" for i in range(total - 999, total)]
+    assert final["delivered"] == 1000 and final["notices"] == len(notices) == 1
+    assert_balanced(final)
+
+
+HOSTILE = [
+    b'((type . "NOTIFIER") (webhook . "x") (payload_json . "{\\"content\\": \\"unterminated',
+    b'((type . "NOTIFIER") (x . #.(sb-ext:run-program "/bin/sh" nil)))',
+    b"(" * 100_000,
+    b"(" * 1000 + b")" * 1000,
+    bytes(range(256)) * 10,
+    b"\xff\xfe garbage",
+    b'{"type": "NOTIFIER", "webhook": "https://evil.example/api/webhooks/1/tok", '
+    b'"payload": {"content": "x"}}',
+    b'((type . "NOTIFIER") (webhook . "https://discord.com/api/webhooks/1/tok") '
+    b'(payload (content . "' + b"x" * 70_000 + b'")))',
+    b"",
+    b"nil",
+    b'((type . "HEARTBEAT"))',
+]
+
+
+def test_hostile_envelopes_are_rejected_and_valid_ones_still_delivered(discord, relays, pushers):
+    relay = relays(allowed=f"127.0.0.1:{discord.port}")
+    webhook = discord.webhook_url(1)
+    pusher = pushers(relay.endpoint)
+    for i, bad in enumerate(HOSTILE):
+        pusher.send(envelope_text(webhook, f"good{i}"))
+        pusher.send(bad)
+    snapshot = relay.wait_metrics(lambda m: m["delivered"] == len(HOSTILE)
+                                  and m["rejected"] == len(HOSTILE), what="all handled")
+    assert contents(discord) == [f"good{i}" for i in range(len(HOSTILE))]
+    assert_balanced(snapshot)
+    log = relay.log()
+    for reason in ("unterminated string", "read-time evaluation", "nesting deeper than 64",
+                   "invalid UTF-8", "is not Discord's", "over the 65536-byte limit",
+                   "unknown type 'HEARTBEAT'"):
+        assert reason in log, reason
+    assert relay.process.poll() is None
+    assert relay.stop() == 0
+
+
+def test_duplicates_within_the_window_are_suppressed_and_counted(discord, relays, pushers):
+    relay = relays(allowed=f"127.0.0.1:{discord.port}", dedupe_window_sec="60")
+    pusher = pushers(relay.endpoint)
+    for content in ("same", "same", "other", "same"):
+        pusher.send(envelope_text(discord.webhook_url(1), content))
+    snapshot = relay.wait_metrics(lambda m: m["delivered"] + m["deduplicated"] == 4)
+    assert (snapshot["delivered"], snapshot["deduplicated"]) == (2, 2)
+    assert contents(discord) == ["same", "other"]
+    assert_balanced(snapshot)
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path, discord, relays):
+    first = relays(allowed=f"127.0.0.1:{discord.port}")
+    second = RelayProcess(tmp_path / "second", "", port=first.port)
+    with pytest.raises(AssertionError, match="relay exited with 1"):
+        second.start()
+    assert f"cannot bind tcp://127.0.0.1:{first.port}" in second.log()
+
+
+def test_a_bad_setting_stops_the_relay_with_a_message(tmp_path):
+    relay = RelayProcess(tmp_path, "", queue_max="lots")
+    with pytest.raises(AssertionError, match="SWIMMY_NOTIFIER_QUEUE_MAX: must be a whole number"):
+        relay.start()
