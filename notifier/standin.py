@@ -73,7 +73,7 @@ class RecordedRequest:
     token: str | None
     json: object  # parsed body, or None when it is not JSON
     status: int
-    time: float  # time.monotonic() when received
+    time: float  # time.monotonic() when its request line arrived
     headers: dict  # header names lowercased
     query: dict
     method: str = "POST"
@@ -187,13 +187,20 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         """Stay quiet: tests and the command line report what matters."""
 
+    def parse_request(self):
+        # The request line has just arrived: that is when the message reached "Discord",
+        # before this server spends its own time parsing headers.
+        self.arrived = time.monotonic()
+        return super().parse_request()
+
     def do_POST(self):
         standin = self.server.standin
         standin._busy(+1)
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             headers = {k.lower(): v for k, v in self.headers.items()}
-            record, extra_headers, data = standin._answer(self.command, self.path, headers, body)
+            record, extra_headers, data = standin._answer(self.command, self.path, headers, body,
+                                                          self.arrived)
             self.send_response(record.status)
             for name, value in extra_headers.items():
                 self.send_header(name, value)
@@ -378,9 +385,8 @@ class DiscordStandIn:
         self._release.set()
         self._release = threading.Event()
 
-    def _answer(self, method, target, headers, body):
+    def _answer(self, method, target, headers, body, received):
         """Decide the answer to one request and record it: (record, headers, body bytes)."""
-        received = time.monotonic()
         url = urlsplit(target)
         query = dict(parse_qsl(url.query))
         match = _WEBHOOK_PATH.match(url.path)

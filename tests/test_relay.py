@@ -224,3 +224,17 @@ def test_a_bad_setting_stops_the_relay_with_a_message(tmp_path):
     relay = RelayProcess(tmp_path, "", queue_max="lots")
     with pytest.raises(AssertionError, match="SWIMMY_NOTIFIER_QUEUE_MAX: must be a whole number"):
         relay.start()
+
+
+def test_the_log_file_is_reopened_after_logrotate_moves_it(discord, relays, pushers):
+    relay = relays(allowed=f"127.0.0.1:{discord.port}")
+    pusher = pushers(relay.endpoint)
+    pusher.send(envelope_text(discord.webhook_url(1), "before"))
+    relay.wait_metrics(lambda m: m["delivered"] == 1)
+    wait_until(lambda: "delivered webhook=1" in relay.log(), 10, what="the first log line")
+    rotated = relay.log_file.with_name("relay.log.1")
+    relay.log_file.rename(rotated)  # what logrotate does, without copytruncate
+    pusher.send(envelope_text(discord.webhook_url(1), "after"))
+    relay.wait_metrics(lambda m: m["delivered"] == 2)
+    wait_until(lambda: "delivered webhook=1" in relay.log(), 10, what="a line in the new file")
+    assert "delivered webhook=1" in rotated.read_text() and "tok" not in relay.log()

@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Relay benchmarks against the local Discord stand-in, the relay as a real process.
+
+1. latency: push-to-delivery time of single notifications on an idle relay (p50, p95),
+   measured from the client's send to the stand-in receiving the request;
+2. idle CPU: CPU seconds the relay uses in 30 s with nothing to do;
+3. absorb rate: envelopes per second the relay takes off the socket while Discord is
+   down (the webhook's port refuses connections), for a flood of 1,000,000 envelopes,
+   and the same producer against a bare pyzmq PULL loop in the same run, for the ratio;
+4. memory: the relay's RSS growth (peak minus before) during that flood.
+
+Usage: python scripts/bench_relay.py [--messages 1000000] [--idle-seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from notifier import metrics
+from notifier.client import NotifierClient, build_envelope
+from notifier.standin import DiscordStandIn
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark condition not reached")
+        time.sleep(interval)
+    return value
+
+
+class Relay:
+    def __init__(self, home: Path, allowed: str, **settings: str):
+        self.port = free_port()
+        self.metrics_file = home / "data" / "notifier_metrics.sexp"
+        env = {**os.environ, "SWIMMY_HOME": str(home), "SWIMMY_PORT_NOTIFIER": str(self.port),
+               "SWIMMY_NOTIFIER_ALLOWED_HOSTS": allowed,
+               "SWIMMY_NOTIFIER_LOG_FILE": str(home / "relay.log"),
+               "SWIMMY_NOTIFIER_DRAIN_SEC": "0", **settings}
+        self.process = subprocess.Popen([sys.executable, "-m", "notifier"], env=env)
+        wait_for(lambda: self.snapshot().get("pid") == self.process.pid, 30)
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def snapshot(self) -> dict:
+        try:
+            return metrics.read(self.metrics_file)
+        except (OSError, ValueError):
+            return {}
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def memory_kib(self, key: str) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(l.split()[1] for l in status.splitlines() if l.startswith(key + ":")))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+
+
+def latency(samples: int) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as home, DiscordStandIn() as discord:
+        relay = Relay(Path(home), f"127.0.0.1:{discord.port}")
+        webhook = discord.webhook_url(1)
+        times = []
+        with NotifierClient(relay.endpoint, webhook=webhook,
+                            allowed_hosts=(("127.0.0.1", discord.port),)) as client:
+            for i in range(samples + 20):
+                time.sleep(0.01)  # idle means idle: the relay has finished the last one
+                sent = time.monotonic()
+                client.send({"content": f"latency probe {i}"})
+                if not discord.wait_for(i + 1, timeout=10):
+                    raise TimeoutError("a latency probe was not delivered")
+                if i >= 20:  # the first ones warm up connections and caches
+                    times.append(discord.requests[i].time - sent)
+        relay.stop()
+    times.sort()
+    return statistics.median(times) * 1000, times[int(len(times) * 0.95)] * 1000
+
+
+def idle_cpu(seconds: float) -> float:
+    with tempfile.TemporaryDirectory() as home, DiscordStandIn() as discord:
+        relay = Relay(Path(home), f"127.0.0.1:{discord.port}")
+        time.sleep(1)  # let start-up work finish
+        before = relay.cpu_seconds()
+        time.sleep(seconds)
+        used = relay.cpu_seconds() - before
+        relay.stop()
+    return used
+
+
+def produce(endpoint: str, count: int, data: bytes) -> None:
+    """The producer: as fast as pyzmq sends, blocking when the socket's queue is full,
+    so that every envelope reaches the receiver and the receiver sets the pace."""
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 10_000)
+    push.connect(endpoint)
+    send = push.send
+    for _ in range(count):
+        send(data)
+    push.close(linger=-1)
+    context.term()
+
+
+def raw_pull_rate(count: int, data: bytes) -> float:
+    """Envelopes per second a bare PULL loop takes from the same producer."""
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    producer = multiprocessing.Process(target=produce,
+                                       args=(f"tcp://127.0.0.1:{port}", count, data))
+    producer.start()
+    pull.recv()
+    started = time.perf_counter()
+    receive = pull.recv
+    for _ in range(count - 1):
+        receive()
+    rate = (count - 1) / (time.perf_counter() - started)
+    producer.join()
+    context.destroy(linger=0)
+    return rate
+
+
+def flood(count: int, data_for) -> tuple[float, float]:
+    """Absorb rate (envelopes/s) and RSS growth (MiB) of the relay while Discord is down."""
+    down = free_port()  # nothing listens there: every request is refused
+    with tempfile.TemporaryDirectory() as home:
+        relay = Relay(Path(home), f"127.0.0.1:{down}",
+                      SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC="0.05")
+        data = data_for(f"http://127.0.0.1:{down}/api/webhooks/1/made-up-token")
+        rss_before = relay.memory_kib("VmRSS")
+        producer = multiprocessing.Process(target=produce, args=(relay.endpoint, count, data))
+        producer.start()
+        wait_for(lambda: relay.snapshot().get("received", 0) > 0, 30, interval=0.001)
+        started = time.perf_counter()
+        first = relay.snapshot()["received"]
+        last = wait_for(lambda: (s := relay.snapshot()).get("received") == count and s,
+                        600, interval=0.005)
+        elapsed = time.perf_counter() - started
+        rss_growth = (relay.memory_kib("VmHWM") - rss_before) / 1024
+        producer.join()
+        relay.stop()
+    assert last["received"] == count
+    return (count - first) / elapsed, rss_growth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--latency-samples", type=int, default=300)
+    args = parser.parse_args()
+
+    def data_for(webhook: str) -> bytes:
+        return build_envelope(webhook, {"embeds": [{
+            "title": "Swimmy Notification", "color": 3447003,
+            "description": "Trade opened: USDJPY buy 0.10 lots at 151.234"}]})
+
+    p50, p95 = latency(args.latency_samples)
+    print(f"latency, idle relay:  p50 {p50:.2f} ms   p95 {p95:.2f} ms "
+          f"({args.latency_samples} notifications)", flush=True)
+    cpu = idle_cpu(args.idle_seconds)
+    print(f"idle CPU:             {cpu:.3f} s in {args.idle_seconds:g} s", flush=True)
+    data = data_for("http://127.0.0.1:9/api/webhooks/1/made-up-token")
+    raw = raw_pull_rate(args.messages, data)
+    absorbed, growth = flood(args.messages, data_for)
+    print(f"absorb, Discord down: {absorbed:,.0f} envelopes/s  "
+          f"(bare pyzmq PULL loop: {raw:,.0f}/s; ratio {absorbed / raw:.2f}), "
+          f"{len(data)}-byte envelopes, {args.messages:,} pushed", flush=True)
+    print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
