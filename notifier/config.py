@@ -108,8 +108,9 @@ SETTINGS = (
             parse_allowed_hosts, "",
             "extra webhook hosts allowed, comma-separated host[:port]; plain http is allowed "
             "only for these (local stand-ins and tests)"),
-    Setting("senders", "SWIMMY_NOTIFIER_SENDERS", "--senders", _whole(1, 64), "4",
-            "sender threads: webhooks that hang or wait hold at most this many"),
+    Setting("senders", "SWIMMY_NOTIFIER_SENDERS", "--senders", _whole(1, 64), "8",
+            "sender threads: up to this many webhooks can hang at once before the others "
+            "wait"),
     Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0.0, allow_zero=True),
             "5", "on SIGTERM, seconds spent delivering what is pending before persisting it"),
 )
@@ -126,7 +127,7 @@ class Config:
     metrics_file: Path | None = None
     log_file: Path | None = None
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
-    senders: int = 4
+    senders: int = 8
     drain_sec: float = 5.0
 
     def __post_init__(self):

@@ -42,12 +42,14 @@ sending once it has made a tenth of that, so it never comes close."""
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """The ``X-RateLimit-*`` headers of one response; None where a header is missing."""
+    """The ``X-RateLimit-*`` headers of one response; None where a header is missing.
+    `reset` (epoch seconds) names the window: answers within one window share it."""
 
     bucket: str | None = None
     limit: int | None = None
     remaining: int | None = None
     reset_after: float | None = None
+    reset: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,8 @@ class Outcome:
     ``rate_limited`` (wait `wait` seconds; `scope` ``route`` for this webhook, ``shared``
     for its channel, ``global`` or ``ban`` for every webhook); ``dead`` (401/403/404:
     quarantine the webhook, `gone` when Discord says it no longer exists);
-    ``bad_payload`` (400: never send it unchanged).
+    ``refused`` (400 and the other 4xx and 3xx that will not succeed unchanged: never
+    send the same request again).
     """
 
     kind: str
@@ -88,7 +91,8 @@ def read_rate_limit(headers: Mapping[str, str]) -> RateLimit:
     return RateLimit(bucket=headers.get("X-RateLimit-Bucket") or None,
                      limit=_int(headers.get("X-RateLimit-Limit")),
                      remaining=_int(headers.get("X-RateLimit-Remaining")),
-                     reset_after=_capped(_float(headers.get("X-RateLimit-Reset-After"))))
+                     reset_after=_capped(_float(headers.get("X-RateLimit-Reset-After"))),
+                     reset=_float(headers.get("X-RateLimit-Reset")))
 
 
 def _capped(seconds: float | None) -> float | None:
@@ -139,8 +143,8 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
     if status in (401, 403, 404):
         return Outcome("dead", reason=f"HTTP {status}: {_discord_error(body)}",
                        gone=status == 404, invalid=status != 404, rate=rate)
-    if status == 400:
-        return Outcome("bad_payload", reason=f"HTTP 400: {_discord_error(body)}", rate=rate)
+    if 300 <= status < 500 and status != 408:  # 408: the server timed out; try again
+        return Outcome("refused", reason=f"HTTP {status}: {_discord_error(body)}", rate=rate)
     return Outcome("retry", reason=f"HTTP {status}", rate=rate)
 
 

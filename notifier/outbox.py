@@ -34,7 +34,7 @@ from typing import Callable
 
 from notifier import payload as discord_payload
 from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW_SEC,
-                              UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
+                              MAX_WAIT_SEC, UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
 
 log = logging.getLogger("notifier.outbox")
@@ -43,8 +43,28 @@ DEDUPE_MAX_ENTRIES = 10_000
 """Most payloads remembered for duplicate suppression; past this the oldest are
 forgotten early, so a flood of distinct messages cannot grow memory."""
 
-BATCH_LOOKAHEAD = 10
-"""Waiting messages considered for one combined request (Discord allows 10 embeds)."""
+BATCH_LOOKAHEAD = 50
+"""Waiting messages considered for one combined request: `combine` stops at Discord's
+limits (10 embeds, 6000 characters of them, 2000 of content) well before."""
+
+SAME_WINDOW_SEC = 0.25
+"""Without X-RateLimit-Reset, answers whose reset times differ by less than this are
+taken to be from one rate-limit window (windows last a second or more)."""
+
+EARLY_DROP_IDS = 1000
+"""Webhooks whose drops are remembered before a message to them was ever parsed."""
+
+def _webhook_id_of(envelope: bytes) -> bytes | None:
+    """The id of the first webhook URL in an envelope not parsed yet (a fair guess for
+    any real envelope), found with bytes.find: this runs for every envelope a flood
+    drops, at hundreds of thousands a second."""
+    start = envelope.find(b"/webhooks/")
+    if start < 0:
+        return None
+    start += len(b"/webhooks/")
+    end = envelope.find(b"/", start, start + 26)
+    webhook = envelope[start:end]
+    return webhook if end > start and webhook.isdigit() else None
 
 
 def dedupe_key(message: Message) -> bytes:
@@ -57,12 +77,13 @@ def dedupe_key(message: Message) -> bytes:
 class Held:
     """One accepted, parsed message and what the relay knows of it."""
 
-    __slots__ = ("seq", "received_at", "message", "parts")
+    __slots__ = ("seq", "received_at", "message", "key", "parts")
 
-    def __init__(self, seq: int, received_at: float, message: Message):
+    def __init__(self, seq: int, received_at: float, message: Message, key: bytes | None):
         self.seq = seq
         self.received_at = received_at  # monotonic
         self.message = message
+        self.key = key  # its dedupe key, forgotten if it is lost so a resend goes out
         self.parts: list[dict] | None = None  # what fit() made of it, once asked
 
 
@@ -113,11 +134,13 @@ class Lane:
 
 @dataclass
 class Bucket:
-    """A rate-limit bucket as the latest response described it."""
+    """A rate-limit bucket as Discord's answers describe its current window."""
 
-    remaining: int | None = None
+    remaining: int = 0
     reset_at: float = 0.0  # monotonic
-    in_flight: int = 0
+    window: float | None = None  # X-RateLimit-Reset of the current window
+    limit: int | None = None
+    in_flight: int = 0  # requests sent on it and not answered yet
 
 
 class Outbox:
@@ -138,6 +161,8 @@ class Outbox:
         self._changed = threading.Condition(self._lock)
         self._raw: deque[tuple[bytes, float]] = deque()  # (envelope, received_at)
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
+        self._lanes_by_id: dict[str, Lane] = {}
+        self._early_drops: dict[str, tuple[int, float]] = {}  # webhook id -> (drops, since)
         self._buckets: dict[str, Bucket] = {}
         self._dedupe: OrderedDict[bytes, float] = OrderedDict()
         self._invalid: deque[float] = deque()  # times of 401/403/429 responses
@@ -159,41 +184,65 @@ class Outbox:
         within the bound and the sizes of envelopes rejected for their size."""
         now = self._monotonic()
         counts = self.counts
-        dropped, oversized = 0, []
+        fresh = [data for data in envelopes if len(data) <= MAX_ENVELOPE_BYTES]
+        oversized = [len(data) for data in envelopes if len(data) > MAX_ENVELOPE_BYTES] \
+            if len(fresh) < len(envelopes) else []
         with self._lock:
             counts["received"] += len(envelopes)
             if restored:
                 counts["restored"] += len(envelopes)
-            for data in envelopes:
-                if len(data) > MAX_ENVELOPE_BYTES:
-                    oversized.append(len(data))
-                    continue
-                if self._held >= self.queue_max:
-                    dropped += 1
-                    if not self._drop_oldest():
-                        continue  # everything held is being sent: the newcomer goes
-                else:
-                    self._held += 1
-                self._raw.append((data, now))
             counts["rejected"] += len(oversized)
-            counts["drops"] += dropped
-        return dropped, oversized
+            excess = self._held + len(fresh) - self.queue_max
+            if excess > 0:
+                counts["drops"] += excess
+                made_room = self._drop_oldest(excess)
+                if made_room < excess:  # the rest is being sent: newcomers go instead
+                    self._charge_drops(fresh[:excess - made_room])
+                    fresh = fresh[excess - made_room:]
+                self._held -= made_room
+            self._held += len(fresh)
+            self._raw.extend((data, now) for data in fresh)
+        return max(excess, 0), oversized
 
-    def _drop_oldest(self) -> bool:
-        """Drop the oldest waiting message (parsed ones are older than raw ones)."""
-        oldest = None
-        for lane in self._lanes.values():
-            if lane.waiting and (oldest is None or lane.waiting[0].seq < oldest.waiting[0].seq):
-                oldest = lane
-        if oldest is not None:
-            oldest.waiting.popleft()
+    def _drop_oldest(self, count: int) -> int:
+        """Drop up to `count` of the oldest waiting messages (parsed ones are older than
+        raw ones), each charged to its webhook where it can be told. Returns how many."""
+        dropped = 0
+        while dropped < count:
+            oldest = None
+            for lane in self._lanes.values():
+                if lane.waiting and (oldest is None
+                                     or lane.waiting[0].seq < oldest.waiting[0].seq):
+                    oldest = lane
+            if oldest is None:
+                break
+            self._forget(oldest.waiting.popleft())
             oldest.dropped += 1
             self._note_loss(oldest, dropped=1)
-            return True
-        if self._raw:
-            self._raw.popleft()
-            return True
-        return False
+            dropped += 1
+        raw = self._raw
+        taken = [raw.popleft()[0] for _ in range(min(count - dropped, len(raw)))]
+        self._charge_drops(taken)
+        return dropped + len(taken)
+
+    def _charge_drops(self, envelopes: list[bytes]) -> None:
+        """Charge drops of unparsed envelopes to their webhooks: to its lane, or, before
+        any message to that webhook was parsed, to the lane it will get (remembered for
+        at most EARLY_DROP_IDS webhooks)."""
+        per_webhook: dict[bytes, int] = {}
+        for data in envelopes:
+            webhook = _webhook_id_of(data)
+            if webhook is not None:
+                per_webhook[webhook] = per_webhook.get(webhook, 0) + 1
+        for webhook, count in per_webhook.items():
+            webhook_id = webhook.decode()
+            lane = self._lanes_by_id.get(webhook_id)
+            if lane is not None:
+                lane.dropped += count
+                self._note_loss(lane, dropped=count)
+            elif webhook_id in self._early_drops or len(self._early_drops) < EARLY_DROP_IDS:
+                earlier, since = self._early_drops.get(webhook_id, (0, self._wall()))
+                self._early_drops[webhook_id] = (earlier + count, since)
 
     def take_unparsed(self, limit: int) -> list[tuple[bytes, float]]:
         """Up to `limit` raw envelopes, oldest first, for the receiver to parse. They
@@ -217,19 +266,24 @@ class Outbox:
                     counts["rejected"] += 1
                     self._held -= 1
                     continue
+                lane = self._lanes.get(result.webhook)
+                if lane is None:
+                    lane = self._lanes[result.webhook] = Lane(result.webhook)
+                    self._lanes_by_id.setdefault(lane.id, lane)
+                    if lane.id in self._early_drops:
+                        lane.dropped, lane.lost_since = self._early_drops.pop(lane.id)
+                        lane.lost_dropped = lane.dropped
+                self._seq += 1
+                item = Held(self._seq, received_at, result, key)
+                if lane.dead_reason is not None and lane.not_before > now:
+                    self._fail([item], lane, lane.dead_reason, quiet=True)
+                    lane.dead_failed += 1
+                    continue
                 if key is not None and self._seen(key, now):
                     counts["deduplicated"] += 1
                     self._held -= 1
                     continue
-                lane = self._lanes.get(result.webhook)
-                if lane is None:
-                    lane = self._lanes[result.webhook] = Lane(result.webhook)
-                if lane.dead_reason is not None and lane.not_before > now:
-                    self._fail([result], lane, lane.dead_reason, quiet=True)
-                    lane.dead_failed += 1
-                    continue
-                self._seq += 1
-                lane.waiting.append(Held(self._seq, received_at, result))
+                lane.waiting.append(item)
             self._changed.notify_all()
 
     def _seen(self, key: bytes, now: float) -> bool:
@@ -270,9 +324,12 @@ class Outbox:
             return None
         at = max(lane.not_before, self._global_until, self._invalid_pause_until())
         bucket = self._buckets.get(lane.bucket)
-        if bucket is not None and bucket.reset_at > now and bucket.remaining is not None \
-                and bucket.remaining - bucket.in_flight <= 0:
-            at = max(at, bucket.reset_at)
+        if bucket is not None:
+            if bucket.reset_at > now:
+                if bucket.remaining - bucket.in_flight <= 0:
+                    at = max(at, bucket.reset_at)
+            elif bucket.limit is not None and bucket.in_flight >= bucket.limit:
+                return None  # a new window is full already; its answers will say more
         return at
 
     def _invalid_pause_until(self) -> float:
@@ -365,12 +422,33 @@ class Outbox:
             self._changed.notify_all()
 
     def _update_bucket(self, lane: Lane, rate, now: float) -> None:
+        """Answers may come back out of order (senders run in parallel): within one
+        window the lowest Remaining is the true one, and an answer from a window that
+        is over says nothing about the current one. Discord names each window by its
+        X-RateLimit-Reset; without it, reset times within SAME_WINDOW_SEC are one."""
         if rate.bucket is not None:
             lane.bucket = rate.bucket  # webhooks sharing a bucket now share its state
-        if rate.remaining is not None:
-            bucket = self._buckets.setdefault(lane.bucket, Bucket())
-            bucket.remaining = rate.remaining
-            bucket.reset_at = now + (rate.reset_after or 0.0)
+        if rate.remaining is None:
+            return
+        bucket = self._buckets.setdefault(lane.bucket, Bucket())
+        if rate.limit is not None:
+            bucket.limit = rate.limit
+        reset_after = rate.reset_after
+        if reset_after is None and rate.reset is not None:
+            reset_after = min(max(0.0, rate.reset - self._wall()), MAX_WAIT_SEC)
+        reset_at = now + (reset_after or 0.0)
+        if bucket.reset_at > now:  # a window is current: is this answer from it?
+            if rate.reset is not None and bucket.window is not None:
+                age = bucket.window - rate.reset
+            else:
+                age = bucket.reset_at - reset_at
+                age = 0.0 if abs(age) < SAME_WINDOW_SEC else age
+            if age > 0:
+                return  # from a window already over
+            if age == 0:
+                bucket.remaining = min(bucket.remaining, rate.remaining)
+                return
+        bucket.remaining, bucket.window, bucket.reset_at = rate.remaining, rate.reset, reset_at
 
     def _completed(self, job: Job) -> None:
         lane, counts = job.lane, self.counts
@@ -406,8 +484,7 @@ class Outbox:
         job.attempts += 1
         if self._retry.gives_up(job.attempts):
             lane.job = None
-            self._fail([item.message for item in job.items], lane,
-                       f"{outcome.reason} after {job.attempts} attempts")
+            self._fail(job.items, lane, f"{outcome.reason} after {job.attempts} attempts")
             return
         self.counts["retries"] += 1
         delay = self._retry.backoff(job.attempts, self._rng)
@@ -422,18 +499,18 @@ class Outbox:
         lane.not_before = now + pause
         lane.dead_reason = outcome.reason
         job, lane.job = lane.job, None
-        messages = [item.message for item in job.items] if job and not job.notice else []
-        messages += [item.message for item in lane.waiting]
+        items = (job.items if job else []) + list(lane.waiting)
         lane.waiting.clear()
         log.error("webhook=%s quarantined for %.0f s: %s; failed now=%d, failed during the "
                   "last quarantine=%d; new messages to it fail at once until then",
-                  lane.id, pause, outcome.reason, len(messages), lane.dead_failed)
+                  lane.id, pause, outcome.reason, len(items), lane.dead_failed)
         lane.dead_failed = 0
-        self._fail(messages, lane, outcome.reason, quiet=True)
+        self._fail(items, lane, outcome.reason, quiet=True)
 
     def _refused(self, job: Job, outcome: Outcome) -> None:
-        """A 400: never resend the same request. A combined batch is split so that only
-        the message Discord refuses fails."""
+        """A 400 (or another answer that will not change): never resend the same
+        request. A combined batch is split so that only the message Discord refuses
+        fails."""
         lane = job.lane
         lane.job = None
         if job.notice:
@@ -445,17 +522,24 @@ class Outbox:
             log.warning("batch refused webhook=%s messages=%d, resending one by one: %s",
                         lane.id, len(job.items), outcome.reason)
             return
-        self._fail([job.items[0].message], lane, outcome.reason)
+        self._fail(job.items, lane, outcome.reason)
 
-    def _fail(self, messages: list[Message], lane: Lane, reason: str, quiet=False) -> None:
-        if not messages:
+    def _fail(self, items: list[Held], lane: Lane, reason: str, quiet=False) -> None:
+        if not items:
             return
-        self._held -= len(messages)
-        self.counts["failed"] += len(messages)
-        lane.failed += len(messages)
-        self._note_loss(lane, failed=len(messages))
+        for item in items:
+            self._forget(item)
+        self._held -= len(items)
+        self.counts["failed"] += len(items)
+        lane.failed += len(items)
+        self._note_loss(lane, failed=len(items))
         if not quiet:
-            log.error("failed webhook=%s messages=%d reason=%s", lane.id, len(messages), reason)
+            log.error("failed webhook=%s messages=%d reason=%s", lane.id, len(items), reason)
+
+    def _forget(self, item: Held) -> None:
+        """A lost message no longer counts as seen: the producer's resend must go out."""
+        if item.key is not None and self._dedupe.get(item.key) is not None:
+            del self._dedupe[item.key]
 
     def _note_loss(self, lane: Lane, dropped: int = 0, failed: int = 0) -> None:
         lane.lost_dropped += dropped

@@ -50,6 +50,13 @@ def envelope_text(webhook: str, content: str) -> bytes:
                       ).encode("utf-8")
 
 
+def contents(standin, webhook_id) -> list[str]:
+    """Every content line a stand-in webhook received, in arrival order (a combined
+    request holds several)."""
+    return [line for message in standin.messages(str(webhook_id))
+            for line in (message.get("content") or "").split("\n") if line]
+
+
 class RelayProcess:
     """``python -m notifier`` in `home`, posting to the stand-in at `allowed`."""
 

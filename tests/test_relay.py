@@ -9,7 +9,7 @@ import pytest
 
 from notifier import sexp
 from notifier.standin import DiscordStandIn
-from tests.harness import (Pusher, RelayProcess, assert_balanced, envelope_text, free_port,
+from tests.harness import (RelayProcess, assert_balanced, contents, envelope_text, free_port,
                            wait_until)
 
 
@@ -17,40 +17,6 @@ from tests.harness import (Pusher, RelayProcess, assert_balanced, envelope_text,
 def discord():
     with DiscordStandIn() as standin:
         yield standin
-
-
-@pytest.fixture
-def relays(tmp_path):
-    """Relay processes started by a test; any still running at the end are killed."""
-    started = []
-
-    def start(home=tmp_path, allowed=None, **settings):
-        relay = RelayProcess(home, allowed, **settings)
-        started.append(relay)
-        return relay.start()
-    yield start
-    for relay in started:
-        relay.kill()
-
-
-@pytest.fixture
-def pushers():
-    """PUSH sockets made by a test, closed however it ends (an open one would make
-    the garbage collector block in zmq's context termination)."""
-    made = []
-
-    def make(endpoint, **options):
-        made.append(Pusher(endpoint, **options))
-        return made[-1]
-    yield make
-    for pusher in made:
-        pusher.close()
-
-
-def contents(standin, webhook_id="1"):
-    """Every line delivered to a webhook, in arrival order (batches hold several)."""
-    return [line for message in standin.messages(webhook_id)
-            for line in message["content"].split("\n")]
 
 
 def test_messages_arrive_in_order_and_the_metrics_agree(discord, relays, pushers):
@@ -83,7 +49,7 @@ def test_outage_then_errors_then_recovery_loses_and_duplicates_nothing(tmp_path,
     with DiscordStandIn(port=port) as discord:
         discord.set_mode(None, "status", status=500, times=2)
         snapshot = relay.wait_metrics(lambda m: m["delivered"] == 20, what="20 delivered")
-        assert contents(discord) == [f"m{i}" for i in range(20)]
+        assert contents(discord, 1) == [f"m{i}" for i in range(20)]
         assert discord.count_status(500) == 2
     assert snapshot["failed"] == 0 and snapshot["errors"] >= 3
     assert_balanced(snapshot)
@@ -110,7 +76,7 @@ def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(tmp_
         second = relays(allowed=f"127.0.0.1:{port}", port=relay.port)
         pusher.send(envelope_text(webhook, "after restart"))
         snapshot = second.wait_metrics(lambda m: m["delivered"] == 26, what="26 delivered")
-        assert contents(discord) == [f"m{i}" for i in range(25)] + ["after restart"]
+        assert contents(discord, 1) == [f"m{i}" for i in range(25)] + ["after restart"]
     assert snapshot["restored"] == 25 and snapshot["received"] == 26
     assert_balanced(snapshot)
     assert not relay.pending_file.exists()
@@ -154,7 +120,7 @@ def test_a_flood_keeps_memory_flat_drops_the_oldest_and_keeps_the_newest(discord
     discord.set_mode("1", "ok")
     discord.release_hangs()
     final = relay.wait_metrics(lambda m: m["pending"] == 0, timeout=60, what="all delivered")
-    delivered = contents(discord)
+    delivered = contents(discord, 1)
     notices = [line for line in delivered if line.startswith("⚠️")]
     assert delivered[0] == "first"  # it was being sent, so it was never dropped
     assert delivered[1] == notices[0] and "dropped (relay queue full)" in notices[0]
@@ -190,7 +156,7 @@ def test_hostile_envelopes_are_rejected_and_valid_ones_still_delivered(discord, 
         pusher.send(bad)
     snapshot = relay.wait_metrics(lambda m: m["delivered"] == len(HOSTILE)
                                   and m["rejected"] == len(HOSTILE), what="all handled")
-    assert contents(discord) == [f"good{i}" for i in range(len(HOSTILE))]
+    assert contents(discord, 1) == [f"good{i}" for i in range(len(HOSTILE))]
     assert_balanced(snapshot)
     log = relay.log()
     for reason in ("unterminated string", "read-time evaluation", "nesting deeper than 64",
@@ -208,7 +174,7 @@ def test_duplicates_within_the_window_are_suppressed_and_counted(discord, relays
         pusher.send(envelope_text(discord.webhook_url(1), content))
     snapshot = relay.wait_metrics(lambda m: m["delivered"] + m["deduplicated"] == 4)
     assert (snapshot["delivered"], snapshot["deduplicated"]) == (2, 2)
-    assert contents(discord) == ["same", "other"]
+    assert contents(discord, 1) == ["same", "other"]
     assert_balanced(snapshot)
 
 

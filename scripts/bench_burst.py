@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Bursts to one webhook that Discord limits to 5 requests per 2 s (the usual webhook
+limit), against the local stand-in, the relay as a real process.
+
+For bursts of 60 and 600 embed notifications pushed at once: the time from the first
+push until the last one arrived, the requests used and the 429s received. Without
+batching, Discord's limit alone allows no better than 22 s for 60 messages.
+
+Usage: python scripts/bench_burst.py [--bursts 60 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from notifier import metrics
+from notifier.client import NotifierClient
+from notifier.standin import DiscordStandIn
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def embeds_delivered(discord: DiscordStandIn) -> int:
+    return sum(len(message.get("embeds") or []) for message in discord.messages())
+
+
+def burst(size: int) -> tuple[float, int, int]:
+    with tempfile.TemporaryDirectory() as home, DiscordStandIn(rate_limit=(5, 2.0)) as discord:
+        port = free_port()
+        env = {**os.environ, "SWIMMY_HOME": home, "SWIMMY_PORT_NOTIFIER": str(port),
+               "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{discord.port}",
+               "SWIMMY_NOTIFIER_LOG_FILE": str(Path(home) / "relay.log")}
+        relay = subprocess.Popen([sys.executable, "-m", "notifier"], env=env)
+        metrics_file = Path(home) / "data" / "notifier_metrics.sexp"
+        deadline = time.monotonic() + 30
+        while not metrics_file.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the relay did not start")
+            time.sleep(0.05)
+        with NotifierClient(f"tcp://127.0.0.1:{port}", webhook=discord.webhook_url(1),
+                            allowed_hosts=(("127.0.0.1", discord.port),),
+                            sndhwm=size) as client:
+            started = time.monotonic()
+            for i in range(size):
+                client.notify(title=f"Alert {i + 1}", color=0xE74C3C,
+                              description=f"USDJPY crossed level {150 + i / 100:.2f}")
+            if not discord.wait_for(lambda d: embeds_delivered(d) >= size, timeout=600):
+                raise TimeoutError("the burst was not delivered")
+        elapsed = discord.requests[-1].time - started
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(60)
+        snapshot = metrics.read(metrics_file)
+        assert snapshot["delivered"] == size and snapshot["failed"] == 0, dict(snapshot)
+        return elapsed, len(discord.requests), discord.count_status(429)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bursts", type=int, nargs="+", default=[60, 600])
+    args = parser.parse_args()
+    for size in args.bursts:
+        elapsed, requests, limited = burst(size)
+        print(f"burst of {size:4d}: all delivered in {elapsed:6.2f} s, "
+              f"{requests} requests, {limited} 429s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""The scheduler, driven by hand: one thread, a fake clock, a seeded rng, and Discord's
+answers written as `Outcome`s.
+
+`next_job` blocks until a lane may send, so a test never calls it unless `Rig.ready`
+says a lane is ready at the fake clock's time; `Rig.ready_at` asks the scheduler when a
+lane would be. Every step checks the accounting identity, so a counter that goes astray
+fails the step that moved it.
+"""
+
+import json
+import logging
+import random
+
+import pytest
+
+from notifier import envelope
+from notifier.discord import BAN_COOLDOWN_SEC, Outcome, RateLimit, RetryPolicy
+from notifier.outbox import Outbox, dedupe_key
+
+EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
+HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
+BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
+
+RETRY = Outcome("retry", reason="HTTP 503")
+UNAUTHORIZED = Outcome("dead", reason="HTTP 401: Invalid Webhook Token (code 50027)",
+                       invalid=True)
+FORBIDDEN = Outcome("dead", reason="HTTP 403: Missing Access (code 50001)", invalid=True)
+GONE = Outcome("dead", reason="HTTP 404: Unknown Webhook (code 10015)", gone=True)
+REFUSED = Outcome("refused", reason="HTTP 400: Invalid Form Body (code 50035): "
+                  "content: Must be 2000 or fewer in length.")
+
+
+def ok(remaining=None, reset_after=None, bucket=None, limit=5):
+    """A 200 whose X-RateLimit-* headers said `remaining` and `reset_after`."""
+    return Outcome("delivered", rate=RateLimit(bucket, limit, remaining, reset_after))
+
+
+def limited(scope, wait, remaining=None):
+    return Outcome("rate_limited", reason=f"HTTP 429 ({scope})", wait=wait, scope=scope,
+                   invalid=scope != "shared", rate=RateLimit(None, 5, remaining, None))
+
+
+class Rig:
+    """An Outbox on a fake clock, fed real envelopes the way the relay's receiver does."""
+
+    def __init__(self, queue_max=100, dedupe_window=0.0, retry=RetryPolicy(), seed=7):
+        self.now = 1000.0
+        self.outbox = Outbox(queue_max, dedupe_window, retry=retry, rng=random.Random(seed),
+                             monotonic=lambda: self.now, wall=lambda: EPOCH + self.now)
+
+    def advance(self, seconds):
+        self.now += seconds
+
+    def accept(self, hook, *payloads):
+        """Envelopes off the socket, not parsed yet."""
+        self.outbox.accept([json.dumps({"type": "NOTIFIER", "webhook": HOOKS[hook],
+                                        "payload": p if isinstance(p, dict) else {"content": p}}
+                                       ).encode() for p in payloads])
+        self.check()
+
+    def parse(self):
+        """Parse everything unparsed, with a dedupe key only when deduplication is on."""
+        results = []
+        for data, received_at in self.outbox.take_unparsed(10_000):
+            message = envelope.parse(data)
+            key = dedupe_key(message) if self.outbox.dedupe_window > 0 else None
+            results.append((received_at, message, key))
+        self.outbox.add_parsed(results)
+        self.check()
+
+    def push(self, hook, *payloads):
+        self.accept(hook, *payloads)
+        self.parse()
+
+    def ready_at(self, hook):
+        """When the lane of `hook` may send next; None when it has nothing to send."""
+        lane = self.outbox._lanes.get(HOOKS[hook])
+        return None if lane is None else self.outbox._ready_at(lane, self.now)
+
+    def ready(self):
+        """The webhooks that may send right now."""
+        return [n for n in HOOKS if (at := self.ready_at(n)) is not None and at <= self.now]
+
+    def take(self, hook=None):
+        """The next job (of `hook`'s lane, if given); fails instead of blocking."""
+        ready = self.ready()
+        assert ready and (hook is None or hook in ready), f"ready: {ready}, wanted {hook}"
+        job = self.outbox.next_job()
+        assert hook is None or job.webhook == HOOKS[hook], job.webhook
+        return job
+
+    def finish(self, job, outcome):
+        self.outbox.finish(job, outcome)
+        self.check()
+
+    def deliver(self, hook=None):
+        """Take one job and have Discord accept it; returns the payload posted."""
+        job = self.take(hook)
+        payload = job.payload
+        self.finish(job, ok())
+        return payload
+
+    def snapshot(self):
+        return self.outbox.snapshot()
+
+    def lane(self, hook):
+        return next(line for line in self.snapshot()["webhooks"] if line["id"] == str(hook))
+
+    def check(self):
+        snapshot = self.snapshot()
+        assert snapshot["received"] == sum(snapshot[key] for key in BALANCE), snapshot
+
+
+def counts(rig, *keys):
+    snapshot = rig.snapshot()
+    return tuple(snapshot[key] for key in keys)
+
+
+def log_lines(caplog, text):
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+# Sending and batching
+
+
+def test_a_lone_message_goes_out_exactly_as_sent():
+    rig = Rig()
+    payload = {"content": "hello", "username": "swimmy", "embeds": [{"title": "t"}]}
+    rig.push(1, payload)
+    assert rig.deliver(1) == payload
+    assert counts(rig, "delivered", "pending", "requests") == (1, 0, 1)
+    assert rig.lane(1)["last_success_at"] == EPOCH + rig.now
+    assert rig.ready() == []
+
+
+def test_a_backlog_is_combined_in_order_into_one_request():
+    rig = Rig()
+    rig.push(1, "a", "b", "c")
+    job = rig.take(1)
+    assert job.payload == {"content": "a\nb\nc"} and len(job.items) == 3
+    rig.finish(job, ok())
+    assert counts(rig, "delivered", "requests") == (3, 1)
+
+
+def test_a_busy_lane_holds_only_itself():
+    """One request at a time per webhook keeps its order; the others go meanwhile."""
+    rig = Rig()
+    rig.push(1, "a")
+    first = rig.take(1)
+    rig.push(1, "b")
+    rig.push(2, "x")
+    assert rig.ready() == [2]
+    rig.finish(rig.take(2), ok())
+    rig.finish(first, ok())
+    assert rig.deliver(1) == {"content": "b"}
+
+
+def test_content_over_the_limit_goes_as_several_requests_in_order():
+    rig = Rig()
+    text = " ".join(f"word{i:04d}" for i in range(600))  # 5399 characters
+    rig.push(1, text)
+    job = rig.take(1)
+    parts = []
+    while True:
+        parts.append(job.payload["content"])
+        rig.finish(job, ok())
+        if rig.ready() != [1]:
+            break
+        assert rig.take(1) is job  # the same message, its next part
+    assert len(parts) == 3 and all(len(part) <= 2000 for part in parts)
+    assert " ".join(parts).split() == text.split()
+    assert counts(rig, "delivered", "requests") == (1, 3)
+
+
+# Rate limits followed before they bite
+
+
+@pytest.mark.parametrize("reset_after", [1.5, 0.25])
+def test_remaining_zero_waits_for_the_reset(reset_after):
+    rig = Rig()
+    rig.push(1, "a")
+    rig.finish(rig.take(1), ok(remaining=0, reset_after=reset_after))
+    rig.push(1, "b")
+    reset_at = rig.ready_at(1)
+    assert reset_at == rig.now + reset_after
+    rig.now = reset_at - 0.001
+    assert rig.ready() == []
+    rig.now = reset_at
+    assert rig.deliver(1) == {"content": "b"}
+
+
+def test_remaining_above_zero_sends_at_once():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.finish(rig.take(1), ok(remaining=1, reset_after=2.0))
+    rig.push(1, "b")
+    assert rig.ready() == [1]
+
+
+def test_webhooks_sharing_a_bucket_share_its_requests_left():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "a")
+    first, second = rig.take(), rig.take()
+    rig.finish(first, ok(remaining=2, reset_after=2.0, bucket="shared"))
+    rig.finish(second, ok(remaining=1, reset_after=2.0, bucket="shared"))
+    rig.push(1, "b")
+    rig.push(2, "b")
+    job = rig.take()  # the last request the bucket allows, now in flight
+    other = 2 if job.webhook == HOOKS[1] else 1
+    assert rig.ready() == [] and rig.ready_at(other) == rig.now + 2.0
+    rig.advance(0.5)
+    rig.finish(job, ok(remaining=0, reset_after=1.5, bucket="shared"))
+    assert rig.ready() == [] and rig.ready_at(other) == rig.now + 1.5
+    rig.advance(1.5)
+    assert rig.ready() == [other]
+
+
+def test_a_late_answer_does_not_give_back_requests_its_bucket_has_spent():
+    """Senders run in parallel, so answers from one window can arrive out of order: the
+    one Discord gave first says more requests are left than the one it gave last."""
+    rig = Rig()
+    for hook in (1, 2, 3):
+        rig.push(hook, "a")
+    for job, remaining in zip([rig.take() for _ in range(3)], (4, 3, 2)):
+        rig.finish(job, ok(remaining=remaining, reset_after=2.0, bucket="shared"))
+    for hook in (1, 2, 3):
+        rig.push(hook, "b")
+    early, late = rig.take(), rig.take()  # the bucket's last two requests
+    assert rig.ready() == []
+    rig.finish(late, ok(remaining=0, reset_after=2.0, bucket="shared"))
+    rig.finish(early, ok(remaining=1, reset_after=2.0, bucket="shared"))
+    assert rig.ready() == []  # Discord would answer the third webhook 429
+
+
+def test_after_a_reset_webhooks_sharing_a_bucket_send_no_more_than_its_limit_at_once():
+    """With more webhooks on a bucket than its limit (or more senders), a new window
+    must still be counted from the requests put in flight in it."""
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "a")
+    rig.finish(rig.take(), ok(remaining=1, reset_after=2.0, bucket="shared", limit=2))
+    rig.finish(rig.take(), ok(remaining=0, reset_after=2.0, bucket="shared", limit=2))
+    rig.advance(2.0)
+    rig.push(3, "a")
+    rig.finish(rig.take(3), ok(remaining=1, reset_after=2.0, bucket="shared", limit=2))
+    rig.advance(2.0)
+    for hook in (1, 2, 3):
+        rig.push(hook, "b")
+    rig.take()
+    rig.take()
+    assert rig.ready() == []  # two in flight: the limit of the window just begun
+
+
+# 429s by kind
+
+
+def test_a_route_429_holds_that_webhook_for_retry_after_then_resends_the_same_request():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "x")
+    job = rig.take(1)
+    rig.finish(job, limited("route", 2.5, remaining=0))
+    assert rig.ready() == [2] and rig.ready_at(1) == rig.now + 2.5
+    rig.deliver(2)
+    rig.advance(2.5)
+    assert rig.take(1) is job and job.payload == {"content": "a"}
+    rig.finish(job, ok())
+    assert counts(rig, "rate_limited", "delivered", "invalid_requests_10m") == (1, 2, 1)
+
+
+def test_a_global_429_pauses_every_webhook():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "x")
+    rig.finish(rig.take(1), limited("global", 1.5))
+    assert rig.ready() == [] and rig.ready_at(2) == rig.now + 1.5
+    assert rig.lane(2)["state"] == "waiting"
+    rig.advance(1.5)
+    assert sorted(rig.ready()) == [1, 2]
+
+
+def test_a_shared_429_holds_its_webhook_even_with_requests_left_and_is_not_invalid():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "x")
+    rig.finish(rig.take(1), limited("shared", 40.0, remaining=4))
+    assert rig.ready() == [2] and rig.ready_at(1) == rig.now + 40.0
+    assert counts(rig, "rate_limited", "invalid_requests_10m") == (1, 0)
+    rig.advance(40.0)
+    assert 1 in rig.ready()
+
+
+def test_a_ban_page_pauses_everyone_for_the_long_cooldown():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "x")
+    ban = Outcome("rate_limited", reason="HTTP 429 without a JSON body (blocked?)",
+                  wait=BAN_COOLDOWN_SEC, scope="ban", invalid=True)
+    rig.finish(rig.take(1), ban)
+    assert rig.ready() == [] and rig.ready_at(2) == rig.now + BAN_COOLDOWN_SEC
+    assert counts(rig, "invalid_requests_10m", "pending") == (1, 2)
+
+
+def test_a_thousand_invalid_requests_in_ten_minutes_pause_all_sending():
+    """Discord bans at 10,000; the relay stops at a tenth of that until they age out."""
+    rig = Rig()
+    rig.push(1, "a")
+    job = rig.take(1)
+    first = rig.now
+    for _ in range(999):
+        rig.finish(job, limited("route", 0.0))
+        rig.advance(0.1)
+        assert rig.take(1) is job
+    rig.finish(job, limited("route", 0.0))
+    rig.push(2, "x")
+    assert counts(rig, "invalid_requests_10m") == (1000,)
+    assert rig.ready() == [] and rig.ready_at(2) == first + 600
+    rig.advance(first + 600 - rig.now)
+    assert sorted(rig.ready()) == [1, 2]
+
+
+# Dead webhooks
+
+
+@pytest.mark.parametrize("dead", [UNAUTHORIZED, FORBIDDEN], ids=["401", "403"])
+def test_401_403_fail_what_waits_and_newcomers_without_a_request_then_probe(caplog, dead):
+    """The token may be restored, so the webhook is tried again after ten minutes."""
+    caplog.set_level(logging.INFO, "notifier.outbox")
+    rig = Rig()
+    rig.push(1, "a")
+    job = rig.take(1)
+    rig.push(1, "b", "c")
+    rig.push(2, "x")
+    rig.finish(job, dead)
+    assert counts(rig, "failed", "pending", "errors", "invalid_requests_10m") == (3, 1, 1, 1)
+    assert rig.lane(1)["state"] == "quarantined" and rig.lane(1)["failed"] == 3
+    for i in range(20):
+        rig.push(1, f"late{i}")
+    assert rig.ready() == [2]
+    assert counts(rig, "failed", "requests") == (23, 1)
+    rig.deliver(2)
+    rig.advance(599.9)
+    rig.push(1, "still dead")
+    assert counts(rig, "failed") == (24,)
+    rig.advance(0.1)
+    rig.push(1, "probe")
+    assert rig.deliver(1) == {"content": "probe"}
+    notice = rig.deliver(1)["content"]
+    assert "24 failed" in notice and "dropped" not in notice
+    assert counts(rig, "delivered", "failed", "notices", "pending") == (2, 24, 1, 0)
+    assert len(log_lines(caplog, "quarantined")) == 1
+    assert dead.reason in log_lines(caplog, "quarantined")[0]
+    assert len(log_lines(caplog, "is back after quarantine")) == 1
+
+
+def test_404_is_quarantined_for_an_hour_and_logged_once_per_period(caplog):
+    """Unknown Webhook: it was deleted, so it is probed only rarely."""
+    caplog.set_level(logging.INFO, "notifier.outbox")
+    rig = Rig()
+    rig.push(1, *[f"m{i}" for i in range(5)])
+    rig.finish(rig.take(1), GONE)
+    assert counts(rig, "failed", "pending", "invalid_requests_10m") == (5, 0, 0)
+    rig.advance(600)
+    rig.push(1, "an hour is not over")
+    assert rig.ready() == [] and counts(rig, "failed") == (6,)
+    rig.advance(3000)
+    rig.push(1, "probe")
+    rig.finish(rig.take(1), GONE)
+    assert counts(rig, "failed", "requests") == (7, 2)
+    assert len(log_lines(caplog, "quarantined")) == 2
+    assert rig.lane(1)["state"] == "quarantined"
+
+
+# Payloads Discord refuses
+
+
+def test_a_refused_batch_is_split_and_only_the_bad_message_fails(caplog):
+    rig = Rig()
+    rig.push(1, "a", "b", "c")
+    batch = rig.take(1)
+    assert len(batch.items) == 3
+    rig.finish(batch, REFUSED)
+    assert counts(rig, "failed", "pending") == (0, 3)
+    assert rig.deliver(1) == {"content": "a"}
+    bad = rig.take(1)
+    assert bad.payload == {"content": "b"}
+    rig.finish(bad, REFUSED)
+    assert counts(rig, "failed", "pending") == (1, 1)
+    assert rig.deliver(1) == {"content": "c"}
+    assert "1 failed" in rig.deliver(1)["content"]  # the loss notice
+    assert counts(rig, "delivered", "failed", "pending", "requests") == (2, 1, 0, 5)
+    assert rig.ready() == []
+    assert any("failed webhook=1 messages=1" in line and "code 50035" in line
+               for line in log_lines(caplog, "failed"))
+
+
+def test_a_refused_single_message_is_never_sent_again():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.finish(rig.take(1), REFUSED)
+    assert counts(rig, "failed", "pending", "retries") == (1, 0, 0)
+    assert rig.ready() == []
+
+
+# Retries
+
+
+def test_errors_are_retried_with_the_policys_backoff_then_counted_failed(caplog):
+    policy = RetryPolicy(base=0.5, cap=60.0, max_attempts=3)
+    rig = Rig(retry=policy, seed=42)
+    twin = random.Random(42)
+    rig.push(1, "a", "b")
+    job = rig.take(1)
+    for attempt in (1, 2):
+        rig.finish(job, RETRY)
+        delay = policy.backoff(attempt, twin)
+        assert rig.ready_at(1) == rig.now + delay
+        rig.advance(delay)
+        assert rig.take(1) is job
+    rig.finish(job, RETRY)
+    assert counts(rig, "failed", "retries", "errors", "pending", "requests") == (2, 2, 3, 0, 3)
+    assert rig.lane(1)["failed"] == 2
+    assert log_lines(caplog, "failed webhook=1 messages=2 reason=HTTP 503 after 3 attempts")
+
+
+def test_a_success_after_errors_clears_the_backoff():
+    rig = Rig(retry=RetryPolicy(base=10.0, cap=10.0))
+    rig.push(1, "a")
+    job = rig.take(1)
+    rig.finish(job, RETRY)
+    rig.advance(10.0)
+    rig.finish(rig.take(1), ok())
+    rig.push(1, "b")
+    assert rig.ready() == [1]
+
+
+# Drops and loss notices
+
+
+def test_a_full_queue_drops_the_oldest_message_whatever_its_webhook():
+    rig = Rig(queue_max=3)
+    rig.push(1, "a")
+    rig.push(2, "b")
+    rig.push(1, "c")
+    rig.push(2, "d")
+    rig.push(1, "e")
+    assert counts(rig, "drops", "pending") == (2, 3)
+    assert (rig.lane(1)["dropped"], rig.lane(2)["dropped"]) == (1, 1)
+    assert rig.deliver(1) == {"content": "c\ne"}
+    assert rig.deliver(2) == {"content": "d"}
+
+
+def test_a_message_being_sent_is_never_dropped():
+    rig = Rig(queue_max=1)
+    rig.push(1, "a")
+    job = rig.take(1)
+    rig.push(1, "b")  # nothing else to drop: the newcomer goes
+    assert counts(rig, "drops", "pending") == (1, 1)
+    rig.finish(job, ok())
+    assert counts(rig, "delivered", "pending") == (1, 0)
+
+
+def test_after_drops_the_next_success_is_followed_by_one_loss_notice():
+    rig = Rig(queue_max=2)
+    rig.push(1, "a")
+    job = rig.take(1)
+    for content in ("b", "c", "d"):
+        rig.push(1, content)
+    assert counts(rig, "drops", "pending") == (2, 2)
+    rig.finish(job, ok())
+    notice = rig.take(1)
+    assert "2 dropped (relay queue full)" in notice.payload["content"]
+    assert notice.payload["allowed_mentions"] == {"parse": []}
+    rig.finish(notice, ok())
+    assert rig.deliver(1) == {"content": "d"}
+    assert rig.ready() == []
+    assert counts(rig, "delivered", "notices", "drops") == (2, 1, 2)
+    line = rig.lane(1)
+    assert (line["dropped"], line["delivered"], line["last_success_at"]) == (2, 2, EPOCH + rig.now)
+
+
+def test_drops_before_parsing_are_still_reported_to_their_webhook():
+    """The receiver takes a burst off the socket before parsing it, so a queue that
+    fills during a burst drops envelopes whose webhook is not known yet."""
+    rig = Rig(queue_max=2)
+    rig.accept(1, "a", "b", "c", "d", "e")
+    rig.parse()
+    assert counts(rig, "drops", "pending") == (3, 2)
+    assert rig.lane(1)["dropped"] == 3
+    rig.deliver(1)
+    assert "3 dropped" in rig.deliver(1)["content"]
+
+
+# Deduplication
+
+
+def test_an_identical_payload_to_the_same_webhook_is_suppressed_within_the_window():
+    rig = Rig(dedupe_window=180.0)
+    rig.push(1, {"content": "a", "username": "u"})
+    rig.advance(179.0)
+    rig.push(1, {"username": "u", "content": "a"})  # key order does not matter
+    rig.push(2, {"content": "a", "username": "u"})  # another webhook
+    rig.push(1, {"content": "a", "username": "v"})  # another payload
+    assert counts(rig, "deduplicated", "pending") == (1, 3)
+    rig.advance(1.5)
+    rig.push(1, {"content": "a", "username": "u"})
+    assert counts(rig, "deduplicated", "pending") == (1, 4)
