@@ -51,6 +51,9 @@ SAME_WINDOW_SEC = 0.25
 """Without X-RateLimit-Reset, answers whose reset times differ by less than this are
 taken to be from one rate-limit window (windows last a second or more)."""
 
+MAX_LANES = 1000
+"""Webhooks tracked at once (idle ones beyond this are forgotten, least recent first)."""
+
 EARLY_DROP_IDS = 1000
 """Webhooks whose drops are remembered before a message to them was ever parsed."""
 
@@ -266,25 +269,38 @@ class Outbox:
                     counts["rejected"] += 1
                     self._held -= 1
                     continue
-                lane = self._lanes.get(result.webhook)
-                if lane is None:
-                    lane = self._lanes[result.webhook] = Lane(result.webhook)
-                    self._lanes_by_id.setdefault(lane.id, lane)
-                    if lane.id in self._early_drops:
-                        lane.dropped, lane.lost_since = self._early_drops.pop(lane.id)
-                        lane.lost_dropped = lane.dropped
+                lane = self._lanes.get(result.webhook) or self._new_lane(result.webhook)
                 self._seq += 1
-                item = Held(self._seq, received_at, result, key)
                 if lane.dead_reason is not None and lane.not_before > now:
-                    self._fail([item], lane, lane.dead_reason, quiet=True)
+                    self._fail([Held(self._seq, received_at, result, None)], lane,
+                               lane.dead_reason, quiet=True)
                     lane.dead_failed += 1
-                    continue
-                if key is not None and self._seen(key, now):
+                elif key is not None and self._seen(key, now):
                     counts["deduplicated"] += 1
                     self._held -= 1
-                    continue
-                lane.waiting.append(item)
+                else:
+                    lane.waiting.append(Held(self._seq, received_at, result, key))
             self._changed.notify_all()
+
+    def _new_lane(self, webhook: str) -> Lane:
+        """A lane for a webhook seen for the first time. Beyond MAX_LANES, the least
+        recently served idle lane is forgotten (its statistics with it), so a producer
+        cycling through webhook URLs cannot grow memory."""
+        if len(self._lanes) >= MAX_LANES:
+            for old in self._lanes.values():
+                if not (old.busy or old.job or old.waiting or old.notice_due):
+                    del self._lanes[old.webhook]
+                    if self._lanes_by_id.get(old.id) is old:
+                        del self._lanes_by_id[old.id]
+                    if all(other.bucket != old.bucket for other in self._lanes.values()):
+                        self._buckets.pop(old.bucket, None)
+                    break
+        lane = self._lanes[webhook] = Lane(webhook)
+        self._lanes_by_id.setdefault(lane.id, lane)
+        if lane.id in self._early_drops:
+            lane.dropped, lane.lost_since = self._early_drops.pop(lane.id)
+            lane.lost_dropped = lane.dropped
+        return lane
 
     def _seen(self, key: bytes, now: float) -> bool:
         """Whether an identical payload went to the same webhook within the window."""
@@ -538,8 +554,8 @@ class Outbox:
 
     def _forget(self, item: Held) -> None:
         """A lost message no longer counts as seen: the producer's resend must go out."""
-        if item.key is not None and self._dedupe.get(item.key) is not None:
-            del self._dedupe[item.key]
+        if item.key is not None:
+            self._dedupe.pop(item.key, None)
 
     def _note_loss(self, lane: Lane, dropped: int = 0, failed: int = 0) -> None:
         lane.lost_dropped += dropped
@@ -582,9 +598,9 @@ class Outbox:
 
     # ------------------------------------------------------------------ shutdown
 
-    def close(self) -> tuple[list[Message], list[bytes]]:
-        """Stop handing out jobs and return everything still held, oldest first: parsed
-        messages (those in a job first) and raw envelopes not yet parsed."""
+    def close(self) -> list[Message]:
+        """Stop handing out jobs and return the parsed messages still held, oldest first
+        (the caller parses raw envelopes before)."""
         with self._lock:
             self._closed = True
             self._changed.notify_all()
@@ -594,5 +610,5 @@ class Outbox:
                     held.extend(lane.job.items)
                 held.extend(lane.waiting)
             held.sort(key=lambda item: item.seq)
-            return [item.message for item in held], [data for data, _ in self._raw]
+            return [item.message for item in held]
 

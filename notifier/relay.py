@@ -112,8 +112,9 @@ class Relay:
         self.settings = settings
         self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry)
         self._context = zmq.Context()
-        self._pull: zmq.Socket | None = None
         self._wake: zmq.Socket | None = None
+        self._stop_requested = threading.Event()  # by a signal, or by a failed thread
+        self.failed = False  # a thread died of an unexpected error
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started_at = time.time()
@@ -140,7 +141,6 @@ class Relay:
         except zmq.ZMQError as exc:
             pull.close()
             raise RelayError(f"cannot bind {settings.endpoint}: {exc}") from None
-        self._pull = pull
         wake_address = f"inproc://relay-wake-{id(self)}"
         self._wake = self._context.socket(zmq.PAIR)
         self._wake.bind(wake_address)
@@ -157,23 +157,38 @@ class Relay:
                  settings.metrics_file, os.getpid())
 
     def _spawn(self, name: str, target, *args) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread = threading.Thread(target=self._guarded, args=(target, *args), name=name,
+                                  daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _guarded(self, target, *args) -> None:
+        """A thread that dies of an unexpected error (a bug) stops the whole relay the
+        graceful way, so it exits non-zero for its supervisor to restart it, instead of
+        running on without receiving or sending."""
+        try:
+            target(*args)
+        except Exception:
+            log.exception("%s thread failed; stopping the relay",
+                          threading.current_thread().name)
+            self.failed = True
+            self._stop_requested.set()
 
     def stop(self) -> None:
         """Stop receiving, deliver for up to ``drain_sec``, save the rest, write the final
         metrics. Threads stuck in a request are left to die with the process."""
         log.info("stopping: no longer receiving; draining for up to %.1f s",
                  self.settings.drain_sec)
-        self._wake.send(b"stop")
-        receiver = self._threads[0]
-        receiver.join()
+        try:
+            self._wake.send(b"stop", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the receiver is gone already
+        self._threads[0].join()
+        while self.outbox.unparsed:  # only if the receiver died before parsing them
+            self._parse(PARSE_WHEN_IDLE)
         delivered = self.outbox.wait_empty(self.settings.drain_sec)
         self._stopping.set()
-        messages, raw = self.outbox.close()
-        if raw:  # cannot happen: the receiver parses everything before it ends
-            log.error("%d envelopes left unparsed at shutdown", len(raw))
+        messages = self.outbox.close()
         self._save_pending(messages)
         self._write_metrics()
         for thread in self._threads[1:]:
@@ -186,12 +201,11 @@ class Relay:
     def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully. The handlers only set a
         flag: the work happens here, on the main thread, outside signal context."""
-        stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+        previous = {sig: signal.signal(sig, lambda *_: self._stop_requested.set())
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
-            while not stop.wait(3600):
+            while not self._stop_requested.wait(3600):
                 pass
             self.stop()
         finally:
@@ -222,8 +236,6 @@ class Relay:
             while outbox.unparsed:
                 self._parse(PARSE_WHEN_IDLE)
             self._report_drops(final=True)
-        except Exception:
-            log.exception("receiver failed; the relay no longer receives")
         finally:
             pull.close()
             wake.close()
@@ -358,4 +370,4 @@ def run(settings: Config) -> int:
     except RelayError as exc:
         log.error("%s", exc)
         return 1
-    return 0
+    return 1 if relay.failed else 0

@@ -150,3 +150,9 @@ class Pusher:
     def close(self) -> None:
         """Discard anything unsent: tests wait on the relay's metrics, not on linger."""
         self.context.destroy(linger=0)
+
+    def __enter__(self) -> "Pusher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -506,3 +506,29 @@ def test_an_identical_payload_to_the_same_webhook_is_suppressed_within_the_windo
     rig.advance(1.5)
     rig.push(1, {"content": "a", "username": "u"})
     assert counts(rig, "deduplicated", "pending") == (1, 4)
+
+
+# Bounded memory
+
+
+def test_idle_lanes_beyond_the_limit_are_forgotten_least_recent_first(monkeypatch):
+    monkeypatch.setattr("notifier.outbox.MAX_LANES", 2)
+    rig = Rig()
+    rig.push(1, "a")
+    rig.deliver(1)
+    rig.push(2, "b")  # waiting: not idle, so never forgotten
+    rig.push(3, "c")
+    assert [line["id"] for line in rig.snapshot()["webhooks"]] == ["2", "3"]
+    assert rig.deliver() == {"content": "b"} and rig.deliver() == {"content": "c"}
+
+
+def test_a_message_failed_for_a_quarantined_webhook_does_not_unremember_a_delivered_twin():
+    rig = Rig(dedupe_window=7200.0)
+    rig.push(1, "same")
+    rig.deliver(1)
+    rig.push(1, "other")
+    rig.finish(rig.take(1), GONE)
+    rig.push(1, "same")  # failed at once: the webhook is quarantined
+    rig.advance(3600.0)
+    rig.push(1, "same")  # the delivered one is still remembered
+    assert counts(rig, "delivered", "failed", "deduplicated") == (1, 2, 1)

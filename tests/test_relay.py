@@ -9,8 +9,8 @@ import pytest
 
 from notifier import sexp
 from notifier.standin import DiscordStandIn
-from tests.harness import (RelayProcess, assert_balanced, contents, envelope_text, free_port,
-                           wait_until)
+from tests.harness import (Pusher, RelayProcess, assert_balanced, contents, envelope_text,
+                           free_port, wait_until)
 
 
 @pytest.fixture
@@ -204,3 +204,30 @@ def test_the_log_file_is_reopened_after_logrotate_moves_it(discord, relays, push
     relay.wait_metrics(lambda m: m["delivered"] == 2)
     wait_until(lambda: "delivered webhook=1" in relay.log(), 10, what="a line in the new file")
     assert "delivered webhook=1" in rotated.read_text() and "tok" not in relay.log()
+
+
+def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discord):
+    """A receiver that fails must not leave a relay that runs on without receiving: it
+    stops, saves what it holds, and exits 1 for its supervisor to restart it."""
+    port = free_port()
+    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"  # nothing listens: it waits
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{port}")
+    relay.env["PYTHONPATH"] = str(tmp_path)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import notifier.outbox as o\n"
+        "accept = o.Outbox.accept\n"
+        "def failing(self, envelopes, restored=False):\n"
+        "    if any(b'poison' in e for e in envelopes):\n"
+        "        raise RuntimeError('a bug')\n"
+        "    return accept(self, envelopes, restored)\n"
+        "o.Outbox.accept = failing\n")
+    relay.start()
+    with Pusher(relay.endpoint) as pusher:
+        pusher.send(envelope_text(webhook, "kept"))
+        relay.wait_metrics(lambda m: m["received"] == 1 and m["unparsed"] == 0)
+        pusher.send(envelope_text(webhook, "poison"))
+        assert relay.process.wait(30) == 1
+    assert "receiver thread failed; stopping the relay" in relay.log()
+    saved = sexp.loads(relay.pending_file.read_bytes())["envelopes"]
+    assert len(saved) == 1 and "kept" in saved[0]
+    assert_balanced(relay.metrics())
