@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 from pathlib import Path
@@ -39,8 +40,7 @@ def _seconds(minimum: float, *, allow_zero: bool = False) -> Callable[[str], flo
             value = float(text.strip())
         except ValueError:
             raise ValueError("must be a number of seconds") from None
-        if not (value >= minimum or (allow_zero and value == 0)) or value != value \
-                or value == float("inf"):
+        if not math.isfinite(value) or (value < minimum and not (allow_zero and value == 0)):
             raise ValueError(f"must be a finite number of seconds of at least {minimum}"
                              + (" (or 0)" if allow_zero else ""))
         return value

@@ -24,7 +24,8 @@ from notifier.standin import DiscordStandIn, RecordedRequest
 BURST = 20
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, on loopback."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -63,7 +64,7 @@ def _wait(condition, timeout: float) -> bool:
 def run(python: str = sys.executable) -> int:
     with tempfile.TemporaryDirectory(prefix="notifier-demo-") as home, \
             DiscordStandIn(rate_limit=(5, 2.0), on_request=_show) as discord:
-        port = _free_port()
+        port = free_port()
         metrics_file = Path(home) / "data" / "notifier_metrics.sexp"
         env = {**os.environ, "SWIMMY_HOME": home, "SWIMMY_PORT_NOTIFIER": str(port),
                "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{discord.port}",

@@ -34,13 +34,17 @@ class Report:
         self.problems.append(text)
 
 
-def _ago(seconds: float) -> str:
+def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 120:
-        return f"{seconds} s ago"
+        return f"{seconds} s"
     if seconds < 7200:
-        return f"{seconds // 60} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _ago(seconds: float) -> str:
+    return f"{_duration(seconds)} ago"
 
 
 def _when(unix: float | None, now: float) -> str:
@@ -57,14 +61,14 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     age = now - get("timestamp", 0)
     interval = float(get("metrics_interval_sec") or 5)
     if age > max(STALE_INTERVALS * interval, 15):
-        report.problem(CRITICAL, f"the snapshot is {_ago(age)[:-4]} old (written every "
+        report.problem(CRITICAL, f"the snapshot is {_duration(age)} old (written every "
                                  f"{interval:g} s): the relay is dead or stuck")
     pending, drops, failed = get("pending", 0), get("drops", 0), get("failed", 0)
     last_delivery = get("last_delivery_at")
     quiet_for = now - (last_delivery if last_delivery is not None else get("started_at", now))
     if pending and quiet_for > STUCK_AFTER_SEC:
         report.problem(CRITICAL, f"{pending} messages pending and nothing delivered for "
-                                 f"{_ago(quiet_for)[:-4]}")
+                                 f"{_duration(quiet_for)}")
     if drops:
         report.problem(WARNING, f"{drops} messages dropped since the relay started "
                                 "(queue full: Discord too slow or unreachable)")
@@ -80,7 +84,7 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")
 
     report.lines += [
-        f"snapshot:  {_when(get('timestamp'), now)}, pid {get('pid')}, up {_ago(get('uptime_sec', 0))[:-4]}",
+        f"snapshot:  {_when(get('timestamp'), now)}, pid {get('pid')}, up {_duration(get('uptime_sec', 0))}",
         f"queue:     {get('queue_len', 0)} / {get('queue_max', '?')} held",
         f"messages:  received {get('received', 0)}, delivered {get('delivered', 0)}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {get('rejected', 0)}, "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,13 +22,8 @@ from pathlib import Path
 
 from notifier import metrics
 from notifier.client import NotifierClient
+from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def embeds_delivered(discord: DiscordStandIn) -> int:

@@ -29,17 +29,10 @@ import zmq
 
 from notifier import metrics
 from notifier.client import NotifierClient, build_envelope
+from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
 
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(condition, timeout: float, interval: float = 0.01):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ from typing import Callable
 import zmq
 
 from notifier import metrics, sexp
+from notifier.demo import free_port
 from notifier.sexp import Alist
 
 BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.02,
