@@ -32,7 +32,8 @@ def relay(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    """Show what the relay would post for one envelope, or why it refuses it."""
+    """Show the requests the relay would post for one envelope (after splitting and
+    cutting), or why it refuses it."""
     settings = _settings(args, "check")
     if settings is None:
         return 2
@@ -45,13 +46,20 @@ def check(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"notifier check: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
+    if not data.strip():
+        print("rejected: empty input", file=sys.stderr)
+        return 1
     try:
         message = envelope.parse(data, settings.allowed_hosts)
     except envelope.EnvelopeError as exc:
         print(f"rejected: {exc.reason}", file=sys.stderr)
         return 1
-    print(json.dumps({"webhook": envelope.redact(message.webhook), "payload": message.payload},
-                     ensure_ascii=False, indent=2))
+    except Exception as exc:  # a bug: the relay would reject the envelope for it too
+        print(f"rejected: internal error while parsing: {type(exc).__name__} (a bug; "
+              "please report it with the envelope)", file=sys.stderr)
+        return 1
+    print(json.dumps({"webhook": envelope.redact(message.webhook), "payload": message.requests[0],
+                      "requests": message.requests}, ensure_ascii=False, indent=2))
     return 0
 
 

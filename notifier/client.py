@@ -75,8 +75,11 @@ def build_envelope(webhook: str, payload: dict) -> bytes:
     if not isinstance(payload, dict):
         raise TypeError(f"payload must be a dict (a Discord message object), "
                         f"not {type(payload).__name__}")
-    payload_json = json.dumps(payload, ensure_ascii=False, allow_nan=False,
-                              separators=(",", ":"))
+    try:
+        payload_json = json.dumps(payload, ensure_ascii=False, allow_nan=False,
+                                  separators=(",", ":"))
+    except RecursionError:
+        raise ValueError(f"payload nested deeper than {envelope.MAX_NESTING} levels") from None
     return sexp.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND",
                        "webhook": webhook, "payload_json": payload_json}).encode("utf-8")
 
@@ -370,6 +373,8 @@ def send_command(args: argparse.Namespace) -> int:
         message = envelope.parse(data, settings.allowed_hosts)
     except envelope.EnvelopeError as exc:
         return fail(f"rejected: {exc.reason}", 2)
+    except RecursionError:  # json.loads of a deeply nested --json
+        return fail(f"rejected: nesting deeper than {envelope.MAX_NESTING} levels", 2)
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         return fail(exc, 2)
     except OSError as exc:

@@ -22,9 +22,11 @@ import functools
 import json
 import re
 from fractions import Fraction
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from notifier import payload as discord_payload
 from notifier import sexp
 
 MAX_ENVELOPE_BYTES = 64 * 1024
@@ -33,13 +35,27 @@ text plus 2,000 of content (under 40 KiB even as 4-byte UTF-8 and escaped twice)
 is never reached by a real notification and keeps the queue's worst case at
 queue_max x 64 KiB."""
 
+MAX_NESTING = 32
+"""Deepest nesting of a payload, in every form: JSON objects and arrays, alists and
+lists (the payload itself is level 1). A Discord message needs 4 (embeds, an embed, its
+fields, a field); refusing deeper ones at the door means nothing later (json, the
+pending file's writer) can meet Python's recursion limit."""
+
 DISCORD_HOSTS = frozenset(
     f"{prefix}{domain}" for domain in ("discord.com", "discordapp.com")
     for prefix in ("", "canary.", "ptb."))
 
 _WEBHOOK_PATH = re.compile(r"/api(?:/v\d+)?/webhooks/(\d{1,25})/([A-Za-z0-9_.-]{1,200})/?\Z")
 _THREAD_QUERY = re.compile(r"thread_id=\d{1,25}\Z")
-_URL_IN_TEXT = re.compile(r"(/webhooks/\d+)/[^/?#\s'\"<>]+")
+_WEBHOOK_ID = re.compile(r"/webhooks/(\d+)")
+_SLASH = r"(?:/|\\+/|\\+u002[fF]|%(?:25)*2[fF])"
+_TOKEN_IN_TEXT = re.compile(
+    rf"(webhooks{_SLASH}\d+{_SLASH})(?:[A-Za-z0-9_.-]|%(?:25)*[0-9A-Fa-f]{{2}}"
+    r"|\\+u00[0-9A-Fa-f]{2})+", re.IGNORECASE)
+"""A webhook token in any text, however it was escaped on the way: slashes as JSON
+writes them (``\\/``, ``\\u002f``, doubled backslashes once a Lisp printer quotes
+that), percent-encoded once or more (``%2F``, ``%252F``), and token characters
+percent- or \\u-escaped too."""
 _PAYLOAD_KEYS = ("payload", "payload_json", "data")
 
 
@@ -51,11 +67,17 @@ class EnvelopeError(ValueError):
         self.reason = reason
 
 
-class Message(NamedTuple):
-    """A validated notification: where to post it and the JSON object to post."""
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A validated notification: where to post it, the JSON object to post, and the
+    requests that posting it takes (`payload.fit`, worked out once, here)."""
 
     webhook: str
     payload: dict
+    requests: tuple[dict, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "requests", tuple(discord_payload.fit(self.payload)))
 
     @property
     def webhook_id(self) -> str:
@@ -64,8 +86,8 @@ class Message(NamedTuple):
 
 def webhook_id(url: str) -> str:
     """The numeric id of a webhook URL, the only part of it that may be logged."""
-    match = _URL_IN_TEXT.search(url)
-    return match.group(1).rpartition("/")[2] if match else "?"
+    match = _WEBHOOK_ID.search(url)
+    return match.group(1) if match else "?"
 
 
 def redact(url: str) -> str:
@@ -75,7 +97,7 @@ def redact(url: str) -> str:
 
 def scrub(text: str) -> str:
     """Replace every webhook token inside `text` (an exception message, a log line)."""
-    return _URL_IN_TEXT.sub(r"\1/<token>", text)
+    return _TOKEN_IN_TEXT.sub(r"\1<token>", text)
 
 
 def check_webhook(url: Any, allowed_hosts: tuple[tuple[str, int | None], ...] = ()) -> str:
@@ -84,6 +106,9 @@ def check_webhook(url: Any, allowed_hosts: tuple[tuple[str, int | None], ...] = 
     use plain http (local stand-ins, tests)."""
     if not isinstance(url, str) or not url:
         raise EnvelopeError("webhook must be a non-empty string URL")
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise EnvelopeError("webhook URL holds whitespace, a control character or a "
+                            "non-ASCII character; send the URL alone, percent-encoded")
     return _check_url(url, allowed_hosts)
 
 
@@ -101,7 +126,7 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
     if not extra:
         if host not in DISCORD_HOSTS:
             raise EnvelopeError(
-                f"webhook host {host or '(none)'!r} is not Discord's; add it to "
+                f"webhook host {sexp.quote(host) if host else '(none)'} is not Discord's; add it to "
                 "SWIMMY_NOTIFIER_ALLOWED_HOSTS to allow it")
         if parts.scheme != "https" or port not in (None, 443):
             raise EnvelopeError("webhook must use https on Discord's default port")
@@ -143,12 +168,18 @@ def _json_value(value: Any, path: str) -> Any:
                         "send a string or a number")
 
 
+def _too_deep() -> EnvelopeError:
+    return EnvelopeError(f"nesting deeper than {MAX_NESTING} levels")
+
+
 def _decode_json(data: bytes) -> Any:
     """JSON envelopes are UTF-8 (json.loads would guess UTF-16 from some garbage)."""
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"invalid UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise _too_deep() from None
     except ValueError as exc:
         raise EnvelopeError(
             "not an S-expression (does not start with '(') and not JSON: "
@@ -183,6 +214,12 @@ def _fields(data: bytes) -> tuple[dict, bool]:
     return fields, False
 
 
+def _kind(value: Any) -> str:
+    """A JSON value's type as a producer would name it."""
+    return {str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
 def _payload(fields: dict, is_sexp: bool) -> dict:
     present = [key for key in _PAYLOAD_KEYS if key in fields]
     if not present:
@@ -198,6 +235,8 @@ def _payload(fields: dict, is_sexp: bool) -> dict:
             raise EnvelopeError("payload_json is empty")
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise _too_deep() from None
         except ValueError as exc:
             raise EnvelopeError(f"payload_json is not valid JSON: {exc}") from None
     elif is_sexp:
@@ -205,10 +244,52 @@ def _payload(fields: dict, is_sexp: bool) -> dict:
     if value is None or value == {} or value == "":
         raise EnvelopeError(f"{key} is empty")
     if not isinstance(value, dict):
-        raise EnvelopeError(f"{key} must be an object (an alist), not {type(value).__name__}")
-    if not (value.get("content") or value.get("embeds") or value.get("poll")):
+        raise EnvelopeError(f"{key} must be an object (an alist), not {_kind(value)}")
+    content, embeds = value.get("content"), value.get("embeds")
+    if content is not None and not isinstance(content, str):
+        raise EnvelopeError(f"{key}.content must be a string, not {_kind(content)}")
+    if embeds is not None and not (isinstance(embeds, list)
+                                   and all(isinstance(embed, dict) for embed in embeds)):
+        raise EnvelopeError(f"{key}.embeds must be a list of objects (alists)")
+    if not ((content and not content.isspace()) or embeds or value.get("poll")):
         raise EnvelopeError(f"{key} has no content, embeds or poll: Discord would refuse it")
     return value
+
+
+def _check_depth(value: Any, data: bytes) -> None:
+    """Refuse a payload nested deeper than MAX_NESTING (walked iteratively: it may be
+    deep). Only an envelope with more brackets than that can nest so deep, so most
+    envelopes skip the walk."""
+    if data.count(b"[") + data.count(b"{") + data.count(b"(") <= MAX_NESTING:
+        return
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_NESTING:
+                raise _too_deep()
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
+def _check_encodable(message: Message, data: bytes) -> None:
+    """Refuse a message whose requests do not encode as the UTF-8 JSON a sender writes.
+
+    Only a JSON ``\\u`` escape can make an unpaired surrogate (UTF-8 input cannot hold
+    one), and only ``NaN`` or ``Infinity`` a number JSON cannot carry (both readers
+    refuse integers too long to print), so envelopes with neither skip the encoding."""
+    if b"\\u" not in data and b"NaN" not in data and b"Infinity" not in data:
+        return
+    for request in message.requests:
+        try:
+            json.dumps(request, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EnvelopeError(
+                f"payload holds text that is not valid Unicode (an unpaired surrogate, "
+                f"U+{ord(exc.object[exc.start]):04X}); send whole characters") from None
+        except ValueError:
+            raise EnvelopeError("payload holds a number JSON cannot carry (NaN, Infinity "
+                                "or an integer of over 4300 digits)") from None
 
 
 def _expect(fields: dict, key: str, default: Any, accepted: tuple) -> None:
@@ -225,7 +306,8 @@ def _expect(fields: dict, key: str, default: Any, accepted: tuple) -> None:
 
 
 def parse(data: bytes | str, allowed_hosts: tuple[tuple[str, int | None], ...] = ()) -> Message:
-    """Validate one envelope. Raises `EnvelopeError` with a reason an operator can act on."""
+    """Validate one envelope. Raises `EnvelopeError` with a reason an operator can act on.
+    What it returns can always be posted: the checks that need it run here, once."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     fields, is_sexp = _fields(data)
@@ -238,4 +320,8 @@ def parse(data: bytes | str, allowed_hosts: tuple[tuple[str, int | None], ...] =
     if "webhook" not in fields:
         raise EnvelopeError("missing webhook")
     webhook = check_webhook(fields["webhook"], allowed_hosts)
-    return Message(webhook, _payload(fields, is_sexp))
+    payload = _payload(fields, is_sexp)
+    _check_depth(payload, data)
+    message = Message(webhook, payload)
+    _check_encodable(message, data)
+    return message

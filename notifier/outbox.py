@@ -30,7 +30,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from notifier import payload as discord_payload
 from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW_SEC,
@@ -80,14 +80,13 @@ def dedupe_key(message: Message) -> bytes:
 class Held:
     """One accepted, parsed message and what the relay knows of it."""
 
-    __slots__ = ("seq", "received_at", "message", "key", "parts")
+    __slots__ = ("seq", "received_at", "message", "key")
 
     def __init__(self, seq: int, received_at: float, message: Message, key: bytes | None):
         self.seq = seq
         self.received_at = received_at  # monotonic
         self.message = message
         self.key = key  # its dedupe key, forgotten if it is lost so a resend goes out
-        self.parts: list[dict] | None = None  # what fit() made of it, once asked
 
 
 class Job:
@@ -96,7 +95,7 @@ class Job:
 
     __slots__ = ("lane", "items", "parts", "part", "attempts", "notice", "bucket")
 
-    def __init__(self, lane: "Lane", items: list[Held], parts: list[dict], notice=None):
+    def __init__(self, lane: "Lane", items: list[Held], parts: Sequence[dict], notice=None):
         self.lane = lane
         self.items = items
         self.parts = parts
@@ -392,10 +391,8 @@ class Outbox:
         return Job(lane, [lane.waiting.popleft() for _ in range(taken)], [combined])
 
     @staticmethod
-    def _parts(item: Held) -> list[dict]:
-        if item.parts is None:
-            item.parts = discord_payload.fit(item.message.payload)
-        return item.parts
+    def _parts(item: Held) -> tuple[dict, ...]:
+        return item.message.requests
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         """Record what one request of `job` came to and decide what the lane does next."""

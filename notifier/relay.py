@@ -101,8 +101,8 @@ class Sender:
 
 def preview(data: bytes) -> str:
     """The start of a refused envelope for the log: one line, token-free."""
-    text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")[:PREVIEW_CHARS]
-    return envelope.scrub(repr(text))
+    text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
+    return repr(envelope.scrub(text)[:PREVIEW_CHARS])  # scrubbed before the cut, whole
 
 
 class Relay:
@@ -122,6 +122,7 @@ class Relay:
         self._reject_log = Throttle(burst=20)
         self._drop_log = Throttle(burst=1)
         self._unreported_drops = 0
+        self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -257,24 +258,44 @@ class Relay:
         return len(frames) == RECEIVE_BATCH
 
     def _parse(self, limit: int) -> None:
-        allowed_hosts = self.settings.allowed_hosts
-        dedupe = self.settings.dedupe_window > 0
+        """Parse what the outbox lends and give every envelope back, parsed or rejected,
+        whatever happens: one bad envelope costs only itself."""
+        lent = self.outbox.take_unparsed(limit)
         results, accepted = [], []
-        for data, received_at in self.outbox.take_unparsed(limit):
-            try:
-                message = envelope.parse(data, allowed_hosts)
-            except envelope.EnvelopeError as exc:
-                self._log_rejection(exc.reason, data)
-                results.append((received_at, exc.reason, None))
-                continue
-            results.append((received_at, message, dedupe_key(message) if dedupe else None))
-            accepted.append((message.webhook_id, len(data)))
-        self.outbox.add_parsed(results)
+        try:
+            for data, received_at in lent:
+                result = self._parse_one(data)
+                results.append((received_at, *result))
+                if not isinstance(result[0], str):
+                    accepted.append((result[0].webhook_id, len(data)))
+        finally:
+            results.extend((received_at, "internal error while parsing", None)
+                           for _, received_at in lent[len(results):])
+            self.outbox.add_parsed(results)
         for webhook_id, size in accepted:  # after the senders have the messages
             suppressed = self._accept_log.allow()
             if suppressed is not None:
                 log.info("accepted webhook=%s bytes=%d%s", webhook_id, size,
                          f" ({suppressed} accepted lines left out)" if suppressed else "")
+
+    def _parse_one(self, data: bytes) -> tuple[envelope.Message | str, bytes | None]:
+        """(message, dedupe key or None), or (rejection reason, None). An unexpected
+        exception is a bug in the parser: the envelope is rejected for it, and the first
+        of each kind is logged with its traceback."""
+        try:
+            message = envelope.parse(data, self.settings.allowed_hosts)
+            return message, dedupe_key(message) if self.settings.dedupe_window > 0 else None
+        except envelope.EnvelopeError as exc:
+            reason = exc.reason
+        except Exception as exc:
+            reason = f"internal error while parsing: {type(exc).__name__}"
+            if type(exc) not in self._parser_bugs:
+                self._parser_bugs.add(type(exc))
+                log.exception("envelope rejected for a bug in the parser (further %s "
+                              "errors are logged without a traceback); preview=%s",
+                              type(exc).__name__, preview(data))
+        self._log_rejection(reason, data)
+        return reason, None
 
     def _log_rejection(self, reason: str, data: bytes) -> None:
         suppressed = self._reject_log.allow()

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     # errors and limits
-    "SexpError", "MAX_DEPTH", "MAX_BYTES",
+    "SexpError", "MAX_DEPTH", "MAX_BYTES", "quote",
     # data types
     "Symbol", "DottedList", "Alist",
     # reading
@@ -234,6 +234,17 @@ def _position(text: str, offset: int) -> tuple[int, int]:
     return line, offset - text.rfind("\n", 0, offset)
 
 
+QUOTE_CHARS = 40
+"""Most characters of the input an error message quotes: a hostile token of a megabyte
+must not travel into a log line or a file that reports the error."""
+
+
+def quote(value: Any) -> str:
+    """`value` as an error message shows it: its repr, cut to QUOTE_CHARS characters."""
+    shown = repr(value)
+    return shown if len(shown) <= QUOTE_CHARS else shown[:QUOTE_CHARS - 1] + "…"
+
+
 def _fail(text: str, offset: int, message: str) -> SexpError:
     return SexpError(message, *_position(text, offset))
 
@@ -305,7 +316,7 @@ def _symbol(token: str) -> Any:
         return Symbol(parts[1], parts[0])
     if len(parts) == 3 and parts[0] and parts[1] == "" and "::" in token:
         return Symbol(parts[2], parts[0])
-    raise SexpError(f"bad package marker in symbol {token!r}")
+    raise SexpError(f"bad package marker in symbol {quote(token)}")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -318,16 +329,16 @@ def _atom_value(token: str) -> Any:
         if _FLOAT.match(token):
             value = float(token.translate(_FLOAT_MARKERS))
             if math.isinf(value):
-                raise SexpError(f"float {token!r} is out of range")
+                raise SexpError(f"float {quote(token)} is out of range")
             return value
         ratio = _RATIO.match(token)
         if ratio:
             numerator, denominator = map(_integer, ratio.groups())
             if denominator == 0:
-                raise SexpError(f"ratio {token!r} divides by zero")
+                raise SexpError(f"ratio {quote(token)} divides by zero")
             return Fraction(numerator, denominator)
         if not token.strip("."):
-            raise SexpError(f"a token of only dots {token!r} is not data")
+            raise SexpError(f"a token of only dots {quote(token)} is not data")
     return _symbol(token)
 
 

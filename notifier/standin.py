@@ -109,7 +109,8 @@ def validate(payload):
             embed_errors.update(_errors("MAX_EMBED_SIZE_EXCEEDED", f"Embed size exceeds maximum size of 6000 (got {total})."))
         if embed_errors:
             errors["embeds"] = embed_errors
-    if not errors and not (isinstance(content, str) and content.strip()) and not embeds:
+    if (not errors and not (isinstance(content, str) and content.strip()) and not embeds
+            and not payload.get("poll")):
         errors["content"] = _errors("BASE_TYPE_REQUIRED", "Cannot send an empty message: give non-empty content or embeds.")
     return errors
 

@@ -44,9 +44,18 @@ class Exit(enum.IntEnum):
     WRITE_FAILED = 10       # system_metrics.sexp could not be written: left as it was
 
 
+REQUIRED_COUNTERS = ("queue_len", "drops", "errors")
+"""The counters the plan defines: with ``schema_version`` and ``timestamp``, all that a
+snapshot must have."""
+
 COUNTERS = ("queue_len", "queue_max", "drops", "errors", "delivered", "failed",
             "rejected", "deduplicated", "pending", "received")
-"""The snapshot's counters, merged as ``notifier_<name>``; a snapshot must have them all."""
+"""Every counter merged, as ``notifier_<name>``. One the snapshot does not have is
+written as ``nil``, so that no number from an earlier snapshot is left looking current."""
+
+MAX_REASON_CHARS = 300
+"""Longest ``notifier_status_reason`` written: whatever a hostile snapshot holds, the
+merged file stays far below the size that the next merge (and the Lisp side) reads."""
 
 FUTURE_TOLERANCE_SEC = 300
 """A snapshot dated further ahead than this is refused: relay and merge share a clock, so
@@ -63,7 +72,11 @@ class Reading(NamedTuple):
 
 
 def _failed(exit: Exit, reason: str) -> Reading:
-    return Reading(exit, exit.name.lower(), reason, {})
+    return Reading(exit, exit.name.lower(), _capped(reason), {})
+
+
+def _capped(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
 
 
 def _is_count(value: Any) -> bool:
@@ -87,26 +100,30 @@ def read_notifier(config: Config, now: float) -> Reading:
         return _failed(Exit.INVALID, f"{path} is not an alist of (key . value) entries")
     version = snapshot.get("schema_version")
     if not (type(version) is int and version == 1):
-        found = "no schema_version" if version is None else f"schema_version {version!r}"
+        found = ("no schema_version" if version is None
+                 else f"schema_version {sexp.quote(version)}")
         return _failed(Exit.UNSUPPORTED_SCHEMA, f"{path} has {found}; only 1 is known")
-    bad = [name for name in COUNTERS if not _is_count(snapshot.get(name))]
+    bad = [name for name in COUNTERS if not _is_count(snapshot.get(name))
+           and (name in REQUIRED_COUNTERS or snapshot.get(name) is not None)]
     if bad:
         return _failed(Exit.INVALID, f"{path}: {', '.join(bad)} missing or not a whole "
                                      f"number >= 0")
     timestamp = snapshot.get("timestamp")
     if type(timestamp) not in (int, float) or not math.isfinite(timestamp) or timestamp < 0:
-        return _failed(Exit.INVALID, f"{path}: timestamp {timestamp!r} is not Unix time")
+        return _failed(Exit.INVALID,
+                       f"{path}: timestamp {sexp.quote(timestamp)} is not Unix time")
     if timestamp > now + FUTURE_TOLERANCE_SEC:
-        return _failed(Exit.INVALID, f"{path}: timestamp {timestamp!r} is {timestamp - now:.0f} s "
-                                     f"in the future; it must be Unix time")
+        return _failed(Exit.INVALID, f"{path}: timestamp {timestamp:.0f} is "
+                                     f"{timestamp - now:.0f} s in the future; it must be "
+                                     f"Unix time")
     timestamp = math.floor(timestamp)  # whole seconds, like every age derived from it
     age = _age(timestamp, now)
-    values = {f"notifier_{name}": snapshot[name] for name in COUNTERS}
+    values = {f"notifier_{name}": snapshot.get(name) for name in COUNTERS}
     values["notifier_snapshot_unix"] = timestamp
     if age > config.stale_after:
         reason = (f"snapshot is {age} s old (stale after {config.stale_after:g} s): "
                   f"the relay is not writing {path}")
-        return Reading(Exit.STALE, "stale", reason, values)
+        return Reading(Exit.STALE, "stale", _capped(reason), values)
     return Reading(Exit.OK, "ok", None, values)
 
 
@@ -163,11 +180,9 @@ def run(config: Config, now: float) -> Exit:
         return Exit.WRITE_FAILED
     values = reading.values
     if reading.exit is Exit.OK:
-        log.info("merged into %s: status=ok queue_len=%d/%d drops=%d errors=%d delivered=%d "
-                 "failed=%d pending=%d age_sec=%d", target, values["notifier_queue_len"],
-                 values["notifier_queue_max"], values["notifier_drops"],
-                 values["notifier_errors"], values["notifier_delivered"],
-                 values["notifier_failed"], values["notifier_pending"],
+        numbers = " ".join(f"{name}={values[f'notifier_{name}']}" for name in COUNTERS
+                           if values[f"notifier_{name}"] is not None)
+        log.info("merged into %s: status=ok %s age_sec=%d", target, numbers,
                  _age(values["notifier_snapshot_unix"], now))
     elif values:
         log.warning("merged into %s: status=%s: %s", target, reading.status, reading.reason)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from notifier import payload
+
 from tests.test_envelope import HOOK, PAYLOAD, TOKEN, lisp
 
 
@@ -18,8 +20,26 @@ def test_a_good_envelope_prints_the_post_with_the_token_redacted(tmp_path):
     for result in (check(str(path)), check(stdin=path.read_bytes()), check("-", stdin=path.read_bytes())):
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {
-            "webhook": "https://discord.com/api/webhooks/42/<token>", "payload": PAYLOAD}
+            "webhook": "https://discord.com/api/webhooks/42/<token>", "payload": PAYLOAD,
+            "requests": [PAYLOAD]}
         assert TOKEN.encode() not in result.stdout + result.stderr
+
+
+def test_a_long_message_shows_every_request_as_the_relay_would_post_it():
+    long = {"content": "word " * 900, "embeds": [{"description": "x" * 5000}]}
+    result = check(stdin=lisp(type="NOTIFIER", webhook=HOOK, payload_json=json.dumps(long)).encode())
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["payload"] == shown["requests"][0] and len(shown["requests"]) == 3
+    assert shown["requests"] == payload.fit(long)
+    description = shown["requests"][-1]["embeds"][0]["description"]
+    assert len(description) == 4096 and description.endswith(payload.ELLIPSIS)
+
+
+def test_empty_input_says_so():
+    for stdin in (b"", b"  \n"):
+        result = check(stdin=stdin)
+        assert (result.returncode, result.stderr) == (1, b"rejected: empty input\n")
 
 
 def test_a_refused_envelope_prints_the_reason_and_exits_1():

@@ -105,7 +105,7 @@ def test_content_only_payload_and_unknown_extra_keys():
     (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload (embeds ((color . 1/3)))))',
      "payload.embeds[0].color is a ratio"),
     (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload "a" "b"))',
-     "payload must be an object (an alist), not list"),
+     "payload must be an object (an alist), not a list"),
     (f'((type . "NOTIFIER") (webhook . "{HOOK}") (payload_json . "x")', "never closed"),
     (f'((type . "NOTIFIER")\n (x . #.(run-program "sh")))', "line 2, column 7"),
     ('(1 2 3)', "envelope must be an alist"),

@@ -203,7 +203,7 @@ def test_an_old_snapshot_is_merged_as_stale(tmp_path):
     ({"timestamp": "yesterday"}, Exit.INVALID, "timestamp 'yesterday' is not Unix time"),
     ({"timestamp": None}, Exit.INVALID, "timestamp None is not Unix time"),
     ({"drops": -1, "errors": True}, Exit.INVALID, "drops, errors missing or not a whole number"),
-    ({"pending": None}, Exit.INVALID, "pending missing"),
+    ({"pending": "many"}, Exit.INVALID, "pending missing or not a whole number"),
     ({"schema_version": 2}, Exit.UNSUPPORTED_SCHEMA, "has schema_version 2; only 1 is known"),
     ({"schema_version": True}, Exit.UNSUPPORTED_SCHEMA, "schema_version True"),
     ({"schema_version": None}, Exit.UNSUPPORTED_SCHEMA, "has no schema_version"),
@@ -447,3 +447,40 @@ def test_a_concurrent_lisp_writer_is_never_rolled_back(tmp_path):
     assert merge.run(cfg, now=NOW) == Exit.OK
     assert counter(path.read_bytes()) == latest[0] and notifier_view(path)["notifier_drops"] == 2
     assert leftovers(tmp_path / "data") == []
+
+
+def test_the_plans_minimal_snapshot_merges_and_the_counters_it_lacks_are_nil(tmp_path):
+    cfg = settings(tmp_path)
+    write_snapshot(cfg)
+    merge.run(cfg, now=NOW)  # numbers from a full snapshot first: none may linger
+    minimal = {"schema_version": 1, "timestamp": int(NOW) - 3, "queue_len": 2, "drops": 1,
+               "errors": 0}
+    cfg.notifier_metrics.write_text(sexp.dumps(minimal), encoding="utf-8")
+
+    assert merge.run(cfg, now=NOW) == Exit.OK
+
+    view = notifier_view(cfg.system_metrics)
+    assert (view["notifier_status"], view["notifier_queue_len"], view["notifier_drops"],
+            view["notifier_errors"]) == ("ok", 2, 1, 0)
+    assert all(view[f"notifier_{name}"] is None for name in merge.COUNTERS
+               if name not in merge.REQUIRED_COUNTERS)
+
+
+@pytest.mark.parametrize("hostile", [
+    "(" + "a:b:" + "t" * (sexp.MAX_BYTES - 10) + ")",  # a 1 MiB token in the reader's error
+    sexp.dumps({**SNAPSHOT, "schema_version": "v" * 500_000}),
+    sexp.dumps({**SNAPSHOT, "timestamp": "t" * 500_000}),
+])
+def test_a_hostile_snapshot_never_makes_the_system_file_unmergeable(tmp_path, hostile):
+    cfg = settings(tmp_path)
+    cfg.system_metrics.write_text(LISP_TEXT, encoding="utf-8")
+    cfg.notifier_metrics.write_text(hostile, encoding="utf-8")
+
+    assert merge.run(cfg, now=NOW) in (Exit.UNREADABLE, Exit.INVALID, Exit.UNSUPPORTED_SCHEMA)
+    reason = notifier_view(cfg.system_metrics)["notifier_status_reason"]
+    assert len(reason) <= merge.MAX_REASON_CHARS
+    assert cfg.system_metrics.stat().st_size < len(LISP_TEXT) + 2 * merge.MAX_REASON_CHARS
+
+    write_snapshot(cfg)
+    assert merge.run(cfg, now=NOW) == Exit.OK
+    assert notifier_view(cfg.system_metrics)["notifier_status"] == "ok"

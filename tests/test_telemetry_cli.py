@@ -169,3 +169,17 @@ def test_a_bad_command_line_exits_2(args):
     result = subprocess.run([sys.executable, "-m", "telemetry", *args], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "usage:" in result.stderr and "merge" in result.stderr
+
+
+def test_after_a_hostile_snapshot_the_next_good_one_merges_with_exit_0(merged_once):
+    cfg = merged_once
+    cfg.notifier_metrics.write_text("(" + "a:b:" + "t" * (sexp.MAX_BYTES - 10) + ")",
+                                    encoding="utf-8")
+    hostile = run_merge(cfg.home)
+    assert hostile.returncode == Exit.UNREADABLE, hostile.stderr
+    assert len(hostile.stderr) < 1000 and "Traceback" not in hostile.stderr
+
+    cfg.notifier_metrics.write_text(snapshot_text(drops=12), encoding="utf-8")
+    good = run_merge(cfg.home)
+    assert good.returncode == Exit.OK, good.stderr
+    assert sexp.loads(cfg.system_metrics.read_bytes())["notifier_drops"] == 12
