@@ -47,6 +47,15 @@ def _seconds(minimum: float, *, allow_zero: bool = False) -> Callable[[str], flo
     return parse
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be 1 or 0 (true/false, yes/no, on/off)")
+
+
 def _address(text: str) -> str:
     text = text.strip()
     if not text or any(c.isspace() for c in text) or "/" in text:
@@ -113,6 +122,11 @@ SETTINGS = (
             "wait"),
     Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0.0, allow_zero=True),
             "5", "on SIGTERM, seconds spent delivering what is pending before persisting it"),
+    Setting("durable", "SWIMMY_NOTIFIER_DURABLE", "--durable", _boolean, "0",
+            "journal every accepted message to disk before posting it, so that a crash or "
+            "SIGKILL loses nothing"),
+    Setting("journal", "SWIMMY_NOTIFIER_JOURNAL", "--journal", _path, None,
+            "durable mode's journal directory (default: $SWIMMY_HOME/data/notifier_journal)"),
 )
 
 
@@ -129,10 +143,14 @@ class Config:
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
     senders: int = 8
     drain_sec: float = 5.0
+    durable: bool = False
+    journal: Path | None = None
 
     def __post_init__(self):
         if self.metrics_file is None:
             object.__setattr__(self, "metrics_file", self.data_dir / "notifier_metrics.sexp")
+        if self.journal is None:
+            object.__setattr__(self, "journal", self.data_dir / "notifier_journal")
 
     @property
     def data_dir(self) -> Path:
@@ -159,8 +177,10 @@ def add_arguments(parser: argparse.ArgumentParser, fields: tuple[str, ...] | Non
     are absent from the namespace unless given, so `load` sees only real flags."""
     for setting in SETTINGS:
         if fields is None or setting.field in fields:
+            switch = {"nargs": "?", "const": "1"} if setting.parse is _boolean else {}
             parser.add_argument(setting.flag, dest=setting.field, metavar="VALUE",
-                                default=argparse.SUPPRESS, help=f"{setting.help} [{setting.env}]")
+                                default=argparse.SUPPRESS, help=f"{setting.help} [{setting.env}]",
+                                **switch)
 
 
 def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Config:

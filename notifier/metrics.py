@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 # Counters in the order they are written, after the header keys.
 COUNTERS = ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
             "pending", "errors", "retries", "rate_limited", "requests", "notices",
-            "restored", "invalid_requests_10m")
+            "restored", "restored_in_flight", "invalid_requests_10m")
 
 
 def _unix(value: float | None) -> int | None:
@@ -40,6 +40,8 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
         "unparsed": snapshot["unparsed"],
     }
     entries.update((key, snapshot[key]) for key in COUNTERS)
+    entries.update(journal_state=snapshot.get("journal_state", "off"),
+                   journal_corrupt_records=snapshot.get("journal_corrupt_records", 0))
     entries.update(
         last_delivery_at=_unix(snapshot["last_delivery_at"]),
         last_error_at=_unix(snapshot["last_error_at"]),

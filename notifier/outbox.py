@@ -36,6 +36,7 @@ from notifier import payload as discord_payload
 from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW_SEC,
                               MAX_WAIT_SEC, UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
+from notifier.journal import Journal, Notices, Saved
 
 log = logging.getLogger("notifier.outbox")
 
@@ -77,16 +78,42 @@ def dedupe_key(message: Message) -> bytes:
                            digest_size=16).digest()
 
 
+class Raw:
+    """An envelope taken off the socket (or restored), not parsed yet."""
+
+    __slots__ = ("data", "received_at", "jid", "part", "attempts", "in_flight")
+
+    def __init__(self, data: bytes, received_at: float, jid: int | None = None,
+                 part: int = 0, attempts: int = 0, in_flight: bool = False):
+        self.data = data  # kept as received: what a stop saves and a restart parses
+        self.received_at = received_at  # monotonic
+        self.jid = jid  # its journal id, in durable mode
+        self.part = part  # requests of it already delivered (restored mid-way)
+        self.attempts = attempts  # attempts made on its next request
+        self.in_flight = in_flight  # a request of it may have been delivered already
+
+
 class Held:
     """One accepted, parsed message and what the relay knows of it."""
 
-    __slots__ = ("seq", "received_at", "message", "key")
+    __slots__ = ("seq", "message", "key", "raw")
 
-    def __init__(self, seq: int, received_at: float, message: Message, key: bytes | None):
+    def __init__(self, seq: int, message: Message, key: bytes | None, raw: Raw):
         self.seq = seq
-        self.received_at = received_at  # monotonic
         self.message = message
         self.key = key  # its dedupe key, forgotten if it is lost so a resend goes out
+        self.raw = raw  # the envelope, its journal id and its progress
+
+    @property
+    def received_at(self) -> float:
+        return self.raw.received_at
+
+    @property
+    def remaining(self) -> tuple[dict, ...]:
+        """The requests still to post (at least the last one, whatever a saved part
+        number says)."""
+        requests = self.message.requests
+        return requests[min(self.raw.part, len(requests) - 1):]
 
 
 class Job:
@@ -152,7 +179,7 @@ class Outbox:
                  retry: RetryPolicy = RetryPolicy(),
                  monotonic: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, journal: Journal | None = None):
         self.queue_max = queue_max
         self.dedupe_window = dedupe_window
         self._retry = retry
@@ -161,7 +188,9 @@ class Outbox:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._raw: deque[tuple[bytes, float]] = deque()  # (envelope, received_at)
+        self._journal = journal
+        self._raw: deque[Raw] = deque()
+        self._lent: deque[Raw] = deque()  # taken by take_unparsed, not back yet
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
         self._lanes_by_id: dict[str, Lane] = {}
         self._early_drops: dict[str, tuple[int, float]] = {}  # webhook id -> (drops, since)
@@ -174,37 +203,77 @@ class Outbox:
         self._closed = False
         self.counts = dict.fromkeys(
             ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
-             "errors", "retries", "rate_limited", "requests", "notices", "restored"), 0)
+             "errors", "retries", "rate_limited", "requests", "notices", "restored",
+             "restored_in_flight"), 0)
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
 
     # ------------------------------------------------------------------ intake
 
-    def accept(self, envelopes: list[bytes], restored: bool = False) -> tuple[int, list[int]]:
-        """Take envelopes off the socket. Returns the number of messages dropped to stay
-        within the bound and the sizes of envelopes rejected for their size."""
+    def accept(self, envelopes: list[bytes]) -> tuple[int, list[int]]:
+        """Take envelopes off the socket (journaled first, in durable mode). Returns the
+        number of messages dropped to stay within the bound and the sizes of envelopes
+        rejected for their size."""
         now = self._monotonic()
-        counts = self.counts
         fresh = [data for data in envelopes if len(data) <= MAX_ENVELOPE_BYTES]
         oversized = [len(data) for data in envelopes if len(data) > MAX_ENVELOPE_BYTES] \
             if len(fresh) < len(envelopes) else []
+        if self._journal is not None and fresh:
+            raws = [Raw(data, now, jid) for data, jid in zip(fresh, self._journal.append(fresh))]
+        else:
+            raws = [Raw(data, now) for data in fresh]
         with self._lock:
-            counts["received"] += len(envelopes)
-            if restored:
-                counts["restored"] += len(envelopes)
-            counts["rejected"] += len(oversized)
-            excess = self._held + len(fresh) - self.queue_max
-            if excess > 0:
-                counts["drops"] += excess
-                made_room = self._drop_oldest(excess)
-                if made_room < excess:  # the rest is being sent: newcomers go instead
-                    self._charge_drops(fresh[:excess - made_room])
-                    fresh = fresh[excess - made_room:]
-                self._held -= made_room
-            self._held += len(fresh)
-            self._raw.extend((data, now) for data in fresh)
-        return max(excess, 0), oversized
+            self.counts["received"] += len(envelopes)
+            self.counts["rejected"] += len(oversized)
+            return self._hold(raws), oversized
+
+    def restore(self, saved: list[Saved], jids: list[int] | None, notices: Notices) -> int:
+        """Take back what the last run left (ahead of anything new): messages with their
+        progress, from the journal (`jids` given) or from a pending file (journaled now,
+        in durable mode), and the loss notices still to post. Returns the drops needed
+        to stay within the bound."""
+        now = self._monotonic()
+        if jids is None and self._journal is not None and saved:
+            jids = self._journal.restore(saved)
+        raws = [Raw(item.envelope, now, jid, item.part, item.attempts, item.in_flight)
+                for item, jid in zip(saved, jids or [None] * len(saved))]
+        with self._lock:
+            counts = self.counts
+            counts["received"] += len(raws)
+            counts["restored"] += len(raws)
+            counts["restored_in_flight"] += sum(raw.in_flight for raw in raws)
+            for key, (dropped, failed, since) in notices.items():
+                if "/" in key:
+                    lane = self._lanes.get(key) or self._new_lane(key)
+                    lane.lost_dropped, lane.lost_failed, lane.lost_since = dropped, failed, since
+                    lane.notice_due = True
+                else:
+                    self._early_drops[key] = (dropped, since)
+            return self._hold(raws)
+
+    def _hold(self, raws: list[Raw]) -> int:
+        """Hold new raw envelopes within `queue_max`, dropping the oldest messages (or,
+        while those are being sent, the newcomers) to make room. Returns the drops."""
+        excess = self._held + len(raws) - self.queue_max
+        if excess > 0:
+            self.counts["drops"] += excess
+            made_room = self._drop_oldest(excess)
+            if made_room < excess:  # the rest is being sent: newcomers go instead
+                refused, raws = raws[:excess - made_room], raws[excess - made_room:]
+                self._charge_drops(refused)
+                self._journal_done(refused)
+            self._held -= made_room
+        self._held += len(raws)
+        self._raw.extend(raws)
+        return max(excess, 0)
+
+    def _journal_done(self, raws) -> None:
+        """Their outcome is final: the journal no longer needs them."""
+        if self._journal is not None:
+            jids = [raw.jid for raw in raws if raw.jid is not None]
+            if jids:
+                self._journal.done(jids)
 
     def _drop_oldest(self, count: int) -> int:
         """Drop up to `count` of the oldest waiting messages (parsed ones are older than
@@ -218,22 +287,25 @@ class Outbox:
                     oldest = lane
             if oldest is None:
                 break
-            self._forget(oldest.waiting.popleft())
+            item = oldest.waiting.popleft()
+            self._forget(item)
+            self._journal_done([item.raw])
             oldest.dropped += 1
             self._note_loss(oldest, dropped=1)
             dropped += 1
         raw = self._raw
-        taken = [raw.popleft()[0] for _ in range(min(count - dropped, len(raw)))]
+        taken = [raw.popleft() for _ in range(min(count - dropped, len(raw)))]
         self._charge_drops(taken)
+        self._journal_done(taken)
         return dropped + len(taken)
 
-    def _charge_drops(self, envelopes: list[bytes]) -> None:
+    def _charge_drops(self, raws: list[Raw]) -> None:
         """Charge drops of unparsed envelopes to their webhooks: to its lane, or, before
         any message to that webhook was parsed, to the lane it will get (remembered for
         at most EARLY_DROP_IDS webhooks)."""
         per_webhook: dict[bytes, int] = {}
-        for data in envelopes:
-            webhook = _webhook_id_of(data)
+        for raw in raws:
+            webhook = _webhook_id_of(raw.data)
             if webhook is not None:
                 per_webhook[webhook] = per_webhook.get(webhook, 0) + 1
         for webhook, count in per_webhook.items():
@@ -245,13 +317,17 @@ class Outbox:
             elif webhook_id in self._early_drops or len(self._early_drops) < EARLY_DROP_IDS:
                 earlier, since = self._early_drops.get(webhook_id, (0, self._wall()))
                 self._early_drops[webhook_id] = (earlier + count, since)
+                if self._journal is not None:
+                    self._journal.notice(webhook_id, earlier + count, 0, since)
 
     def take_unparsed(self, limit: int) -> list[tuple[bytes, float]]:
         """Up to `limit` raw envelopes, oldest first, for the receiver to parse. They
         stay held (and undroppable) until `add_parsed` takes them back."""
         with self._lock:
             raw = self._raw
-            return [raw.popleft() for _ in range(min(limit, len(raw)))]
+            lent = [raw.popleft() for _ in range(min(limit, len(raw)))]
+            self._lent.extend(lent)
+        return [(item.data, item.received_at) for item in lent]
 
     @property
     def unparsed(self) -> int:
@@ -263,22 +339,25 @@ class Outbox:
         now = self._monotonic()
         counts = self.counts
         with self._lock:
-            for received_at, result, key in results:
+            for _, result, key in results:
+                raw = self._lent.popleft()
                 if isinstance(result, str):
                     counts["rejected"] += 1
                     self._held -= 1
+                    self._journal_done([raw])
                     continue
                 lane = self._lanes.get(result.webhook) or self._new_lane(result.webhook)
                 self._seq += 1
                 if lane.dead_reason is not None and lane.not_before > now:
-                    self._fail([Held(self._seq, received_at, result, None)], lane,
+                    self._fail([Held(self._seq, result, None, raw)], lane,
                                lane.dead_reason, quiet=True)
                     lane.dead_failed += 1
                 elif key is not None and self._seen(key, now):
                     counts["deduplicated"] += 1
                     self._held -= 1
+                    self._journal_done([raw])
                 else:
-                    lane.waiting.append(Held(self._seq, received_at, result, key))
+                    lane.waiting.append(Held(self._seq, result, key, raw))
             self._changed.notify_all()
 
     def _new_lane(self, webhook: str) -> Lane:
@@ -299,6 +378,9 @@ class Outbox:
         if lane.id in self._early_drops:
             lane.dropped, lane.lost_since = self._early_drops.pop(lane.id)
             lane.lost_dropped = lane.dropped
+            if self._journal is not None:
+                self._journal.notice(lane.id, 0, 0, None)
+                self._journal.notice(webhook, lane.lost_dropped, 0, lane.lost_since)
         return lane
 
     def _seen(self, key: bytes, now: float) -> bool:
@@ -375,24 +457,19 @@ class Outbox:
             notice = discord_payload.loss_notice(*counts, lane.lost_since)
             return Job(lane, [], [notice], notice=counts)
         first = lane.waiting[0]
-        parts = self._parts(first)
-        if len(parts) > 1 or len(lane.waiting) == 1 or lane.singles:
+        if len(first.remaining) > 1 or len(lane.waiting) == 1 or lane.singles:
             lane.singles = max(0, lane.singles - 1)
-            return Job(lane, [lane.waiting.popleft()], parts)
-        candidates = []
-        for i, item in enumerate(lane.waiting):
-            if i == BATCH_LOOKAHEAD:
-                break
-            item_parts = self._parts(item)
-            if len(item_parts) != 1:
-                break
-            candidates.append(item_parts[0])
-        taken, combined = discord_payload.combine(candidates)
-        return Job(lane, [lane.waiting.popleft() for _ in range(taken)], [combined])
-
-    @staticmethod
-    def _parts(item: Held) -> tuple[dict, ...]:
-        return item.message.requests
+            job = Job(lane, [lane.waiting.popleft()], first.remaining)
+        else:
+            candidates = []
+            for i, item in enumerate(lane.waiting):
+                if i == BATCH_LOOKAHEAD or len(item.remaining) != 1:
+                    break
+                candidates.append(item.remaining[0])
+            taken, combined = discord_payload.combine(candidates)
+            job = Job(lane, [lane.waiting.popleft() for _ in range(taken)], [combined])
+        job.attempts = max(item.raw.attempts for item in job.items)  # restored ones
+        return job
 
     def finish(self, job: Job, outcome: Outcome) -> None:
         """Record what one request of `job` came to and decide what the lane does next."""
@@ -411,9 +488,7 @@ class Outbox:
                 self._invalid.popleft()
             kind = outcome.kind
             if kind == "delivered":
-                job.part += 1
-                if job.part == len(job.parts):
-                    self._completed(job)
+                self._part_delivered(job)
             elif kind == "rate_limited":
                 counts["rate_limited"] += 1
                 if outcome.scope in ("global", "ban"):
@@ -463,6 +538,18 @@ class Outbox:
                 return
         bucket.remaining, bucket.window, bucket.reset_at = rate.remaining, rate.reset, reset_at
 
+    def _part_delivered(self, job: Job) -> None:
+        """Retries count per request: the next part starts with none used."""
+        job.part += 1
+        job.attempts = 0
+        if job.part == len(job.parts):
+            self._completed(job)
+        elif len(job.items) == 1:  # several parts: always a message alone
+            raw = job.items[0].raw
+            raw.part, raw.attempts = raw.part + 1, 0
+            if self._journal is not None and raw.jid is not None:
+                self._journal.progress(raw.jid, raw.part, 0)
+
     def _completed(self, job: Job) -> None:
         lane, counts = job.lane, self.counts
         lane.job = None
@@ -476,7 +563,9 @@ class Outbox:
                 lane.lost_since = None
             log.info("loss notice sent webhook=%s dropped=%d failed=%d",
                      lane.id, *job.notice)
+            self._journal_notice(lane)
             return
+        self._journal_done([item.raw for item in job.items])
         self._held -= len(job.items)
         counts["delivered"] += len(job.items)
         lane.delivered += len(job.items)
@@ -500,6 +589,10 @@ class Outbox:
             self._fail(job.items, lane, f"{outcome.reason} after {job.attempts} attempts")
             return
         self.counts["retries"] += 1
+        for item in job.items:
+            item.raw.attempts = job.attempts
+            if self._journal is not None and item.raw.jid is not None:
+                self._journal.progress(item.raw.jid, item.raw.part, job.attempts)
         delay = self._retry.backoff(job.attempts, self._rng)
         lane.not_before = now + delay
         log.warning("retry webhook=%s attempt=%d in_s=%.2f reason=%s",
@@ -542,6 +635,7 @@ class Outbox:
             return
         for item in items:
             self._forget(item)
+        self._journal_done([item.raw for item in items])
         self._held -= len(items)
         self.counts["failed"] += len(items)
         lane.failed += len(items)
@@ -559,6 +653,12 @@ class Outbox:
         lane.lost_failed += failed
         if lane.lost_since is None:
             lane.lost_since = self._wall()
+        self._journal_notice(lane)
+
+    def _journal_notice(self, lane: Lane) -> None:
+        if self._journal is not None:
+            self._journal.notice(lane.webhook, lane.lost_dropped, lane.lost_failed,
+                                 lane.lost_since)
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait until nothing is held (all delivered or failed); False on timeout."""
@@ -595,17 +695,37 @@ class Outbox:
 
     # ------------------------------------------------------------------ shutdown
 
-    def close(self) -> list[Message]:
-        """Stop handing out jobs and return the parsed messages still held, oldest first
-        (the caller parses raw envelopes before)."""
+    def close(self) -> None:
+        """Stop handing out jobs; requests in flight still report their answers."""
         with self._lock:
             self._closed = True
             self._changed.notify_all()
-            held: list[Held] = []
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False on timeout."""
+        with self._lock:
+            return self._changed.wait_for(
+                lambda: not any(lane.busy for lane in self._lanes.values()), timeout)
+
+    def saved(self) -> tuple[list[Saved], Notices]:
+        """What a stop leaves for the next start: every message still held, oldest
+        first, with the requests of it already delivered left out (one whose request
+        is still in flight is marked so), and the loss notices still to post."""
+        with self._lock:
+            held: list[tuple[Held, bool]] = []
             for lane in self._lanes.values():
                 if lane.job is not None:
-                    held.extend(lane.job.items)
-                held.extend(lane.waiting)
-            held.sort(key=lambda item: item.seq)
-            return [item.message for item in held]
+                    held.extend((item, lane.busy) for item in lane.job.items)
+                held.extend((item, False) for item in lane.waiting)
+            held.sort(key=lambda pair: pair[0].seq)
+            raws = [(item.raw, busy) for item, busy in held]
+            raws.extend((raw, False) for raw in (*self._lent, *self._raw))
+            saved = [Saved(raw.data, raw.part, raw.attempts, busy or raw.in_flight)
+                     for raw, busy in raws]
+            notices: Notices = {
+                lane.webhook: (lane.lost_dropped, lane.lost_failed, lane.lost_since)
+                for lane in self._lanes.values() if lane.lost_dropped or lane.lost_failed}
+            notices.update((webhook_id, (dropped, 0, since))
+                           for webhook_id, (dropped, since) in self._early_drops.items())
+            return saved, notices
 

@@ -28,9 +28,10 @@ import time
 import requests
 import zmq
 
-from notifier import PROJECT_URL, __version__, envelope, files, metrics, sexp
+from notifier import PROJECT_URL, __version__, envelope, files, metrics, pending
 from notifier.config import Config
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
+from notifier.journal import Journal, Notices, Saved
 from notifier.logs import Throttle
 from notifier.outbox import Job, Outbox, dedupe_key
 
@@ -44,7 +45,9 @@ RECEIVE_BATCH = 512  # envelopes taken off the socket per lock acquisition
 PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
 PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
 PREVIEW_CHARS = 80
-PENDING_SCHEMA = 1
+GRACE_SEC = 3.0
+"""After the drain, how long requests still in flight get to come back: what Discord
+answers in that time is recorded, so a delivered message is not saved and posted again."""
 
 
 class RelayError(RuntimeError):
@@ -110,13 +113,16 @@ class Relay:
 
     def __init__(self, settings: Config, *, retry: RetryPolicy = RetryPolicy()):
         self.settings = settings
-        self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry)
+        self.journal = Journal(settings.journal) if settings.durable else None
+        self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry,
+                             journal=self.journal)
         self._context = zmq.Context()
         self._wake: zmq.Socket | None = None
         self._stop_requested = threading.Event()  # by a signal, or by a failed thread
         self.failed = False  # a thread died of an unexpected error
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # the metrics and journal threads' signal
         self._threads: list[threading.Thread] = []
+        self._background: list[threading.Thread] = []  # metrics and journal threads
         self._started_at = time.time()
         self._accept_log = Throttle(burst=20)
         self._reject_log = Throttle(burst=20)
@@ -152,16 +158,19 @@ class Relay:
         self._spawn("receiver", self._receive_loop, pull, wake_receiver)
         for number in range(settings.senders):
             self._spawn(f"sender-{number + 1}", self._send_loop)
-        self._spawn("metrics", self._metrics_loop)
-        log.info("relay started endpoint=%s queue_max=%d senders=%d metrics=%s pid=%d",
-                 settings.endpoint, settings.queue_max, settings.senders,
-                 settings.metrics_file, os.getpid())
+        self._background.append(self._spawn("metrics", self._metrics_loop))
+        if self.journal is not None:
+            self._background.append(self._spawn("journal", self.journal.run, self._stopping))
+        log.info("relay started endpoint=%s queue_max=%d senders=%d metrics=%s durable=%s "
+                 "pid=%d", settings.endpoint, settings.queue_max, settings.senders,
+                 settings.metrics_file, "on" if self.journal else "off", os.getpid())
 
-    def _spawn(self, name: str, target, *args) -> None:
+    def _spawn(self, name: str, target, *args) -> threading.Thread:
         thread = threading.Thread(target=self._guarded, args=(target, *args), name=name,
                                   daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     def _guarded(self, target, *args) -> None:
         """A thread that dies of an unexpected error (a bug) stops the whole relay the
@@ -175,9 +184,12 @@ class Relay:
             self.failed = True
             self._stop_requested.set()
 
-    def stop(self) -> None:
-        """Stop receiving, deliver for up to ``drain_sec``, save the rest, write the final
-        metrics. Threads stuck in a request are left to die with the process."""
+    def stop(self) -> bool:
+        """Stop receiving; deliver for up to ``drain_sec``; give requests in flight
+        GRACE_SEC to come back; save what is still undelivered (in durable mode the
+        journal holds it already); stop the metrics thread, then write the final
+        metrics. True if everything held was delivered or saved. Threads stuck in a
+        request are left to die with the process (their messages are saved)."""
         log.info("stopping: no longer receiving; draining for up to %.1f s",
                  self.settings.drain_sec)
         try:
@@ -188,27 +200,50 @@ class Relay:
         while self.outbox.unparsed:  # only if the receiver died before parsing them
             self._parse(PARSE_WHEN_IDLE)
         delivered = self.outbox.wait_empty(self.settings.drain_sec)
+        self.outbox.close()
+        if not delivered:
+            log.info("drain time over; up to %.1f s for requests in flight to come back",
+                     GRACE_SEC)
+        if not self.outbox.wait_idle(GRACE_SEC):
+            log.warning("requests still in flight after %.1f s: their messages are saved "
+                        "and may be posted twice", GRACE_SEC)
+        held, notices = self.outbox.saved()
         self._stopping.set()
-        messages = self.outbox.close()
-        self._save_pending(messages)
+        if self.journal is not None:
+            self.journal.wake()
+        for thread in self._background:
+            thread.join()
+        if self.journal is not None:
+            self.journal.close()
+            saved = self.journal.failure is None
+            where = f"kept in the journal {self.settings.journal}"
+        else:
+            saved = self._save_pending(held, notices)
+            where = f"saved to {self.settings.pending_file}"
         self._write_metrics()
         for thread in self._threads[1:]:
             thread.join(timeout=1.0)
         self._wake.close()
         self._context.destroy(linger=0)
-        log.info("stopped: %s; %d messages saved for the next start",
-                 "all delivered" if delivered else "drain time over", len(messages))
+        if not saved and held:
+            log.error("stopped: %d messages LOST: they could not be saved (see above)",
+                      len(held))
+        else:
+            log.info("stopped: %s; %d messages %s for the next start",
+                     "all delivered" if delivered else "drain time over", len(held), where)
+        return saved or not held
 
-    def serve(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully. The handlers only set a
-        flag: the work happens here, on the main thread, outside signal context."""
+    def serve(self) -> bool:
+        """Run until SIGTERM or SIGINT, then stop gracefully; returns what `stop` does.
+        The handlers only set a flag: the work happens here, on the main thread,
+        outside signal context."""
         previous = {sig: signal.signal(sig, lambda *_: self._stop_requested.set())
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.start()
             while not self._stop_requested.wait(3600):
                 pass
-            self.stop()
+            return self.stop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -315,6 +350,8 @@ class Relay:
         sender = Sender()
         try:
             while (job := self.outbox.next_job()) is not None:
+                if self.journal is not None and job.items:
+                    self.journal.sending([item.raw.jid for item in job.items])
                 try:
                     outcome = sender.post(job)
                 except Exception as exc:  # a bug, not Discord: retry, and say so
@@ -332,63 +369,70 @@ class Relay:
 
     def _write_metrics(self) -> None:
         now = time.time()
-        text = metrics.render(self.outbox.snapshot(), now=now, started_at=self._started_at,
+        snapshot = self.outbox.snapshot()
+        if self.journal is not None:
+            snapshot.update(journal_state=self.journal.state,
+                            journal_corrupt_records=self.journal.corrupt_records)
+        text = metrics.render(snapshot, now=now, started_at=self._started_at,
                               pid=os.getpid(), interval=self.settings.metrics_interval)
         try:
             metrics.write(self.settings.metrics_file, text)
         except OSError as exc:
             log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
 
-    def _save_pending(self, messages: list[envelope.Message]) -> None:
+    def _save_pending(self, held: list[Saved], notices: Notices) -> bool:
+        """Write what is still undelivered for the next start; False if that failed."""
         path = self.settings.pending_file
-        if not messages:
-            path.unlink(missing_ok=True)
-            return
-        texts = [sexp.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND",
-                             "webhook": m.webhook,
-                             "payload_json": json.dumps(m.payload, ensure_ascii=False)})
-                 for m in messages]
-        data = sexp.dumps({"schema_version": PENDING_SCHEMA, "saved_at": int(time.time()),
-                           "envelopes": texts})
         try:
-            files.write_atomic(path, data.encode("utf-8"), mode=0o600)
-        except OSError as exc:
-            log.error("cannot save %d pending messages to %s: %s", len(messages), path, exc)
+            if not held and not notices:
+                path.unlink(missing_ok=True)
+            else:
+                files.write_atomic(path, pending.dumps(held, notices), mode=0o600)
+            return True
+        except (OSError, ValueError) as exc:  # ValueError: a payload not UTF-8 (a bug)
+            log.error("cannot save %d pending messages to %s: %s", len(held), path, exc)
+            return False
 
     def _restore(self) -> None:
-        """Take back what the last run saved, ahead of anything new, and remove the
-        file: from here on those messages are held (and accounted) like any other."""
+        """Take back, ahead of anything new, what the last run left: the journal's
+        messages in durable mode, and a pending file if there is one (it is then
+        removed: from here on its messages are held, and accounted, like any other)."""
+        if self.journal is not None:
+            replay = self.journal.open()
+            if replay.messages or replay.notices:
+                self.outbox.restore(list(replay.messages.values()), list(replay.messages),
+                                    replay.notices)
+                log.info("restored %d messages from the journal (%d possibly posted "
+                         "already: they were in flight)", len(replay.messages),
+                         sum(saved.in_flight for saved in replay.messages.values()))
         path = self.settings.pending_file
         try:
-            data = path.read_bytes()
+            data = files.read_regular(path, pending.max_bytes(self.settings.queue_max))
+            saved, notices = pending.loads(data)
         except FileNotFoundError:
             return
-        except OSError as exc:
-            log.error("cannot read saved messages %s: %s", path, exc)
-            return
-        try:
-            saved = sexp.loads(data, max_bytes=max(len(data), sexp.MAX_BYTES))
-            texts = saved["envelopes"] if isinstance(saved, dict) else None
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                raise ValueError("no list of envelopes in it")
-        except (sexp.SexpError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             kept = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-            path.replace(kept)
+            try:
+                path.replace(kept)
+            except OSError as move:
+                log.error("saved messages %s unreadable (%s) and cannot be moved aside: %s",
+                          path, exc, move)
+                return
             log.error("saved messages unreadable (%s); kept as %s", exc, kept)
             return
-        self.outbox.accept([text.encode("utf-8") for text in texts], restored=True)
-        while self.outbox.unparsed:
-            self._parse(PARSE_WHEN_IDLE)
+        self.outbox.restore(saved, None, notices)
         path.unlink()
-        log.info("restored %d messages saved by the last run", len(texts))
+        log.info("restored %d messages saved by the last run (%d possibly posted already: "
+                 "they were in flight)", len(saved), sum(item.in_flight for item in saved))
 
 
 def run(settings: Config) -> int:
     """``python -m notifier``: serve until signalled. Returns the exit code."""
     relay = Relay(settings)
     try:
-        relay.serve()
+        saved = relay.serve()
     except RelayError as exc:
         log.error("%s", exc)
         return 1
-    return 1 if relay.failed else 0
+    return 1 if relay.failed or not saved else 0

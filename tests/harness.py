@@ -12,7 +12,7 @@ from typing import Callable
 
 import zmq
 
-from notifier import metrics, sexp
+from notifier import metrics, pending, sexp
 from notifier.demo import free_port
 from notifier.sexp import Alist
 
@@ -42,6 +42,12 @@ def envelope_text(webhook: str, content: str) -> bytes:
     return sexp.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND",
                        "webhook": webhook, "payload_json": f'{{"content": "{content}"}}'}
                       ).encode("utf-8")
+
+
+def saved_envelopes(pending_file: Path) -> list[str]:
+    """The envelopes a stopped relay saved in its pending file, oldest first."""
+    saved, _ = pending.loads(pending_file.read_bytes())
+    return [item.envelope.decode("utf-8") for item in saved]
 
 
 def contents(standin, webhook_id) -> list[str]:

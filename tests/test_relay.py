@@ -10,7 +10,7 @@ import pytest
 from notifier import sexp
 from notifier.standin import DiscordStandIn
 from tests.harness import (Pusher, RelayProcess, assert_balanced, contents, envelope_text,
-                           free_port, wait_until)
+                           free_port, saved_envelopes, wait_until)
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(tmp_
     assert final["pending"] == 25 and final["delivered"] == 0
     assert_balanced(final)
     assert stat.S_IMODE(os.stat(relay.pending_file).st_mode) == 0o600
-    saved = sexp.loads(relay.pending_file.read_bytes())["envelopes"]
+    saved = saved_envelopes(relay.pending_file)
     assert len(saved) == 25 and "tok" in saved[0]
 
     with DiscordStandIn(port=port) as discord:
@@ -216,10 +216,10 @@ def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discor
     (tmp_path / "sitecustomize.py").write_text(
         "import notifier.outbox as o\n"
         "accept = o.Outbox.accept\n"
-        "def failing(self, envelopes, restored=False):\n"
+        "def failing(self, envelopes):\n"
         "    if any(b'poison' in e for e in envelopes):\n"
         "        raise RuntimeError('a bug')\n"
-        "    return accept(self, envelopes, restored)\n"
+        "    return accept(self, envelopes)\n"
         "o.Outbox.accept = failing\n")
     relay.start()
     with Pusher(relay.endpoint) as pusher:
@@ -228,6 +228,6 @@ def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discor
         pusher.send(envelope_text(webhook, "poison"))
         assert relay.process.wait(30) == 1
     assert "receiver thread failed; stopping the relay" in relay.log()
-    saved = sexp.loads(relay.pending_file.read_bytes())["envelopes"]
+    saved = saved_envelopes(relay.pending_file)
     assert len(saved) == 1 and "kept" in saved[0]
     assert_balanced(relay.metrics())
