@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from notifier import config, envelope, logs
+from notifier import __version__, config, envelope, logs
+from notifier import standin as discord_standin
 from notifier.client import add_send_parser
 
 
@@ -75,16 +76,22 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def standin(args: argparse.Namespace) -> int:
-    from notifier.standin import main as standin_main
+    return discord_standin.serve(args)
 
-    return standin_main(args.standin_args)
+
+def program_name(argv0: str, module: str) -> str:
+    """What --help calls the command: ``python -m MODULE`` when run that way, else the
+    name it was started by (``swimmy-notifier``)."""
+    name = os.path.basename(argv0)
+    return f"python -m {module}" if name in ("__main__.py", "") else name
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m notifier",
+        prog=program_name(sys.argv[0], "notifier"),
         description="Relay notifications from ZeroMQ producers to Discord webhooks. "
                     "Without a command, run the relay until SIGTERM or SIGINT.")
+    parser.add_argument("--version", action="version", version=f"swimmy-notifier {__version__}")
     config.add_arguments(parser)
     parser.set_defaults(run=relay)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -117,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(run=demo)
 
     standin_parser = commands.add_parser(
-        "standin", add_help=False, help="run a local Discord stand-in (see standin --help)")
-    standin_parser.add_argument("standin_args", nargs=argparse.REMAINDER)
+        "standin", help="run a local Discord stand-in for producer tests",
+        description="Serve a local stand-in for Discord webhooks until SIGINT or SIGTERM. "
+                    "It prints a webhook URL and the SWIMMY_NOTIFIER_ALLOWED_HOSTS value "
+                    "for the relay, then one line per message it receives.")
+    discord_standin.add_arguments(standin_parser)
     standin_parser.set_defaults(run=standin)
     return parser
 

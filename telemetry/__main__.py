@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from notifier import __version__
+from notifier.__main__ import program_name
 from telemetry import config, merge
 
 log = logging.getLogger("telemetry")
@@ -18,9 +20,10 @@ log = logging.getLogger("telemetry")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m telemetry",
+        prog=program_name(sys.argv[0], "telemetry"),
         description="Merge the notifier relay's metrics into the Lisp side's "
                     "system_metrics.sexp.")
+    parser.add_argument("--version", action="version", version=f"swimmy-telemetry {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser(
         "merge", help="merge notifier_metrics.sexp into system_metrics.sexp once",
