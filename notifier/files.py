@@ -1,8 +1,11 @@
-"""Atomic file replacement: a reader sees the old file or the new one, never a torn one."""
+"""Atomic file replacement (a reader sees the old file or the new one, never a torn one),
+and bounded reads of files that must be regular (a FIFO must not hang a reader)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -55,3 +58,37 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of `path` (enough to tell that it is too big), refusing
+    anything but a regular file, so that a FIFO or a device cannot hang or flood us."""
+    fd = open_regular(path)
+    try:
+        return read_upto(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path` if it is a regular file (opened non-blocking, so
+    even a FIFO returns at once); OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+        raise OSError(code, "is a directory" if code == errno.EISDIR else "not a regular file")
+    return fd
+
+
+def read_upto(fd: int, limit: int) -> bytes:
+    """Read from `fd` until end of file or `limit` + 1 bytes, whichever comes first."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = os.read(fd, limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)

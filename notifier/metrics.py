@@ -26,11 +26,13 @@ def _unix(value: float | None) -> int | None:
 
 
 def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
-           interval: float) -> str:
-    """The metrics file's text for an `Outbox.snapshot`."""
+           interval: float, saved: int | None = None) -> str:
+    """The metrics file's text for an `Outbox.snapshot`; `saved` (the messages left for
+    the next start) marks the final snapshot of a relay that stopped."""
     entries: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "timestamp": int(now),
+        "state": "running" if saved is None else "stopped",
         "pid": pid,
         "started_at": int(started_at),
         "uptime_sec": int(now - started_at),
@@ -39,12 +41,16 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
         "queue_max": snapshot["queue_max"],
         "unparsed": snapshot["unparsed"],
     }
+    if saved is not None:
+        entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries.update(
         last_delivery_at=_unix(snapshot["last_delivery_at"]),
         last_error_at=_unix(snapshot["last_error_at"]),
         last_error=snapshot["last_error"],
-        webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"])}
+        last_rejected_at=_unix(snapshot["last_rejected_at"]),
+        webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
+                   "failing_since": _unix(hook["failing_since"])}
                   for hook in snapshot["webhooks"]])
     return sexp.dumps(entries) + "\n"
 
@@ -54,9 +60,10 @@ def write(path: Path, text: str) -> None:
 
 
 def read(path: Path) -> sexp.Alist:
-    """Read a metrics file; raises OSError or `sexp.SexpError` (or ValueError when it is
-    not an alist)."""
-    value = sexp.loads(path.read_bytes())
+    """Read a metrics file: a regular file of at most `sexp.MAX_BYTES`, so a FIFO or a
+    device cannot hang the reader. Raises OSError or `sexp.SexpError` (or ValueError when
+    it is not an alist)."""
+    value = sexp.loads(files.read_regular(path, sexp.MAX_BYTES))
     if not isinstance(value, sexp.Alist):
         raise ValueError("the metrics file is not an alist")
     return value

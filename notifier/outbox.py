@@ -130,6 +130,7 @@ class Lane:
         self.singles = 0  # send this many next messages alone (after a 400 on a batch)
         self.delivered = self.dropped = self.failed = 0
         self.last_success_at: float | None = None  # wall clock
+        self.failing_since: float | None = None  # wall clock: first error since a success
         self.lost_dropped = self.lost_failed = 0  # not yet reported in the channel
         self.lost_since: float | None = None  # wall clock
         self.notice_due = False
@@ -179,6 +180,7 @@ class Outbox:
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.last_rejected_at: float | None = None
 
     # ------------------------------------------------------------------ intake
 
@@ -195,6 +197,8 @@ class Outbox:
             if restored:
                 counts["restored"] += len(envelopes)
             counts["rejected"] += len(oversized)
+            if oversized:
+                self.last_rejected_at = self._wall()
             excess = self._held + len(fresh) - self.queue_max
             if excess > 0:
                 counts["drops"] += excess
@@ -267,6 +271,7 @@ class Outbox:
             for received_at, result, key in results:
                 if isinstance(result, str):
                     counts["rejected"] += 1
+                    self.last_rejected_at = self._wall()
                     self._held -= 1
                     continue
                 lane = self._lanes.get(result.webhook) or self._new_lane(result.webhook)
@@ -414,6 +419,7 @@ class Outbox:
                 self._invalid.popleft()
             kind = outcome.kind
             if kind == "delivered":
+                lane.failing_since = None
                 job.part += 1
                 if job.part == len(job.parts):
                     self._completed(job)
@@ -429,6 +435,8 @@ class Outbox:
                 counts["errors"] += 1
                 self.last_error, self.last_error_at = f"webhook {lane.id}: {outcome.reason}", \
                     self._wall()
+                if kind in ("retry", "dead") and lane.failing_since is None:
+                    lane.failing_since = self.last_error_at
                 if kind == "retry":
                     self._retry_later(job, outcome, now)
                 elif kind == "dead":
@@ -580,7 +588,7 @@ class Outbox:
                 unparsed=len(self._raw), invalid_requests_10m=sum(
                     1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
-                last_error=self.last_error, webhooks=[self._lane_report(lane, now)
+                last_error=self.last_error, last_rejected_at=self.last_rejected_at, webhooks=[self._lane_report(lane, now)
                                                       for lane in self._lanes.values()])
         return snapshot
 
@@ -594,7 +602,7 @@ class Outbox:
             state = "ok"
         return {"id": lane.id, "state": state, "pending": pending,
                 "delivered": lane.delivered, "dropped": lane.dropped, "failed": lane.failed,
-                "last_success_at": lane.last_success_at}
+                "last_success_at": lane.last_success_at, "failing_since": lane.failing_since}
 
     # ------------------------------------------------------------------ shutdown
 

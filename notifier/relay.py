@@ -189,8 +189,9 @@ class Relay:
         delivered = self.outbox.wait_empty(self.settings.drain_sec)
         self._stopping.set()
         messages = self.outbox.close()
-        self._save_pending(messages)
-        self._write_metrics()
+        saved = self._save_pending(messages)
+        self._threads[-1].join(timeout=5.0)  # the metrics thread: no snapshot after the last
+        self._write_metrics(saved=saved)
         for thread in self._threads[1:]:
             thread.join(timeout=1.0)
         self._wake.close()
@@ -309,20 +310,22 @@ class Relay:
         while not self._stopping.wait(self.settings.metrics_interval):
             self._write_metrics()
 
-    def _write_metrics(self) -> None:
+    def _write_metrics(self, saved: int | None = None) -> None:
         now = time.time()
         text = metrics.render(self.outbox.snapshot(), now=now, started_at=self._started_at,
-                              pid=os.getpid(), interval=self.settings.metrics_interval)
+                              pid=os.getpid(), interval=self.settings.metrics_interval,
+                              saved=saved)
         try:
             metrics.write(self.settings.metrics_file, text)
         except OSError as exc:
             log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
 
-    def _save_pending(self, messages: list[envelope.Message]) -> None:
+    def _save_pending(self, messages: list[envelope.Message]) -> int:
+        """Save what is still held for the next start; returns how many were saved."""
         path = self.settings.pending_file
         if not messages:
             path.unlink(missing_ok=True)
-            return
+            return 0
         texts = [sexp.dumps({"type": "NOTIFIER", "schema_version": 1, "action": "SEND",
                              "webhook": m.webhook,
                              "payload_json": json.dumps(m.payload, ensure_ascii=False)})
@@ -333,6 +336,8 @@ class Relay:
             files.write_atomic(path, data.encode("utf-8"), mode=0o600)
         except OSError as exc:
             log.error("cannot save %d pending messages to %s: %s", len(messages), path, exc)
+            return 0
+        return len(messages)
 
     def _restore(self) -> None:
         """Take back what the last run saved, ahead of anything new, and remove the

@@ -23,6 +23,8 @@ import stat
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from notifier.files import open_regular as _open_regular, read_regular, read_upto as _read
+
 log = logging.getLogger(__name__)
 
 TRIES = 5
@@ -46,37 +48,6 @@ class ReadError(Exception):
 
 class Busy(Exception):
     """The file changed under every try; nothing was written."""
-
-
-def read_regular(path: Path, limit: int) -> bytes:
-    """At most `limit` + 1 bytes of `path` (enough to tell that it is too big), refusing
-    anything but a regular file, so that a FIFO or a device cannot hang or flood us."""
-    fd = _open_regular(path)
-    try:
-        return _read(fd, limit)
-    finally:
-        os.close(fd)
-
-
-def _open_regular(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
-        raise OSError(code, "is a directory" if code == errno.EISDIR else "not a regular file")
-    return fd
-
-
-def _read(fd: int, limit: int) -> bytes:
-    chunks, size = [], 0
-    while size <= limit:
-        chunk = os.read(fd, limit + 1 - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)
 
 
 @functools.cache

@@ -10,5 +10,5 @@ def test_the_demo_delivers_everything_within_discords_limits():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "all 23 delivered" in out and "0 of them 429s" in out
-    assert "notifier: OK" in out and "relay exited with 0" in out
+    assert "NOTIFIER OK" in out and "relay exited with 0" in out
     assert "demo-token" not in out + result.stderr
