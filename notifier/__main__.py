@@ -28,7 +28,7 @@ def relay(args: argparse.Namespace) -> int:
     settings = _settings(args, "relay")
     if settings is None:
         return 2
-    logs.configure(settings.log_file)
+    logs.configure(settings.log_file, settings.log_level, settings.log_format)
     return run(settings)
 
 
@@ -66,6 +66,26 @@ def status(args: argparse.Namespace) -> int:
     code, text = command(settings.metrics_file)
     print(text)
     return code
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Check the settings and the environment without starting: exit 0 when the relay
+    can start, 2 for bad settings, 1 for an environment that would stop it."""
+    from notifier import validate as checks  # loads zmq
+
+    try:
+        settings = config.load(os.environ, vars(args))
+    except config.ConfigError as exc:
+        problems, code = exc.problems, 2
+    else:
+        problems, code = checks.problems(settings), 1
+    for problem in problems:
+        print(f"notifier validate: {problem}", file=sys.stderr)
+    if problems:
+        return code
+    print(f"notifier validate: OK: settings valid, {settings.endpoint} free, "
+          f"{settings.metrics_file.parent} and {settings.log_file or 'the log'} writable")
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -115,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 critical (no or stale snapshot, messages pending but not delivered).")
     config.add_arguments(status_parser, ("home", "metrics_file"))
     status_parser.set_defaults(run=status)
+
+    validate_parser = commands.add_parser(
+        "validate", help="check the settings and the environment without starting",
+        description="Check every setting, that the relay's address can be bound and that "
+                    "its data directory and log file can be written, without starting it; "
+                    "list every problem. Exit 0 ready, 1 the environment would stop the "
+                    "relay, 2 bad settings. For systemd's ExecStartPre=.")
+    config.add_arguments(validate_parser)
+    validate_parser.set_defaults(run=validate)
 
     demo_parser = commands.add_parser(
         "demo", help="run the relay end to end against a local Discord stand-in",

@@ -18,7 +18,11 @@ from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
-    """A setting with a value the relay cannot use."""
+    """Settings with values the relay cannot use; `problems` names each one."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -52,6 +56,15 @@ def _address(text: str) -> str:
     if not text or any(c.isspace() for c in text) or "/" in text:
         raise ValueError("must be an IP address, '*' or an interface name")
     return text
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+    return parse
 
 
 def _path(text: str) -> Path:
@@ -104,6 +117,12 @@ SETTINGS = (
             "metrics snapshot (default: $SWIMMY_HOME/data/notifier_metrics.sexp)"),
     Setting("log_file", "SWIMMY_NOTIFIER_LOG_FILE", "--log-file", _path, None,
             "log file, reopened after rotation (default: standard error)"),
+    Setting("log_level", "SWIMMY_NOTIFIER_LOG_LEVEL", "--log-level",
+            _choice("debug", "info", "warning", "error"), "info",
+            "least severe log lines written: debug adds a line per message accepted and "
+            "delivered"),
+    Setting("log_format", "SWIMMY_NOTIFIER_LOG_FORMAT", "--log-format", _choice("text", "json"),
+            "text", "log lines as text or as one JSON object each"),
     Setting("allowed_hosts", "SWIMMY_NOTIFIER_ALLOWED_HOSTS", "--allowed-hosts",
             parse_allowed_hosts, "",
             "extra webhook hosts allowed, comma-separated host[:port]; plain http is allowed "
@@ -126,6 +145,8 @@ class Config:
     dedupe_window: float = 180.0
     metrics_file: Path | None = None
     log_file: Path | None = None
+    log_level: str = "info"
+    log_format: str = "text"
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
     senders: int = 8
     drain_sec: float = 5.0
@@ -165,9 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser, fields: tuple[str, ...] | Non
 
 def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Config:
     """Build the configuration: a flag wins over its environment variable, which wins
-    over the default. Raises `ConfigError` naming the first bad setting."""
+    over the default. Raises `ConfigError` naming every bad setting."""
     flags = flags or {}
     values: dict[str, Any] = {}
+    problems = []
     for setting in SETTINGS:
         flag_value = flags.get(setting.field)
         if flag_value is not None:
@@ -181,6 +203,8 @@ def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> 
         try:
             values[setting.field] = setting.parse(text)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {exc}, got {text!r}") from None
+            problems.append(f"{source}: {exc}, got {text!r}")
+    if problems:
+        raise ConfigError(problems)
     values.setdefault("home", Path(os.getcwd()))
     return Config(**values)

@@ -55,6 +55,20 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
     return sexp.dumps(entries) + "\n"
 
 
+SUMMARY = (("received", "received"), ("delivered", "delivered"), ("rejected", "rejected"),
+           ("deduplicated", "deduplicated"), ("drops", "dropped"), ("failed", "failed"),
+           ("retries", "retries"), ("rate_limited", "rate-limited"))
+
+
+def summary(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str | None:
+    """The log's periodic INFO line: what changed between two snapshots ("last 60 s:
+    received 1234, delivered 1230, ...; pending 4"), or None if nothing did."""
+    changes = [f"{label} {after[key] - before.get(key, 0)}" for key, label in SUMMARY]
+    if all(after[key] == before.get(key, 0) for key, _ in SUMMARY):
+        return None
+    return f"last {seconds:.0f} s: {', '.join(changes)}; pending {after['pending']}"
+
+
 def write(path: Path, text: str) -> None:
     files.write_atomic(path, text.encode("utf-8"))
 

@@ -36,6 +36,7 @@ from notifier import payload as discord_payload
 from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW_SEC,
                               MAX_WAIT_SEC, UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
+from notifier.logs import Throttle
 
 log = logging.getLogger("notifier.outbox")
 
@@ -57,7 +58,7 @@ MAX_LANES = 1000
 EARLY_DROP_IDS = 1000
 """Webhooks whose drops are remembered before a message to them was ever parsed."""
 
-def _webhook_id_of(envelope: bytes) -> bytes | None:
+def raw_webhook_id(envelope: bytes) -> bytes | None:
     """The id of the first webhook URL in an envelope not parsed yet (a fair guess for
     any real envelope), found with bytes.find: this runs for every envelope a flood
     drops, at hundreds of thousands a second."""
@@ -174,6 +175,7 @@ class Outbox:
         self._held = 0
         self._seq = 0
         self._closed = False
+        self._dedupe_log = Throttle(burst=20)
         self.counts = dict.fromkeys(
             ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
              "errors", "retries", "rate_limited", "requests", "notices", "restored"), 0)
@@ -238,7 +240,7 @@ class Outbox:
         at most EARLY_DROP_IDS webhooks)."""
         per_webhook: dict[bytes, int] = {}
         for data in envelopes:
-            webhook = _webhook_id_of(data)
+            webhook = raw_webhook_id(data)
             if webhook is not None:
                 per_webhook[webhook] = per_webhook.get(webhook, 0) + 1
         for webhook, count in per_webhook.items():
@@ -283,9 +285,17 @@ class Outbox:
                 elif key is not None and self._seen(key, now):
                     counts["deduplicated"] += 1
                     self._held -= 1
+                    self._log_duplicate(lane)
                 else:
                     lane.waiting.append(Held(self._seq, received_at, result, key))
             self._changed.notify_all()
+
+    def _log_duplicate(self, lane: Lane) -> None:
+        """A suppressed duplicate is said, not silent: the producer's send succeeded."""
+        suppressed = self._dedupe_log.allow()
+        if suppressed is not None:
+            log.info("duplicate suppressed webhook=%s window_s=%g%s", lane.id, self.dedupe_window,
+                     f" ({suppressed} duplicate lines left out)" if suppressed else "")
 
     def _new_lane(self, webhook: str) -> Lane:
         """A lane for a webhook seen for the first time. Beyond MAX_LANES, the least
@@ -499,7 +509,7 @@ class Outbox:
         if lane.lost_dropped or lane.lost_failed:
             lane.notice_due = True
         oldest = min(item.received_at for item in job.items)
-        log.info("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
+        log.debug("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
                  lane.id, len(job.items), len(job.parts),
                  (self._monotonic() - oldest) * 1000)
 

@@ -32,7 +32,7 @@ from notifier import PROJECT_URL, __version__, envelope, files, metrics, sexp
 from notifier.config import Config
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
 from notifier.logs import Throttle
-from notifier.outbox import Job, Outbox, dedupe_key
+from notifier.outbox import Job, Outbox, dedupe_key, raw_webhook_id
 
 log = logging.getLogger("notifier.relay")
 
@@ -45,6 +45,7 @@ PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
 PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
 PREVIEW_CHARS = 80
 PENDING_SCHEMA = 1
+SUMMARY_EVERY_SEC = 60.0  # the INFO line of what the relay did, instead of a line per message
 
 
 class RelayError(RuntimeError):
@@ -122,6 +123,8 @@ class Relay:
         self._reject_log = Throttle(burst=20)
         self._drop_log = Throttle(burst=1)
         self._unreported_drops = 0
+        self._summarized: dict = {}  # the counters when the last summary line was logged
+        self._summarized_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -274,13 +277,15 @@ class Relay:
         for webhook_id, size in accepted:  # after the senders have the messages
             suppressed = self._accept_log.allow()
             if suppressed is not None:
-                log.info("accepted webhook=%s bytes=%d%s", webhook_id, size,
+                log.debug("accepted webhook=%s bytes=%d%s", webhook_id, size,
                          f" ({suppressed} accepted lines left out)" if suppressed else "")
 
     def _log_rejection(self, reason: str, data: bytes) -> None:
         suppressed = self._reject_log.allow()
         if suppressed is not None:
-            log.warning("rejected reason=%s preview=%s%s", reason, preview(data),
+            webhook = raw_webhook_id(data)
+            log.warning("rejected %sreason=%s preview=%s%s",
+                        f"webhook={webhook.decode()} " if webhook else "", reason, preview(data),
                         f" ({suppressed} rejection lines left out)" if suppressed else "")
 
     def _report_drops(self, final: bool = False) -> None:
@@ -312,13 +317,23 @@ class Relay:
 
     def _write_metrics(self, saved: int | None = None) -> None:
         now = time.time()
-        text = metrics.render(self.outbox.snapshot(), now=now, started_at=self._started_at,
+        snapshot = self.outbox.snapshot()
+        self._summarize(snapshot, final=saved is not None)
+        text = metrics.render(snapshot, now=now, started_at=self._started_at,
                               pid=os.getpid(), interval=self.settings.metrics_interval,
                               saved=saved)
         try:
             metrics.write(self.settings.metrics_file, text)
         except OSError as exc:
             log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
+
+    def _summarize(self, snapshot: dict, final: bool) -> None:
+        elapsed = time.monotonic() - self._summarized_at
+        if final or elapsed >= SUMMARY_EVERY_SEC:
+            line = metrics.summary(self._summarized, snapshot, elapsed)
+            if line is not None:
+                log.info("%s", line)
+            self._summarized, self._summarized_at = snapshot, time.monotonic()
 
     def _save_pending(self, messages: list[envelope.Message]) -> int:
         """Save what is still held for the next start; returns how many were saved."""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from notifier import __version__
+from notifier import __version__, logs
 from notifier.__main__ import program_name
 from telemetry import config, merge
 
@@ -46,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 on a bad command line
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(None)  # the relay's line format, on standard error
     try:
         settings = config.load(os.environ, vars(args), Path.cwd())
     except config.ConfigError as exc:
