@@ -89,6 +89,15 @@ def parse_allowed_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
     return tuple(hosts)
 
 
+def _listen(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9464`` -> ``("127.0.0.1", 9464)``: an address and a port, both needed."""
+    match = _HOST_PORT.match(text.strip())
+    if match is None or match.group(3) is None:
+        raise ValueError("must be ADDRESS:PORT, such as 127.0.0.1:9464")
+    ipv6, host, port = match.groups()
+    return ipv6 or host, _whole(1, 65535)(port)
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     field: str
@@ -123,6 +132,12 @@ SETTINGS = (
             "delivered"),
     Setting("log_format", "SWIMMY_NOTIFIER_LOG_FORMAT", "--log-format", _choice("text", "json"),
             "text", "log lines as text or as one JSON object each"),
+    Setting("prometheus_file", "SWIMMY_NOTIFIER_PROMETHEUS_FILE", "--prometheus-file", _path,
+            None, "Prometheus text file rewritten every interval, for node_exporter's textfile "
+            "collector (needs the 'prometheus' extra; default: none)"),
+    Setting("metrics_listen", "SWIMMY_NOTIFIER_METRICS_LISTEN", "--metrics-listen", _listen,
+            None, "ADDRESS:PORT serving Prometheus /metrics (needs the 'prometheus' extra; "
+            "default: none)"),
     Setting("allowed_hosts", "SWIMMY_NOTIFIER_ALLOWED_HOSTS", "--allowed-hosts",
             parse_allowed_hosts, "",
             "extra webhook hosts allowed, comma-separated host[:port]; plain http is allowed "
@@ -147,6 +162,8 @@ class Config:
     log_file: Path | None = None
     log_level: str = "info"
     log_format: str = "text"
+    prometheus_file: Path | None = None
+    metrics_listen: tuple[str, int] | None = None
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
     senders: int = 8
     drain_sec: float = 5.0

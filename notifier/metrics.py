@@ -25,10 +25,11 @@ def _unix(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
-           interval: float, saved: int | None = None) -> str:
-    """The metrics file's text for an `Outbox.snapshot`; `saved` (the messages left for
-    the next start) marks the final snapshot of a relay that stopped."""
+def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
+              interval: float, saved: int | None = None) -> dict[str, Any]:
+    """The metrics file's entries for an `Outbox.snapshot` (what the Prometheus
+    exposition shows too); `saved` (the messages left for the next start) marks the
+    final snapshot of a relay that stopped."""
     entries: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "timestamp": int(now),
@@ -49,9 +50,15 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
         last_error_at=_unix(snapshot["last_error_at"]),
         last_error=snapshot["last_error"],
         last_rejected_at=_unix(snapshot["last_rejected_at"]),
+        rate_limited_by_scope=snapshot["rate_limited_by_scope"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}
                   for hook in snapshot["webhooks"]])
+    return entries
+
+
+def render(entries: dict[str, Any]) -> str:
+    """The metrics file's text."""
     return sexp.dumps(entries) + "\n"
 
 

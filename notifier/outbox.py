@@ -183,6 +183,7 @@ class Outbox:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.last_rejected_at: float | None = None
+        self.rate_limited_by_scope = dict.fromkeys(("route", "shared", "global", "ban"), 0)
 
     # ------------------------------------------------------------------ intake
 
@@ -435,6 +436,7 @@ class Outbox:
                     self._completed(job)
             elif kind == "rate_limited":
                 counts["rate_limited"] += 1
+                self.rate_limited_by_scope[outcome.scope] += 1
                 if outcome.scope in ("global", "ban"):
                     self._global_until = max(self._global_until, now + outcome.wait)
                 else:
@@ -598,7 +600,8 @@ class Outbox:
                 unparsed=len(self._raw), invalid_requests_10m=sum(
                     1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
-                last_error=self.last_error, last_rejected_at=self.last_rejected_at, webhooks=[self._lane_report(lane, now)
+                last_error=self.last_error, last_rejected_at=self.last_rejected_at,
+                rate_limited_by_scope=dict(self.rate_limited_by_scope), webhooks=[self._lane_report(lane, now)
                                                       for lane in self._lanes.values()])
         return snapshot
 

@@ -125,6 +125,7 @@ class Relay:
         self._unreported_drops = 0
         self._summarized: dict = {}  # the counters when the last summary line was logged
         self._summarized_at = time.monotonic()
+        self._exporter = None  # notifier.prometheus.Exporter, when asked for
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -137,6 +138,8 @@ class Relay:
                 files.remove_stale_temps(path)
         except OSError as exc:
             raise RelayError(f"cannot use the data directory: {exc}") from None
+        if settings.prometheus_file or settings.metrics_listen:
+            self._exporter = _exporter(settings)
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         try:
@@ -197,6 +200,8 @@ class Relay:
         self._write_metrics(saved=saved)
         for thread in self._threads[1:]:
             thread.join(timeout=1.0)
+        if self._exporter is not None:
+            self._exporter.close()
         self._wake.close()
         self._context.destroy(linger=0)
         log.info("stopped: %s; %d messages saved for the next start",
@@ -319,13 +324,19 @@ class Relay:
         now = time.time()
         snapshot = self.outbox.snapshot()
         self._summarize(snapshot, final=saved is not None)
-        text = metrics.render(snapshot, now=now, started_at=self._started_at,
-                              pid=os.getpid(), interval=self.settings.metrics_interval,
-                              saved=saved)
+        entries = metrics.entries(snapshot, now=now, started_at=self._started_at,
+                                  pid=os.getpid(), interval=self.settings.metrics_interval,
+                                  saved=saved)
         try:
-            metrics.write(self.settings.metrics_file, text)
+            metrics.write(self.settings.metrics_file, metrics.render(entries))
         except OSError as exc:
             log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
+        if self._exporter is not None:
+            try:
+                self._exporter.update(entries)
+            except OSError as exc:
+                log.error("cannot write Prometheus metrics to %s: %s",
+                          self.settings.prometheus_file, exc)
 
     def _summarize(self, snapshot: dict, final: bool) -> None:
         elapsed = time.monotonic() - self._summarized_at
@@ -380,6 +391,20 @@ class Relay:
             self._parse(PARSE_WHEN_IDLE)
         path.unlink()
         log.info("restored %d messages saved by the last run", len(texts))
+
+
+def _exporter(settings: Config):
+    """The Prometheus exposition the settings ask for; RelayError if it cannot be had."""
+    try:
+        from notifier.prometheus import Exporter
+    except ImportError:
+        raise RelayError("Prometheus metrics need prometheus_client: pip install "
+                         "'swimmy-notifier[prometheus]'") from None
+    try:
+        return Exporter(settings.prometheus_file, settings.metrics_listen)
+    except OSError as exc:
+        host, port = settings.metrics_listen
+        raise RelayError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
 
 
 def run(settings: Config) -> int:

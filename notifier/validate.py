@@ -7,7 +7,9 @@ problem, so an operator (or systemd's ``ExecStartPre=``) sees them all at once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -63,6 +65,14 @@ def _bind(endpoint: str) -> str | None:
     return None
 
 
+def _listen(address: tuple[str, int]) -> str | None:
+    try:
+        with socket.create_server(address):
+            return None
+    except OSError as exc:
+        return f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}"
+
+
 def problems(settings: Config) -> list[str]:
     """Everything that would stop the relay configured by `settings` from running."""
     found = [_bind(settings.endpoint),
@@ -70,4 +80,12 @@ def problems(settings: Config) -> list[str]:
              _file(settings.pending_file, "pending file")]
     if settings.log_file is not None:
         found.append(_file(settings.log_file, "log file"))
+    if settings.prometheus_file is not None:
+        found.append(_file(settings.prometheus_file, "Prometheus file"))
+    if settings.metrics_listen is not None:
+        found.append(_listen(settings.metrics_listen))
+    if (settings.prometheus_file or settings.metrics_listen) and \
+            importlib.util.find_spec("prometheus_client") is None:
+        found.append("Prometheus metrics need prometheus_client: pip install "
+                     "'swimmy-notifier[prometheus]'")
     return [problem for problem in found if problem]

@@ -41,7 +41,8 @@ def test_a_taken_port_and_unwritable_paths_are_all_listed_and_exit_1(tmp_path):
         blocker.write_text("")
         (tmp_path / "log-dir").mkdir()
         result = validate(tmp_path, "--port", str(port), "--metrics-file",
-                          str(blocker / "metrics.sexp"), "--log-file", str(tmp_path / "log-dir"))
+                          str(blocker / "metrics.sexp"), "--log-file", str(tmp_path / "log-dir"),
+                          "--metrics-listen", f"127.0.0.1:{port}")
     finally:
         context.destroy(linger=0)
     assert result.returncode == 1
@@ -49,4 +50,6 @@ def test_a_taken_port_and_unwritable_paths_are_all_listed_and_exit_1(tmp_path):
     assert problems == [
         f"notifier validate: cannot bind tcp://127.0.0.1:{port}: Address already in use",
         f"notifier validate: metrics file {blocker}/metrics.sexp: {blocker} is not a directory",
-        f"notifier validate: log file {tmp_path}/log-dir is not a regular file"], problems
+        f"notifier validate: log file {tmp_path}/log-dir is not a regular file",
+        f"notifier validate: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    ], problems
