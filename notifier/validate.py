@@ -70,7 +70,7 @@ def _listen(address: tuple[str, int]) -> str | None:
         with socket.create_server(address):
             return None
     except OSError as exc:
-        return f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}"
+        return f"cannot serve metrics on {address[0]}:{address[1]}: {os.strerror(exc.errno)}"
 
 
 def problems(settings: Config) -> list[str]:
