@@ -51,20 +51,22 @@ class Report:
         self.problems.append(text)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 120:
         return f"{seconds} s"
     if seconds < 7200:
         return f"{seconds // 60} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds // 86_400} days"
 
 
 def _ago(seconds: float) -> str:
-    return f"{_duration(seconds)} ago"
+    return f"{duration(seconds)} ago"
 
 
-def _when(unix: float | None, now: float) -> str:
+def when(unix: float | None, now: float) -> str:
     if unix is None:
         return "never"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
@@ -119,31 +121,31 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     interval = get("metrics_interval_sec") or 5
     stopped = get("state") == "stopped"
     if stopped:
-        report.problem(CRITICAL, f"stopped at {_when(stamp, now)}, {count('saved')} saved "
+        report.problem(CRITICAL, f"stopped at {when(stamp, now)}, {count('saved')} saved "
                                  "for the next start")
     elif stamp > now + FUTURE_TOLERANCE_SEC:
-        report.problem(CRITICAL, f"the snapshot is dated {_duration(-age)} ahead: its "
+        report.problem(CRITICAL, f"the snapshot is dated {duration(-age)} ahead: its "
                                  "timestamp is not Unix time")
     elif age > max(STALE_INTERVALS * interval, STALE_MIN_SEC):
-        report.problem(CRITICAL, f"the snapshot is {_duration(age)} old (written every "
+        report.problem(CRITICAL, f"the snapshot is {duration(age)} old (written every "
                                  f"{interval:g} s): the relay is dead or stuck")
     pending, drops, failed = count("pending"), count("drops"), count("failed")
     last_delivery = get("last_delivery_at")
     quiet_for = now - (last_delivery if last_delivery is not None else get("started_at") or now)
     if pending and quiet_for > STUCK_AFTER_SEC and not stopped:
         report.problem(CRITICAL, f"{pending} messages pending and nothing delivered for "
-                                 f"{_duration(quiet_for)}")
+                                 f"{duration(quiet_for)}")
     for hook in get("webhooks") or []:
         since = hook.get("failing_since")
         if since is not None and now - since > FAILING_AFTER_SEC:
             report.problem(CRITICAL, f"webhook {hook.get('id')}: every request failed for "
-                                     f"{_duration(now - since)} (see the log: grep "
+                                     f"{duration(now - since)} (see the log: grep "
                                      f"'webhook={hook.get('id')}')")
     last_rejected = get("last_rejected_at")
     if (last_rejected is not None and now - last_rejected <= STUCK_AFTER_SEC
             and quiet_for > STUCK_AFTER_SEC):
         report.problem(WARNING, f"envelopes rejected (the last {_ago(now - last_rejected)}) "
-                                f"and nothing delivered for {_duration(quiet_for)}: "
+                                f"and nothing delivered for {duration(quiet_for)}: "
                                 "producers send what the relay refuses (grep 'rejected')")
     if drops:
         report.problem(WARNING, f"{drops} messages dropped since the relay started "
@@ -166,23 +168,23 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     held = (f"{count('saved')} saved for the next start" if stopped
             else f"{count('queue_len')} / {get('queue_max') or '?'} held")
     report.lines += [
-        f"snapshot:  {_when(stamp, now)}, {get('state') or 'running'}, pid {get('pid')}, "
-        f"up {_duration(count('uptime_sec'))}",
+        f"snapshot:  {when(stamp, now)}, {get('state') or 'running'}, pid {get('pid')}, "
+        f"up {duration(count('uptime_sec'))}",
         f"queue:     {held}",
         f"messages:  received {count('received')}, delivered {count('delivered')}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {count('rejected')}, "
         f"deduplicated {count('deduplicated')}",
         f"requests:  {count('requests')} sent, {count('errors')} errors, "
         f"{count('retries')} retries, {count('rate_limited')} rate-limited",
-        f"delivered: last {_when(last_delivery, now)}",
-        f"error:     last {_when(get('last_error_at'), now)}"
+        f"delivered: last {when(last_delivery, now)}",
+        f"error:     last {when(get('last_error_at'), now)}"
         + (f": {get('last_error')}" if get("last_error") else ""),
     ]
     for hook in get("webhooks") or []:
         report.lines.append(
             f"webhook {hook.get('id')}: {hook.get('state')}, delivered {hook.get('delivered')}, "
             f"pending {hook.get('pending')}, dropped {hook.get('dropped')}, failed "
-            f"{hook.get('failed')}, last success {_when(hook.get('last_success_at'), now)}")
+            f"{hook.get('failed')}, last success {when(hook.get('last_success_at'), now)}")
     return report
 
 
