@@ -512,8 +512,8 @@ class Outbox:
             lane.notice_due = True
         oldest = min(item.received_at for item in job.items)
         log.debug("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
-                 lane.id, len(job.items), len(job.parts),
-                 (self._monotonic() - oldest) * 1000)
+                  lane.id, len(job.items), len(job.parts),
+                  (self._monotonic() - oldest) * 1000)
 
     def _retry_later(self, job: Job, outcome: Outcome, now: float) -> None:
         lane = job.lane

@@ -9,7 +9,8 @@ Threads (only at the edges; decisions live in `Outbox` and `discord`):
   delivery);
 * senders (``--senders``, default 4): take the next request a webhook may send, post it
   with their own `requests.Session`, report the answer;
-* metrics: writes the snapshot every interval;
+* metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
+  with an INFO summary line of what changed once a minute;
 * the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
   within ``--drain-sec``, saves the rest to ``data/notifier_pending.sexp`` (mode 0600:
   it holds webhook URLs), writes the final metrics and returns. The next start delivers
@@ -283,7 +284,7 @@ class Relay:
             suppressed = self._accept_log.allow()
             if suppressed is not None:
                 log.debug("accepted webhook=%s bytes=%d%s", webhook_id, size,
-                         f" ({suppressed} accepted lines left out)" if suppressed else "")
+                          f" ({suppressed} accepted lines left out)" if suppressed else "")
 
     def _log_rejection(self, reason: str, data: bytes) -> None:
         suppressed = self._reject_log.allow()
