@@ -6,8 +6,8 @@ import sys
 
 from notifier import sexp
 from telemetry.show import UNIVERSAL_TO_UNIX
-from tests.test_telemetry_cli import merged_once  # noqa: F401  (a fixture)
-from tests.test_telemetry_cli import run_merge
+from tests.test_telemetry import LISP_TEXT, settings
+from tests.test_telemetry_cli import run_merge, snapshot_text
 
 
 def show(home, *flags):
@@ -16,8 +16,11 @@ def show(home, *flags):
                            *flags], env=environ, capture_output=True, text=True, timeout=60)
 
 
-def test_universal_time_is_shown_as_its_date_and_the_notifier_keys_with_their_age(merged_once):
-    cfg = merged_once
+def test_universal_time_is_shown_as_its_date_and_the_notifier_keys_with_their_age(tmp_path):
+    cfg = settings(tmp_path)
+    cfg.system_metrics.write_text(LISP_TEXT, encoding="utf-8")
+    cfg.notifier_metrics.write_text(snapshot_text(), encoding="utf-8")
+    assert run_merge(tmp_path).returncode == 0
     result = show(cfg.home)
     assert result.returncode == 0, result.stderr
     out = result.stdout
