@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from notifier import __version__, config, envelope, logs
+from notifier import __version__, config, envelope, logs, program_name
 from notifier import standin as discord_standin
 from notifier.client import add_send_parser
 
@@ -97,13 +97,6 @@ def demo(args: argparse.Namespace) -> int:
 
 def standin(args: argparse.Namespace) -> int:
     return discord_standin.serve(args)
-
-
-def program_name(argv0: str, module: str) -> str:
-    """What --help calls the command: ``python -m MODULE`` when run that way, else the
-    name it was started by (``swimmy-notifier``)."""
-    name = os.path.basename(argv0)
-    return f"python -m {module}" if name in ("__main__.py", "") else name
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from notifier import __version__, logs
-from notifier.__main__ import program_name
+from notifier import __version__, logs, program_name
 from telemetry import config, merge, show
 
 log = logging.getLogger("telemetry")
