@@ -45,8 +45,11 @@ class Report:
     problems: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     summary: str = ""  # the first line's text when there is no problem
+    worst: str = ""  # the first problem of the highest level: the first line's text
 
     def problem(self, level: int, text: str) -> None:
+        if level > self.level or not self.problems:
+            self.worst = text
         self.level = max(self.level, level)
         self.problems.append(text)
 
@@ -189,15 +192,17 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
 
 
 def render(report: Report) -> str:
-    """Monitoring-plugin output: ``NOTIFIER LEVEL - first problem (or summary)``, then
-    every problem and the details."""
-    head = f"NOTIFIER {LEVELS[report.level]} - {report.problems[0] if report.problems else report.summary}"
-    problems = [f"  ! {text}" for text in report.problems]
+    """Monitoring-plugin output: ``NOTIFIER LEVEL - the worst problem (or a summary)``,
+    then the other problems and the details."""
+    head = f"NOTIFIER {LEVELS[report.level]} - {report.worst or report.summary}"
+    problems = [f"  ! {text}" for text in report.problems if text != report.worst]
     return "\n".join([head, *problems, *report.lines])
 
 
 def _cannot_judge(text: str) -> tuple[int, str]:
-    return CRITICAL, render(Report(CRITICAL, [text]))
+    report = Report()
+    report.problem(CRITICAL, text)
+    return CRITICAL, render(report)
 
 
 def command(path: Path, now: float | None = None) -> tuple[int, str]:

@@ -60,7 +60,14 @@ def test_drops_failures_staleness_and_stalls_are_never_reported_healthy(override
     assert any(words in problem for problem in report.problems), report.problems
 
 
-def test_the_first_line_says_the_worst_problem():
+def test_the_first_line_says_the_worst_problem_and_the_others_follow():
+    report = status.judge(snapshot(drops=2, received=12, timestamp=NOW - 60), NOW)
+    lines = status.render(report).splitlines()
+    assert lines[0].startswith("NOTIFIER CRITICAL - the snapshot is 60 s old")
+    assert lines[1].startswith("  ! 2 messages dropped") and not lines[2].startswith("  !")
+
+
+def test_a_stopped_relay_says_when_and_how_many_were_saved():
     text = status.render(status.judge(snapshot(state="stopped", saved=1, timestamp=NOW - 5), NOW))
     assert text.splitlines()[0] == ("NOTIFIER CRITICAL - stopped at 2027-01-15 07:59:55 UTC "
                                     "(5 s ago), 1 saved for the next start")
