@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="summarize the relay's metrics (health, queue, delivery)",
         description="Summarize the relay's metrics file: delivery, not just liveness. "
                     "Exit 0 healthy, 1 warnings (drops, failures, quarantined webhooks), "
-                    "2 critical (no or stale snapshot, messages pending but not delivered).")
+                    "2 critical (no, stale or unusable snapshot, relay stopped, messages pending "
+                    "but not delivered, a webhook failing). The first line is "
+                    "'NOTIFIER <LEVEL> - <the worst problem>'.")
     config.add_arguments(status_parser, ("home", "metrics_file"))
     status_parser.set_defaults(run=status)
 
