@@ -8,7 +8,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from notifier import config, envelope, logs
+from notifier import __version__, config, envelope, logs, program_name
+from notifier import standin as discord_standin
 from notifier.client import add_send_parser
 
 
@@ -27,7 +28,7 @@ def relay(args: argparse.Namespace) -> int:
     settings = _settings(args, "relay")
     if settings is None:
         return 2
-    logs.configure(settings.log_file)
+    logs.configure(settings.log_file, settings.log_level, settings.log_format)
     return run(settings)
 
 
@@ -75,6 +76,26 @@ def status(args: argparse.Namespace) -> int:
     return code
 
 
+def validate(args: argparse.Namespace) -> int:
+    """Check the settings and the environment without starting: exit 0 when the relay
+    can start, 2 for bad settings, 1 for an environment that would stop it."""
+    from notifier import validate as checks  # loads zmq
+
+    try:
+        settings = config.load(os.environ, vars(args))
+    except config.ConfigError as exc:
+        problems, code = exc.problems, 2
+    else:
+        problems, code = checks.problems(settings), 1
+    for problem in problems:
+        print(f"notifier validate: {problem}", file=sys.stderr)
+    if problems:
+        return code
+    print(f"notifier validate: OK: settings valid, {settings.endpoint} free, "
+          f"{settings.metrics_file.parent} and {settings.log_file or 'the log'} writable")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     """Run the relay beside a local Discord stand-in and send it a few notifications."""
     from notifier.demo import run as run_demo
@@ -83,16 +104,15 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def standin(args: argparse.Namespace) -> int:
-    from notifier.standin import main as standin_main
-
-    return standin_main(args.standin_args)
+    return discord_standin.serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m notifier",
+        prog=program_name(sys.argv[0], "notifier"),
         description="Relay notifications from ZeroMQ producers to Discord webhooks. "
                     "Without a command, run the relay until SIGTERM or SIGINT.")
+    parser.add_argument("--version", action="version", version=f"swimmy-notifier {__version__}")
     config.add_arguments(parser)
     parser.set_defaults(run=relay)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -113,9 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="summarize the relay's metrics (health, queue, delivery)",
         description="Summarize the relay's metrics file: delivery, not just liveness. "
                     "Exit 0 healthy, 1 warnings (drops, failures, quarantined webhooks), "
-                    "2 critical (no or stale snapshot, messages pending but not delivered).")
+                    "2 critical (no, stale or unusable snapshot, relay stopped, messages pending "
+                    "but not delivered, a webhook failing). The first line is "
+                    "'NOTIFIER <LEVEL> - <the worst problem>'.")
     config.add_arguments(status_parser, ("home", "metrics_file"))
     status_parser.set_defaults(run=status)
+
+    validate_parser = commands.add_parser(
+        "validate", help="check the settings and the environment without starting",
+        description="Check every setting, that the relay's address can be bound and that "
+                    "its data directory and log file can be written, without starting it; "
+                    "list every problem. Exit 0 ready, 1 the environment would stop the "
+                    "relay, 2 bad settings. For systemd's ExecStartPre=.")
+    config.add_arguments(validate_parser)
+    validate_parser.set_defaults(run=validate)
 
     demo_parser = commands.add_parser(
         "demo", help="run the relay end to end against a local Discord stand-in",
@@ -125,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(run=demo)
 
     standin_parser = commands.add_parser(
-        "standin", add_help=False, help="run a local Discord stand-in (see standin --help)")
-    standin_parser.add_argument("standin_args", nargs=argparse.REMAINDER)
+        "standin", help="run a local Discord stand-in for producer tests",
+        description="Serve a local stand-in for Discord webhooks until SIGINT or SIGTERM. "
+                    "It prints a webhook URL and the SWIMMY_NOTIFIER_ALLOWED_HOSTS value "
+                    "for the relay, then one line per message it receives.")
+    discord_standin.add_arguments(standin_parser)
     standin_parser.set_defaults(run=standin)
     return parser
 

@@ -18,7 +18,11 @@ from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
-    """A setting with a value the relay cannot use."""
+    """Settings with values the relay cannot use; `problems` names each one."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -63,6 +67,15 @@ def _address(text: str) -> str:
     return text
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+    return parse
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -83,6 +96,15 @@ def parse_allowed_hosts(text: str) -> tuple[tuple[str, int | None], ...]:
         ipv6, host, port = match.groups()
         hosts.append(((ipv6 or host).lower(), _whole(1, 65535)(port) if port else None))
     return tuple(hosts)
+
+
+def _listen(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9464`` -> ``("127.0.0.1", 9464)``: an address and a port, both needed."""
+    match = _HOST_PORT.match(text.strip())
+    if match is None or match.group(3) is None:
+        raise ValueError("must be ADDRESS:PORT, such as 127.0.0.1:9464")
+    ipv6, host, port = match.groups()
+    return ipv6 or host, _whole(1, 65535)(port)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +135,18 @@ SETTINGS = (
             "metrics snapshot (default: $SWIMMY_HOME/data/notifier_metrics.sexp)"),
     Setting("log_file", "SWIMMY_NOTIFIER_LOG_FILE", "--log-file", _path, None,
             "log file, reopened after rotation (default: standard error)"),
+    Setting("log_level", "SWIMMY_NOTIFIER_LOG_LEVEL", "--log-level",
+            _choice("debug", "info", "warning", "error"), "info",
+            "least severe log lines written: debug adds a line per message accepted and "
+            "delivered"),
+    Setting("log_format", "SWIMMY_NOTIFIER_LOG_FORMAT", "--log-format", _choice("text", "json"),
+            "text", "log lines as text or as one JSON object each"),
+    Setting("prometheus_file", "SWIMMY_NOTIFIER_PROMETHEUS_FILE", "--prometheus-file", _path,
+            None, "Prometheus text file rewritten every interval, for node_exporter's textfile "
+            "collector (needs the 'prometheus' extra; default: none)"),
+    Setting("metrics_listen", "SWIMMY_NOTIFIER_METRICS_LISTEN", "--metrics-listen", _listen,
+            None, "ADDRESS:PORT serving Prometheus /metrics (needs the 'prometheus' extra; "
+            "default: none)"),
     Setting("allowed_hosts", "SWIMMY_NOTIFIER_ALLOWED_HOSTS", "--allowed-hosts",
             parse_allowed_hosts, "",
             "extra webhook hosts allowed, comma-separated host[:port]; plain http is allowed "
@@ -140,6 +174,10 @@ class Config:
     dedupe_window: float = 180.0
     metrics_file: Path | None = None
     log_file: Path | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    prometheus_file: Path | None = None
+    metrics_listen: tuple[str, int] | None = None
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
     senders: int = 8
     drain_sec: float = 5.0
@@ -185,9 +223,10 @@ def add_arguments(parser: argparse.ArgumentParser, fields: tuple[str, ...] | Non
 
 def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> Config:
     """Build the configuration: a flag wins over its environment variable, which wins
-    over the default. Raises `ConfigError` naming the first bad setting."""
+    over the default. Raises `ConfigError` naming every bad setting."""
     flags = flags or {}
     values: dict[str, Any] = {}
+    problems = []
     for setting in SETTINGS:
         flag_value = flags.get(setting.field)
         if flag_value is not None:
@@ -201,6 +240,8 @@ def load(environ: Mapping[str, str], flags: Mapping[str, Any] | None = None) -> 
         try:
             values[setting.field] = setting.parse(text)
         except ValueError as exc:
-            raise ConfigError(f"{source}: {exc}, got {text!r}") from None
+            problems.append(f"{source}: {exc}, got {text!r}")
+    if problems:
+        raise ConfigError(problems)
     values.setdefault("home", Path(os.getcwd()))
     return Config(**values)

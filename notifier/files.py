@@ -1,5 +1,5 @@
 """Atomic file replacement (a reader sees the old file or the new one, never a torn one),
-and bounded reads of files anyone could have put in our way."""
+and bounded reads of files that must be regular (a FIFO must not hang a reader)."""
 
 from __future__ import annotations
 
@@ -65,12 +65,14 @@ def read_regular(path: Path, limit: int) -> bytes:
     anything but a regular file, so that a FIFO or a device cannot hang or flood us."""
     fd = open_regular(path)
     try:
-        return read_open(fd, limit)
+        return read_upto(fd, limit)
     finally:
         os.close(fd)
 
 
 def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path` if it is a regular file (opened non-blocking, so
+    even a FIFO returns at once); OSError otherwise."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -80,7 +82,8 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def read_open(fd: int, limit: int) -> bytes:
+def read_upto(fd: int, limit: int) -> bytes:
+    """Read from `fd` until end of file or `limit` + 1 bytes, whichever comes first."""
     chunks, size = [], 0
     while size <= limit:
         chunk = os.read(fd, limit + 1 - size)

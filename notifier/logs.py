@@ -5,6 +5,7 @@ Only entry points call `configure`; every module logs through its own named logg
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import sys
@@ -29,17 +30,31 @@ class ScrubbingFormatter(logging.Formatter):
         return scrub(super().format(record))
 
 
-def configure(log_file: Path | None, level: int = logging.INFO) -> None:
-    """Log to `log_file` (reopened when logrotate moves it) or to standard error."""
+class JsonFormatter(ScrubbingFormatter):
+    """The same fields as the text line, as one JSON object per line, for log shippers:
+    ``{"time": ..., "level": ..., "logger": ..., "message": ...}`` (and ``traceback``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": f"{self.formatTime(record, self.datefmt)}.{int(record.msecs):03d}Z",
+                "level": record.levelname, "logger": record.name,
+                "message": scrub(record.getMessage())}
+        if record.exc_info:
+            line["traceback"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure(log_file: Path | None, level: str = "info", fmt: str = "text") -> None:
+    """Log to `log_file` (reopened when logrotate moves it) or to standard error, at
+    `level` and above, as text or JSON lines."""
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(ScrubbingFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ScrubbingFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs every URL it opens
 
 

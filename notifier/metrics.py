@@ -25,12 +25,15 @@ def _unix(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
-           interval: float) -> str:
-    """The metrics file's text for an `Outbox.snapshot`."""
+def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
+              interval: float, saved: int | None = None) -> dict[str, Any]:
+    """The metrics file's entries for an `Outbox.snapshot` (what the Prometheus
+    exposition shows too); `saved` (the messages left for the next start) marks the
+    final snapshot of a relay that stopped."""
     entries: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "timestamp": int(now),
+        "state": "running" if saved is None else "stopped",
         "pid": pid,
         "started_at": int(started_at),
         "uptime_sec": int(now - started_at),
@@ -39,6 +42,8 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
         "queue_max": snapshot["queue_max"],
         "unparsed": snapshot["unparsed"],
     }
+    if saved is not None:
+        entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries.update(journal_state=snapshot.get("journal_state", "off"),
                    journal_corrupt_records=snapshot.get("journal_corrupt_records", 0))
@@ -46,9 +51,31 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
         last_delivery_at=_unix(snapshot["last_delivery_at"]),
         last_error_at=_unix(snapshot["last_error_at"]),
         last_error=snapshot["last_error"],
-        webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"])}
+        last_rejected_at=_unix(snapshot["last_rejected_at"]),
+        rate_limited_by_scope=snapshot["rate_limited_by_scope"],
+        webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
+                   "failing_since": _unix(hook["failing_since"])}
                   for hook in snapshot["webhooks"]])
+    return entries
+
+
+def render(entries: dict[str, Any]) -> str:
+    """The metrics file's text."""
     return sexp.dumps(entries) + "\n"
+
+
+SUMMARY = (("received", "received"), ("delivered", "delivered"), ("rejected", "rejected"),
+           ("deduplicated", "deduplicated"), ("drops", "dropped"), ("failed", "failed"),
+           ("retries", "retries"), ("rate_limited", "rate-limited"))
+
+
+def summary(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str | None:
+    """The log's periodic INFO line: what changed between two snapshots ("last 60 s:
+    received 1234, delivered 1230, ...; pending 4"), or None if nothing did."""
+    changes = [f"{label} {after[key] - before.get(key, 0)}" for key, label in SUMMARY]
+    if all(after[key] == before.get(key, 0) for key, _ in SUMMARY):
+        return None
+    return f"last {seconds:.0f} s: {', '.join(changes)}; pending {after['pending']}"
 
 
 def write(path: Path, text: str) -> None:
@@ -56,9 +83,10 @@ def write(path: Path, text: str) -> None:
 
 
 def read(path: Path) -> sexp.Alist:
-    """Read a metrics file; raises OSError or `sexp.SexpError` (or ValueError when it is
-    not an alist)."""
-    value = sexp.loads(path.read_bytes())
+    """Read a metrics file: a regular file of at most `sexp.MAX_BYTES`, so a FIFO or a
+    device cannot hang the reader. Raises OSError or `sexp.SexpError` (or ValueError when
+    it is not an alist)."""
+    value = sexp.loads(files.read_regular(path, sexp.MAX_BYTES))
     if not isinstance(value, sexp.Alist):
         raise ValueError("the metrics file is not an alist")
     return value

@@ -37,6 +37,7 @@ from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW
                               MAX_WAIT_SEC, UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
 from notifier.journal import Journal, Notices, Saved
+from notifier.logs import Throttle
 
 log = logging.getLogger("notifier.outbox")
 
@@ -58,7 +59,7 @@ MAX_LANES = 1000
 EARLY_DROP_IDS = 1000
 """Webhooks whose drops are remembered before a message to them was ever parsed."""
 
-def _webhook_id_of(envelope: bytes) -> bytes | None:
+def raw_webhook_id(envelope: bytes) -> bytes | None:
     """The id of the first webhook URL in an envelope not parsed yet (a fair guess for
     any real envelope), found with bytes.find: this runs for every envelope a flood
     drops, at hundreds of thousands a second."""
@@ -156,6 +157,7 @@ class Lane:
         self.singles = 0  # send this many next messages alone (after a 400 on a batch)
         self.delivered = self.dropped = self.failed = 0
         self.last_success_at: float | None = None  # wall clock
+        self.failing_since: float | None = None  # wall clock: first error since a success
         self.lost_dropped = self.lost_failed = 0  # not yet reported in the channel
         self.lost_since: float | None = None  # wall clock
         self.notice_due = False
@@ -201,6 +203,7 @@ class Outbox:
         self._held = 0
         self._seq = 0
         self._closed = False
+        self._dedupe_log = Throttle(burst=20)
         self.counts = dict.fromkeys(
             ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
              "errors", "retries", "rate_limited", "requests", "notices", "restored",
@@ -208,6 +211,8 @@ class Outbox:
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.last_rejected_at: float | None = None
+        self.rate_limited_by_scope = dict.fromkeys(("route", "shared", "global", "ban"), 0)
 
     # ------------------------------------------------------------------ intake
 
@@ -226,6 +231,8 @@ class Outbox:
         with self._lock:
             self.counts["received"] += len(envelopes)
             self.counts["rejected"] += len(oversized)
+            if oversized:
+                self.last_rejected_at = self._wall()
             return self._hold(raws), oversized
 
     def restore(self, saved: list[Saved], jids: list[int] | None, notices: Notices) -> int:
@@ -305,7 +312,7 @@ class Outbox:
         at most EARLY_DROP_IDS webhooks)."""
         per_webhook: dict[bytes, int] = {}
         for raw in raws:
-            webhook = _webhook_id_of(raw.data)
+            webhook = raw_webhook_id(raw.data)
             if webhook is not None:
                 per_webhook[webhook] = per_webhook.get(webhook, 0) + 1
         for webhook, count in per_webhook.items():
@@ -343,6 +350,7 @@ class Outbox:
                 raw = self._lent.popleft()
                 if isinstance(result, str):
                     counts["rejected"] += 1
+                    self.last_rejected_at = self._wall()
                     self._held -= 1
                     self._journal_done([raw])
                     continue
@@ -356,9 +364,17 @@ class Outbox:
                     counts["deduplicated"] += 1
                     self._held -= 1
                     self._journal_done([raw])
+                    self._log_duplicate(lane)
                 else:
                     lane.waiting.append(Held(self._seq, result, key, raw))
             self._changed.notify_all()
+
+    def _log_duplicate(self, lane: Lane) -> None:
+        """A suppressed duplicate is said, not silent: the producer's send succeeded."""
+        suppressed = self._dedupe_log.allow()
+        if suppressed is not None:
+            log.info("duplicate suppressed webhook=%s window_s=%g%s", lane.id, self.dedupe_window,
+                     f" ({suppressed} duplicate lines left out)" if suppressed else "")
 
     def _new_lane(self, webhook: str) -> Lane:
         """A lane for a webhook seen for the first time. Beyond MAX_LANES, the least
@@ -488,9 +504,11 @@ class Outbox:
                 self._invalid.popleft()
             kind = outcome.kind
             if kind == "delivered":
+                lane.failing_since = None
                 self._part_delivered(job)
             elif kind == "rate_limited":
                 counts["rate_limited"] += 1
+                self.rate_limited_by_scope[outcome.scope] += 1
                 if outcome.scope in ("global", "ban"):
                     self._global_until = max(self._global_until, now + outcome.wait)
                 else:
@@ -501,6 +519,8 @@ class Outbox:
                 counts["errors"] += 1
                 self.last_error, self.last_error_at = f"webhook {lane.id}: {outcome.reason}", \
                     self._wall()
+                if kind in ("retry", "dead") and lane.failing_since is None:
+                    lane.failing_since = self.last_error_at
                 if kind == "retry":
                     self._retry_later(job, outcome, now)
                 elif kind == "dead":
@@ -577,9 +597,9 @@ class Outbox:
         if lane.lost_dropped or lane.lost_failed:
             lane.notice_due = True
         oldest = min(item.received_at for item in job.items)
-        log.info("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
-                 lane.id, len(job.items), len(job.parts),
-                 (self._monotonic() - oldest) * 1000)
+        log.debug("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
+                  lane.id, len(job.items), len(job.parts),
+                  (self._monotonic() - oldest) * 1000)
 
     def _retry_later(self, job: Job, outcome: Outcome, now: float) -> None:
         lane = job.lane
@@ -677,7 +697,8 @@ class Outbox:
                 unparsed=len(self._raw), invalid_requests_10m=sum(
                     1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
-                last_error=self.last_error, webhooks=[self._lane_report(lane, now)
+                last_error=self.last_error, last_rejected_at=self.last_rejected_at,
+                rate_limited_by_scope=dict(self.rate_limited_by_scope), webhooks=[self._lane_report(lane, now)
                                                       for lane in self._lanes.values()])
         return snapshot
 
@@ -691,7 +712,7 @@ class Outbox:
             state = "ok"
         return {"id": lane.id, "state": state, "pending": pending,
                 "delivered": lane.delivered, "dropped": lane.dropped, "failed": lane.failed,
-                "last_success_at": lane.last_success_at}
+                "last_success_at": lane.last_success_at, "failing_since": lane.failing_since}
 
     # ------------------------------------------------------------------ shutdown
 

@@ -9,7 +9,8 @@ Threads (only at the edges; decisions live in `Outbox` and `discord`):
   delivery);
 * senders (``--senders``, default 4): take the next request a webhook may send, post it
   with their own `requests.Session`, report the answer;
-* metrics: writes the snapshot every interval;
+* metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
+  with an INFO summary line of what changed once a minute;
 * the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
   within ``--drain-sec``, saves the rest to ``data/notifier_pending.sexp`` (mode 0600:
   it holds webhook URLs), writes the final metrics and returns. The next start delivers
@@ -33,7 +34,7 @@ from notifier.config import Config
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
 from notifier.journal import Journal, Notices, Saved
 from notifier.logs import Throttle
-from notifier.outbox import Job, Outbox, dedupe_key
+from notifier.outbox import Job, Outbox, dedupe_key, raw_webhook_id
 
 log = logging.getLogger("notifier.relay")
 
@@ -48,6 +49,7 @@ PREVIEW_CHARS = 80
 GRACE_SEC = 3.0
 """After the drain, how long requests still in flight get to come back: what Discord
 answers in that time is recorded, so a delivered message is not saved and posted again."""
+SUMMARY_EVERY_SEC = 60.0  # the INFO line of what the relay did, instead of a line per message
 
 
 class RelayError(RuntimeError):
@@ -129,6 +131,9 @@ class Relay:
         self._drop_log = Throttle(burst=1)
         self._unreported_drops = 0
         self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
+        self._summarized: dict = {}  # the counters when the last summary line was logged
+        self._summarized_at = time.monotonic()
+        self._exporter = None  # notifier.prometheus.Exporter, when asked for
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,6 +146,8 @@ class Relay:
                 files.remove_stale_temps(path)
         except OSError as exc:
             raise RelayError(f"cannot use the data directory: {exc}") from None
+        if settings.prometheus_file or settings.metrics_listen:
+            self._exporter = _exporter(settings)
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         try:
@@ -220,9 +227,11 @@ class Relay:
         else:
             saved = self._save_pending(held, notices)
             where = f"saved to {self.settings.pending_file}"
-        self._write_metrics()
+        self._write_metrics(saved=len(held) if saved else 0)
         for thread in self._threads[1:]:
             thread.join(timeout=1.0)
+        if self._exporter is not None:
+            self._exporter.close()
         self._wake.close()
         self._context.destroy(linger=0)
         if not saved and held:
@@ -310,8 +319,8 @@ class Relay:
         for webhook_id, size in accepted:  # after the senders have the messages
             suppressed = self._accept_log.allow()
             if suppressed is not None:
-                log.info("accepted webhook=%s bytes=%d%s", webhook_id, size,
-                         f" ({suppressed} accepted lines left out)" if suppressed else "")
+                log.debug("accepted webhook=%s bytes=%d%s", webhook_id, size,
+                          f" ({suppressed} accepted lines left out)" if suppressed else "")
 
     def _parse_one(self, data: bytes) -> tuple[envelope.Message | str, bytes | None]:
         """(message, dedupe key or None), or (rejection reason, None). An unexpected
@@ -335,7 +344,9 @@ class Relay:
     def _log_rejection(self, reason: str, data: bytes) -> None:
         suppressed = self._reject_log.allow()
         if suppressed is not None:
-            log.warning("rejected reason=%s preview=%s%s", reason, preview(data),
+            webhook = raw_webhook_id(data)
+            log.warning("rejected %sreason=%s preview=%s%s",
+                        f"webhook={webhook.decode()} " if webhook else "", reason, preview(data),
                         f" ({suppressed} rejection lines left out)" if suppressed else "")
 
     def _report_drops(self, final: bool = False) -> None:
@@ -367,18 +378,34 @@ class Relay:
         while not self._stopping.wait(self.settings.metrics_interval):
             self._write_metrics()
 
-    def _write_metrics(self) -> None:
+    def _write_metrics(self, saved: int | None = None) -> None:
         now = time.time()
         snapshot = self.outbox.snapshot()
         if self.journal is not None:
             snapshot.update(journal_state=self.journal.state,
                             journal_corrupt_records=self.journal.corrupt_records)
-        text = metrics.render(snapshot, now=now, started_at=self._started_at,
-                              pid=os.getpid(), interval=self.settings.metrics_interval)
+        self._summarize(snapshot, final=saved is not None)
+        entries = metrics.entries(snapshot, now=now, started_at=self._started_at,
+                                  pid=os.getpid(), interval=self.settings.metrics_interval,
+                                  saved=saved)
         try:
-            metrics.write(self.settings.metrics_file, text)
+            metrics.write(self.settings.metrics_file, metrics.render(entries))
         except OSError as exc:
             log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
+        if self._exporter is not None:
+            try:
+                self._exporter.update(entries)
+            except OSError as exc:
+                log.error("cannot write Prometheus metrics to %s: %s",
+                          self.settings.prometheus_file, exc)
+
+    def _summarize(self, snapshot: dict, final: bool) -> None:
+        elapsed = time.monotonic() - self._summarized_at
+        if final or elapsed >= SUMMARY_EVERY_SEC:
+            line = metrics.summary(self._summarized, snapshot, elapsed)
+            if line is not None:
+                log.info("%s", line)
+            self._summarized, self._summarized_at = snapshot, time.monotonic()
 
     def _save_pending(self, held: list[Saved], notices: Notices) -> bool:
         """Write what is still undelivered for the next start; False if that failed."""
@@ -425,6 +452,20 @@ class Relay:
         path.unlink()
         log.info("restored %d messages saved by the last run (%d possibly posted already: "
                  "they were in flight)", len(saved), sum(item.in_flight for item in saved))
+
+
+def _exporter(settings: Config):
+    """The Prometheus exposition the settings ask for; RelayError if it cannot be had."""
+    try:
+        from notifier.prometheus import Exporter
+    except ImportError:
+        raise RelayError("Prometheus metrics need prometheus_client: pip install "
+                         "'swimmy-notifier[prometheus]'") from None
+    try:
+        return Exporter(settings.prometheus_file, settings.metrics_listen)
+    except OSError as exc:
+        host, port = settings.metrics_listen
+        raise RelayError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
 
 
 def run(settings: Config) -> int:

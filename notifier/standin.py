@@ -548,22 +548,33 @@ def _print_request(record):
     print(line, flush=True)
 
 
-def main(argv=None):
-    """Run the stand-in in the foreground until SIGINT or SIGTERM; return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m notifier standin",
-                                     description="Serve a local stand-in for Discord webhooks.")
+def add_arguments(parser):
+    """The stand-in's flags, shared by ``python -m notifier standin`` and this module."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: a free port)")
     parser.add_argument("--rate-limit", type=_rate_limit_arg, metavar="N/SECONDS",
                         help="allow N requests per SECONDS per webhook, like Discord's 5/2 (default: no limit)")
-    args = parser.parse_args(argv)
+
+
+def serve(args):
+    """Run the stand-in in the foreground until SIGINT or SIGTERM; return the exit code.
+    It first prints what a relay needs to use it: a webhook URL and the allowed host."""
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     with DiscordStandIn(args.host, args.port, rate_limit=args.rate_limit, on_request=_print_request) as standin:
-        print(f"standin listening on {standin.url}", flush=True)
+        print(f"standin listening on {standin.url}\n"
+              f"webhook URL: {standin.webhook_url(1)}\n"
+              f"relay setting: SWIMMY_NOTIFIER_ALLOWED_HOSTS={standin.host}:{standin.port}", flush=True)
         stopping.wait()
     return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m notifier.standin",
+                                     description="Serve a local stand-in for Discord webhooks.")
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ says so first, and the exit code tells scripts (0 healthy, 1 warnings, 2 critica
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,25 @@ from pathlib import Path
 from notifier import metrics, sexp
 
 STALE_INTERVALS = 3
-"""A snapshot older than this many metrics intervals means the relay is dead or stuck."""
+STALE_MIN_SEC = 15.0
+"""A snapshot older than three metrics intervals, and at least 15 s, means the relay is
+dead or stuck (the floor keeps a loaded machine's late snapshot from looking dead)."""
 
 STUCK_AFTER_SEC = 120.0
-"""Messages pending with no delivery for this long: deliveries have stopped."""
+"""Messages pending with no delivery for this long: deliveries have stopped. Also the
+period in which rejections with no delivery mean producers send only refused envelopes."""
+
+FAILING_AFTER_SEC = 60.0
+"""A webhook whose every request failed (network, 5xx, 401/403/404) for this long."""
+
+FUTURE_TOLERANCE_SEC = 300.0
+"""A snapshot dated further ahead than this is not in Unix time."""
+
+TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at")
+NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
+           *metrics.COUNTERS)
+WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
+                   "failing_since")
 
 OK, WARNING, CRITICAL = 0, 1, 2
 LEVELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}
@@ -28,47 +44,112 @@ class Report:
     level: int = OK
     problems: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    summary: str = ""  # the first line's text when there is no problem
+    worst: str = ""  # the first problem of the highest level: the first line's text
 
     def problem(self, level: int, text: str) -> None:
+        if level > self.level or not self.problems:
+            self.worst = text
         self.level = max(self.level, level)
         self.problems.append(text)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 120:
         return f"{seconds} s"
     if seconds < 7200:
         return f"{seconds // 60} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds // 86_400} days"
 
 
 def _ago(seconds: float) -> str:
-    return f"{_duration(seconds)} ago"
+    return f"{duration(seconds)} ago"
 
 
-def _when(unix: float | None, now: float) -> str:
+def when(unix: float | None, now: float) -> str:
     if unix is None:
         return "never"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
     return f"{stamp} ({_ago(now - unix)})"
 
 
+def _number(value: object, *, time_like: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return not time_like or 0 <= value < 1e11  # gmtime() takes it: before year 5000
+
+
+def unusable(snapshot: object) -> str | None:
+    """Why a parsed metrics file cannot be judged, or None: `judge` may then rely on the
+    type of every value it reads."""
+    if not isinstance(snapshot, sexp.Alist):
+        return "not an alist"
+    if snapshot.get("schema_version") != metrics.SCHEMA_VERSION:
+        return f"schema_version {snapshot.get('schema_version')!r} is not {metrics.SCHEMA_VERSION}"
+    if snapshot.get("timestamp") is None:
+        return "no timestamp"
+    for key in (*TIMES, *NUMBERS):
+        value = snapshot.get(key)
+        if value is not None and not _number(value, time_like=key in TIMES):
+            return f"{key} is {str(value)[:40]!r}, not a number" + (
+                " of Unix seconds" if key in TIMES else "")
+    webhooks = snapshot.get("webhooks")
+    if webhooks is not None and not isinstance(webhooks, list):
+        return "webhooks is not a list"
+    for hook in webhooks or []:
+        if not isinstance(hook, sexp.Alist):
+            return "a webhook entry is not an alist"
+        for key in WEBHOOK_NUMBERS:
+            value = hook.get(key)
+            if value is not None and not _number(value, time_like=key.endswith(("_at", "_since"))):
+                return f"webhook {str(hook.get('id'))[:40]}: {key} is not a number"
+    return None
+
+
 def judge(snapshot: sexp.Alist, now: float) -> Report:
-    """Turn a metrics snapshot into a verdict and the lines an operator reads."""
+    """Turn a metrics snapshot (one that `unusable` accepts) into a verdict and the lines
+    an operator reads."""
     report = Report()
     get = snapshot.get
-    age = now - get("timestamp", 0)
-    interval = float(get("metrics_interval_sec") or 5)
-    if age > max(STALE_INTERVALS * interval, 15):
-        report.problem(CRITICAL, f"the snapshot is {_duration(age)} old (written every "
+
+    def count(key: str) -> int | float:
+        return get(key) or 0
+    stamp = get("timestamp")
+    age = now - stamp
+    interval = get("metrics_interval_sec") or 5
+    stopped = get("state") == "stopped"
+    if stopped:
+        report.problem(CRITICAL, f"stopped at {when(stamp, now)}, {count('saved')} saved "
+                                 "for the next start")
+    elif stamp > now + FUTURE_TOLERANCE_SEC:
+        report.problem(CRITICAL, f"the snapshot is dated {duration(-age)} ahead: its "
+                                 "timestamp is not Unix time")
+    elif age > max(STALE_INTERVALS * interval, STALE_MIN_SEC):
+        report.problem(CRITICAL, f"the snapshot is {duration(age)} old (written every "
                                  f"{interval:g} s): the relay is dead or stuck")
-    pending, drops, failed = get("pending", 0), get("drops", 0), get("failed", 0)
+    pending, drops, failed = count("pending"), count("drops"), count("failed")
     last_delivery = get("last_delivery_at")
-    quiet_for = now - (last_delivery if last_delivery is not None else get("started_at", now))
-    if pending and quiet_for > STUCK_AFTER_SEC:
+    quiet_for = now - (last_delivery if last_delivery is not None else get("started_at") or now)
+    if pending and quiet_for > STUCK_AFTER_SEC and not stopped:
         report.problem(CRITICAL, f"{pending} messages pending and nothing delivered for "
-                                 f"{_duration(quiet_for)}")
+                                 f"{duration(quiet_for)}")
+    for hook in get("webhooks") or []:
+        since = hook.get("failing_since")
+        if since is not None and now - since > FAILING_AFTER_SEC:
+            report.problem(CRITICAL, f"webhook {hook.get('id')}: every request failed for "
+                                     f"{duration(now - since)} (see the log: grep "
+                                     f"'webhook={hook.get('id')}')")
+    last_rejected = get("last_rejected_at")
+    if (last_rejected is not None and now - last_rejected <= STUCK_AFTER_SEC
+            and quiet_for > STUCK_AFTER_SEC):
+        report.problem(WARNING, f"envelopes rejected (the last {_ago(now - last_rejected)}) "
+                                f"and nothing delivered for {duration(quiet_for)}: "
+                                "producers send what the relay refuses (grep 'rejected')")
     if drops:
         report.problem(WARNING, f"{drops} messages dropped since the relay started "
                                 "(queue full: Discord too slow or unreachable)")
@@ -79,43 +160,63 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         if hook.get("state") == "quarantined":
             report.problem(WARNING, f"webhook {hook.get('id')} is quarantined "
                                     "(401/403/404 from Discord): its messages fail")
-    if get("invalid_requests_10m", 0) >= 100:
+    if count("invalid_requests_10m") >= 100:
         report.problem(WARNING, f"{get('invalid_requests_10m')} invalid requests "
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")
 
+    report.summary = (
+        f"delivering: {count('delivered')} delivered, {pending} pending | "
+        f"pending={pending};;;0;{get('queue_max') or ''} "
+        + " ".join(f"{key}={count(key)}c" for key in ("delivered", "drops", "failed", "rejected")))
+    held = (f"{count('saved')} saved for the next start" if stopped
+            else f"{count('queue_len')} / {get('queue_max') or '?'} held")
     report.lines += [
-        f"snapshot:  {_when(get('timestamp'), now)}, pid {get('pid')}, up {_duration(get('uptime_sec', 0))}",
-        f"queue:     {get('queue_len', 0)} / {get('queue_max', '?')} held",
-        f"messages:  received {get('received', 0)}, delivered {get('delivered', 0)}, "
-        f"pending {pending}, dropped {drops}, failed {failed}, rejected {get('rejected', 0)}, "
-        f"deduplicated {get('deduplicated', 0)}",
-        f"requests:  {get('requests', 0)} sent, {get('errors', 0)} errors, "
-        f"{get('retries', 0)} retries, {get('rate_limited', 0)} rate-limited",
-        f"delivered: last {_when(last_delivery, now)}",
-        f"error:     last {_when(get('last_error_at'), now)}"
+        f"snapshot:  {when(stamp, now)}, {get('state') or 'running'}, pid {get('pid')}, "
+        f"up {duration(count('uptime_sec'))}",
+        f"queue:     {held}",
+        f"messages:  received {count('received')}, delivered {count('delivered')}, "
+        f"pending {pending}, dropped {drops}, failed {failed}, rejected {count('rejected')}, "
+        f"deduplicated {count('deduplicated')}",
+        f"requests:  {count('requests')} sent, {count('errors')} errors, "
+        f"{count('retries')} retries, {count('rate_limited')} rate-limited",
+        f"delivered: last {when(last_delivery, now)}",
+        f"error:     last {when(get('last_error_at'), now)}"
         + (f": {get('last_error')}" if get("last_error") else ""),
     ]
     for hook in get("webhooks") or []:
         report.lines.append(
             f"webhook {hook.get('id')}: {hook.get('state')}, delivered {hook.get('delivered')}, "
             f"pending {hook.get('pending')}, dropped {hook.get('dropped')}, failed "
-            f"{hook.get('failed')}, last success {_when(hook.get('last_success_at'), now)}")
+            f"{hook.get('failed')}, last success {when(hook.get('last_success_at'), now)}")
     return report
 
 
 def render(report: Report) -> str:
-    head = f"notifier: {LEVELS[report.level]}"
-    problems = [f"  ! {text}" for text in report.problems]
+    """Monitoring-plugin output: ``NOTIFIER LEVEL - the worst problem (or a summary)``,
+    then the other problems and the details."""
+    head = f"NOTIFIER {LEVELS[report.level]} - {report.worst or report.summary}"
+    problems = [f"  ! {text}" for text in report.problems if text != report.worst]
     return "\n".join([head, *problems, *report.lines])
 
 
+def _cannot_judge(text: str) -> tuple[int, str]:
+    report = Report()
+    report.problem(CRITICAL, text)
+    return CRITICAL, render(report)
+
+
 def command(path: Path, now: float | None = None) -> tuple[int, str]:
-    """The status command's exit code and text for the metrics file at `path`."""
+    """The status command's exit code and text for the metrics file at `path`: never a
+    hang (only a regular file is read, at most `sexp.MAX_BYTES`) and never a traceback
+    (a file it cannot judge is CRITICAL, with the reason)."""
     try:
         snapshot = metrics.read(path)
     except FileNotFoundError:
-        return CRITICAL, f"notifier: CRITICAL\n  ! no metrics file at {path}: is the relay running?"
+        return _cannot_judge(f"no metrics file at {path}: is the relay running?")
     except (OSError, ValueError) as exc:
-        return CRITICAL, f"notifier: CRITICAL\n  ! cannot read {path}: {exc}"
+        return _cannot_judge(f"cannot read {path}: {str(exc)[:200]}")
+    reason = unusable(snapshot)
+    if reason is not None:
+        return _cannot_judge(f"{path} is not a usable snapshot: {reason}")
     report = judge(snapshot, time.time() if now is None else now)
     return report.level, render(report)

@@ -5,7 +5,7 @@
 #   scripts/run.sh ARGS...         python -m notifier ARGS... (e.g. --port 5562 for the
 #                                  relay itself, or status, send, check, standin)
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/venv.sh" ""  # an explicit "": not our own arguments
 cd "$root"
 if [ "$#" -eq 0 ]; then
     exec "$venv/bin/python" -m notifier demo

@@ -23,7 +23,8 @@ import stat
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from notifier.files import open_regular, read_open, read_regular
+from notifier.files import open_regular as _open_regular, read_upto as _read
+from notifier.files import read_regular  # noqa: F401  (the merge reads the snapshot with it)
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +114,14 @@ def _read_current(path: Path, limit: int, held: contextlib.ExitStack) -> _Curren
     while open, its inode number cannot be reused by a new file, so comparing inode
     numbers cannot be fooled."""
     try:
-        fd = open_regular(path)
+        fd = _open_regular(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ReadError(exc.strerror or str(exc)) from exc
     held.callback(os.close, fd)
     try:
-        return _Current(read_open(fd, limit), os.fstat(fd))
+        return _Current(_read(fd, limit), os.fstat(fd))
     except OSError as exc:
         raise ReadError(exc.strerror or str(exc)) from exc
 
@@ -208,12 +209,12 @@ def _replace_unless_changed(temp: Path, path: Path, current: _Current) -> bool:
     replaced by its next write; the file stays valid throughout. Where the exchange is
     available (Linux), there is no such window."""
     try:
-        fd = open_regular(path)
+        fd = _open_regular(path)
     except FileNotFoundError:
         return False
     try:
         if (_identity(os.fstat(fd)) != _identity(current.status)
-                or read_open(fd, len(current.data)) != current.data):
+                or _read(fd, len(current.data)) != current.data):
             return False
         os.replace(temp, path)
     finally:

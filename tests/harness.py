@@ -72,6 +72,7 @@ class RelayProcess:
                     "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC": "0.1",
                     "SWIMMY_NOTIFIER_DRAIN_SEC": "1",
                     "SWIMMY_NOTIFIER_LOG_FILE": str(self.log_file),
+                    "SWIMMY_NOTIFIER_LOG_LEVEL": "debug",  # tests read per-message lines
                     **{f"SWIMMY_NOTIFIER_{key.upper()}": value for key, value in settings.items()}}
         self.process: subprocess.Popen | None = None
 

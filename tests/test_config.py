@@ -47,10 +47,20 @@ def test_environment_then_flags_win(tmp_path):
     ("SWIMMY_NOTIFIER_ALLOWED_HOSTS", "http://x", "is not host[:port]"),
     ("SWIMMY_NOTIFIER_METRICS_FILE", " ", "must not be empty"),
     ("SWIMMY_NOTIFIER_SENDERS", "0", "SWIMMY_NOTIFIER_SENDERS: must be from 1 to 64"),
+    ("SWIMMY_NOTIFIER_LOG_LEVEL", "loud", "SWIMMY_NOTIFIER_LOG_LEVEL: must be one of debug, "
+     "info, warning, error, got 'loud'"),
+    ("SWIMMY_NOTIFIER_LOG_FORMAT", "xml", "must be one of text, json"),
 ])
 def test_a_bad_value_is_an_error_naming_the_variable(variable, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config.load({variable: value})
+
+
+def test_every_bad_setting_is_named_at_once():
+    with pytest.raises(ConfigError) as error:
+        config.load({"SWIMMY_PORT_NOTIFIER": "http", "SWIMMY_NOTIFIER_LOG_LEVEL": "Debug"},
+                    {"queue_max": "0"})
+    assert [p.split(":")[0] for p in error.value.problems] == ["SWIMMY_PORT_NOTIFIER", "--queue-max"]
 
 
 def test_a_bad_flag_names_the_flag():

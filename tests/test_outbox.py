@@ -435,6 +435,28 @@ def test_a_success_after_errors_clears_the_backoff():
     assert rig.ready() == [1]
 
 
+def test_a_webhook_is_failing_from_its_first_error_until_a_success():
+    rig = Rig(retry=RetryPolicy(base=10.0, cap=10.0))
+    rig.push(1, "a")
+    assert rig.lane(1)["failing_since"] is None
+    rig.finish(rig.take(1), RETRY)
+    rig.advance(10.0)
+    rig.finish(rig.take(1), RETRY)
+    assert rig.lane(1)["failing_since"] == EPOCH + 1000.0  # the first error, not the last
+    rig.advance(10.0)
+    rig.finish(rig.take(1), ok())
+    assert rig.lane(1)["failing_since"] is None
+
+
+def test_the_time_of_the_last_rejection_is_kept():
+    rig = Rig()
+    assert rig.snapshot()["last_rejected_at"] is None
+    rig.outbox.accept([b"((type . "])
+    (data, received_at), = rig.outbox.take_unparsed(1)
+    rig.outbox.add_parsed([(received_at, "bad S-expression", None)])
+    assert rig.snapshot()["last_rejected_at"] == EPOCH + 1000.0
+
+
 # Drops and loss notices
 
 

@@ -4,6 +4,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -68,6 +70,12 @@ def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(tmp_
     final = relay.metrics()
     assert final["pending"] == 25 and final["delivered"] == 0
     assert_balanced(final)
+    assert final["state"] == "stopped" and final["saved"] == 25
+    assert final["webhooks"][0]["failing_since"] is not None  # connection refused, retried
+    told = subprocess.run([sys.executable, "-m", "notifier", "status", "--home", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert told.returncode == 2
+    assert told.stdout.startswith("NOTIFIER CRITICAL - stopped at ") and "25 saved" in told.stdout
     assert stat.S_IMODE(os.stat(relay.pending_file).st_mode) == 0o600
     saved = saved_envelopes(relay.pending_file)
     assert len(saved) == 25 and "tok" in saved[0]

@@ -361,6 +361,9 @@ def test_main_prints_url_and_messages_and_exits_0_on_sigterm(http):
         first = proc.stdout.readline().strip()
         assert first.startswith("standin listening on http://127.0.0.1:")
         base = first.rsplit(" ", 1)[1]
+        assert proc.stdout.readline().strip() == f"webhook URL: {base}/api/webhooks/1/tok"
+        assert proc.stdout.readline().strip() == \
+            f"relay setting: SWIMMY_NOTIFIER_ALLOWED_HOSTS={base.removeprefix('http://')}"
         r = post(http, f"{base}/api/webhooks/7/tok", {"content": "line one\nline two " + "x" * 100})
         assert r.headers["X-RateLimit-Limit"] == "5"
         assert proc.stdout.readline().rstrip("\n") == "7 line one line two " + "x" * 62

@@ -1,5 +1,6 @@
 """`python -m notifier status`: healthy only when messages are being delivered."""
 
+import os
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ def test_a_delivering_relay_is_ok():
     report = status.judge(snapshot(), NOW)
     assert report.level == status.OK and report.problems == []
     text = status.render(report)
-    assert text.startswith("notifier: OK")
+    assert text.startswith("NOTIFIER OK - delivering: 10 delivered, 0 pending | pending=0;;;0;1000 ")
     assert "received 10, delivered 10, pending 0, dropped 0" in text
     assert "webhook 42: ok" in text
 
@@ -44,11 +45,43 @@ def test_a_delivering_relay_is_ok():
                     "dropped": 0, "failed": 5, "last_success_at": None}]},
      status.WARNING, "webhook 7 is quarantined"),
     ({"invalid_requests_10m": 250}, status.WARNING, "250 invalid requests"),
+    ({"state": "stopped", "saved": 3, "timestamp": NOW - 600}, status.CRITICAL,
+     "stopped at 2027-01-15 07:50:00 UTC (10 min ago), 3 saved"),
+    ({"webhooks": [{"id": "7", "state": "waiting", "pending": 2, "delivered": 0, "dropped": 0,
+                    "failed": 0, "last_success_at": None, "failing_since": NOW - 90}]},
+     status.CRITICAL, "webhook 7: every request failed for 90 s"),
+    ({"rejected": 5, "received": 15, "last_rejected_at": NOW - 10,
+      "last_delivery_at": NOW - 600}, status.WARNING, "envelopes rejected (the last 10 s ago)"),
+    ({"timestamp": NOW + 3600}, status.CRITICAL, "not Unix time"),
 ])
 def test_drops_failures_staleness_and_stalls_are_never_reported_healthy(overrides, level, words):
     report = status.judge(snapshot(**overrides), NOW)
     assert report.level == level
     assert any(words in problem for problem in report.problems), report.problems
+
+
+def test_the_first_line_says_the_worst_problem_and_the_others_follow():
+    report = status.judge(snapshot(drops=2, received=12, timestamp=NOW - 60), NOW)
+    lines = status.render(report).splitlines()
+    assert lines[0].startswith("NOTIFIER CRITICAL - the snapshot is 60 s old")
+    assert lines[1].startswith("  ! 2 messages dropped") and not lines[2].startswith("  !")
+
+
+def test_a_stopped_relay_says_when_and_how_many_were_saved():
+    text = status.render(status.judge(snapshot(state="stopped", saved=1, timestamp=NOW - 5), NOW))
+    assert text.splitlines()[0] == ("NOTIFIER CRITICAL - stopped at 2027-01-15 07:59:55 UTC "
+                                    "(5 s ago), 1 saved for the next start")
+    assert "queue:     1 saved for the next start" in text
+
+
+def test_a_webhook_failing_briefly_or_old_rejections_with_deliveries_are_fine():
+    briefly = [{"id": "7", "state": "waiting", "pending": 1, "delivered": 3, "dropped": 0,
+                "failed": 0, "last_success_at": NOW - 100, "failing_since": NOW - 20}]
+    assert status.judge(snapshot(webhooks=briefly), NOW).level == status.OK
+    delivering = snapshot(rejected=4, received=14, last_rejected_at=NOW - 5)
+    assert status.judge(delivering, NOW).level == status.OK
+    assert status.judge(snapshot(rejected=4, received=14, last_rejected_at=NOW - 500,
+                                 last_delivery_at=NOW - 900), NOW).level == status.OK
 
 
 def test_a_recent_backlog_that_is_moving_is_fine():
@@ -68,3 +101,43 @@ def test_the_command_exit_codes(tmp_path):
     path.write_text(sexp.dumps(snapshot(timestamp=0)))
     stale = run("--metrics-file", str(path))
     assert stale.returncode == 2 and "dead or stuck" in stale.stdout
+
+
+def status_of(path):
+    return subprocess.run([sys.executable, "-m", "notifier", "status", "--metrics-file",
+                           str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_status_never_hangs_on_a_fifo_or_other_files_it_cannot_read(tmp_path):
+    fifo = tmp_path / "fifo.sexp"
+    os.mkfifo(fifo)
+    for path, words in ((fifo, "not a regular file"), (tmp_path, "is a directory")):
+        result = status_of(path)
+        assert result.returncode == 2 and words in result.stdout, result
+        assert result.stdout.startswith("NOTIFIER CRITICAL - cannot read") and not result.stderr
+    big = tmp_path / "big.sexp"
+    big.write_bytes(b"((schema_version . 1) (timestamp . 1) (x . \"" + b"y" * (1 << 20) + b"\"))")
+    result = status_of(big)
+    assert result.returncode == 2 and len(result.stdout) < 1000 and not result.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ('((schema_version . 1) (timestamp . "yesterday"))', "timestamp is 'yesterday', not a number"),
+    ("((schema_version . 1) (timestamp . 99999999999999999999999))", "timestamp is"),
+    ("((schema_version . 1) (timestamp . 1800000000) (pending . t))", "pending is"),
+    ("((schema_version . 1) (timestamp . 1800000000) (metrics_interval_sec . \"5\"))",
+     "metrics_interval_sec is '5'"),
+    ("((schema_version . 1) (timestamp . 1800000000) (webhooks . 5))", "webhooks is not a list"),
+    ("((schema_version . 1) (timestamp . 1800000000) (webhooks 1 2))", "not an alist"),
+    ("((schema_version . 1) (timestamp . 1800000000) (webhooks ((id . 1) (failing_since . x))))",
+     "failing_since is not a number"),
+    ("((schema_version . 2) (timestamp . 1800000000))", "schema_version 2 is not 1"),
+    ("((schema_version . 1))", "no timestamp"),
+    ("(1 2 3)", "not an alist"),
+])
+def test_a_snapshot_of_the_wrong_types_is_critical_with_a_reason(tmp_path, text, words):
+    path = tmp_path / "metrics.sexp"
+    path.write_text(text)
+    result = status_of(path)
+    assert result.returncode == 2 and not result.stderr, result
+    assert result.stdout.startswith("NOTIFIER CRITICAL - ") and words in result.stdout
