@@ -160,6 +160,12 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         if hook.get("state") == "quarantined":
             report.problem(WARNING, f"webhook {hook.get('id')} is quarantined "
                                     "(401/403/404 from Discord): its messages fail")
+    if get("journal_state") == "failed":
+        report.problem(WARNING, "the durable journal cannot be written (disk full or an "
+                                "I/O error): messages are held in memory only (see the log)")
+    if count("journal_corrupt_records"):
+        report.problem(WARNING, f"{count('journal_corrupt_records')} corrupt journal records "
+                                "at start: what followed them in their segment was skipped")
     if count("invalid_requests_10m") >= 100:
         report.problem(WARNING, f"{get('invalid_requests_10m')} invalid requests "
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")

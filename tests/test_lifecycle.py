@@ -269,3 +269,31 @@ def test_compaction_keeps_only_what_is_live(tmp_path):
         log.close()
     replay = Journal(tmp_path / "j").open()
     assert sorted(replay.messages) == kept and replay.corrupt == 0
+
+
+def test_the_final_metrics_are_the_last_written_even_after_a_slow_write(tmp_path, discord):
+    """A metrics thread still inside a slow write (a loaded disk) must not land its older
+    snapshot over the final one."""
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}")
+    relay.env["PYTHONPATH"] = str(tmp_path)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import threading, time\n"
+        "import notifier.metrics as m\n"
+        "write = m.write\n"
+        "def slow(path, text):\n"
+        "    if threading.current_thread().name == 'metrics':\n"
+        "        path.with_name('slow-write').touch()\n"
+        "        time.sleep(1.0)\n"
+        "    write(path, text)\n"
+        "m.write = slow\n")
+    relay.start()
+    wait_until(lambda: relay.metrics_file.with_name("slow-write").exists(), 30,
+               what="the metrics thread inside a slow write")
+    assert relay.stop() == 0
+    assert relay.metrics()["state"] == "stopped"
+
+
+@pytest.fixture
+def discord():
+    with DiscordStandIn() as standin:
+        yield standin

@@ -53,6 +53,8 @@ def test_a_delivering_relay_is_ok():
     ({"rejected": 5, "received": 15, "last_rejected_at": NOW - 10,
       "last_delivery_at": NOW - 600}, status.WARNING, "envelopes rejected (the last 10 s ago)"),
     ({"timestamp": NOW + 3600}, status.CRITICAL, "not Unix time"),
+    ({"journal_state": "failed"}, status.WARNING, "durable journal cannot be written"),
+    ({"journal_corrupt_records": 2}, status.WARNING, "2 corrupt journal records"),
 ])
 def test_drops_failures_staleness_and_stalls_are_never_reported_healthy(overrides, level, words):
     report = status.judge(snapshot(**overrides), NOW)
