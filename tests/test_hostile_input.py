@@ -4,6 +4,7 @@ and the good envelopes around it are delivered."""
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -149,3 +150,21 @@ def test_an_unexpected_parser_exception_rejects_only_that_envelope(tmp_path, mon
     assert [record.exc_info is not None for record in caplog.records
             if "bug in the parser" in record.getMessage()] == [True]
     assert "reason=internal error while parsing: KeyError" in caplog.text
+
+
+@pytest.mark.parametrize("make", [
+    lambda path: path.write_bytes(b"\x00\xff((( not lisp"),
+    lambda path: path.write_text('((schema_version . 2) (messages ((envelope . 7))))'),
+    lambda path: path.write_text("(" * 100_000),
+    lambda path: os.mkfifo(path),
+], ids=["garbage", "bad entry", "nesting bomb", "fifo"])
+def test_a_hostile_pending_file_is_set_aside_and_the_relay_starts(tmp_path, discord, relays,
+                                                                  make):
+    (tmp_path / "data").mkdir()
+    make(tmp_path / "data" / "notifier_pending.sexp")
+    relay = relays(allowed=f"127.0.0.1:{discord.port}")
+    assert "saved messages unreadable" in relay.log() and "Traceback" not in relay.log()
+    assert not relay.pending_file.exists()
+    assert list(relay.pending_file.parent.glob("notifier_pending.sexp.unreadable-*"))
+    relay.wait_metrics(lambda m: m["received"] == 0 and m["state"] == "running")
+    assert relay.stop() == 0
