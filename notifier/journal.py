@@ -208,6 +208,8 @@ class Journal:
             self._start_segment()
         except OSError as exc:
             self._fail(exc)
+        if self.corrupt_records and self.failure is None:
+            self._compact()  # restate what was read, so the damage is counted only once
         return Replay(messages, notices, self.corrupt_records)
 
     def _segments(self) -> list[tuple[int, Path]]:

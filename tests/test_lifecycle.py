@@ -182,6 +182,8 @@ def test_durable_torn_journal_tail_is_counted_and_the_rest_delivered(tmp_path, r
         assert contents(discord, 1) == [f"m{i}" for i in range(20)]
     assert snapshot["journal_corrupt_records"] == 1
     assert "corrupt or torn record" in again.log()
+    assert again.stop() == 0
+    assert Journal(tmp_path / "data" / "notifier_journal").open().corrupt == 0  # counted once
 
 
 def test_durable_sigterm_keeps_the_journal_and_writes_no_pending_file(tmp_path, relays,
