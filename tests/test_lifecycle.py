@@ -128,15 +128,22 @@ def durable(relays, standin_port, **settings):
     return relays(allowed=f"127.0.0.1:{standin_port}", durable="1", **settings)
 
 
-def test_durable_sigkill_during_a_flood_loses_nothing_taken(tmp_path, relays, pushers):
-    port = free_port()  # nothing listens yet
+def killed_after_taking(relays, pushers, count: int):
+    """A durable relay, SIGKILLed once it has taken `count` messages for a webhook whose
+    port nothing listens on yet. Returns the relay, the port and the webhook."""
+    port = free_port()
     webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"
     relay = durable(relays, port)
     pusher = pushers(relay.endpoint)
-    for i in range(300):
+    for i in range(count):
         pusher.send(envelope_text(webhook, f"m{i}"))
-    relay.wait_metrics(lambda m: m["received"] == 300, what="all taken")
+    relay.wait_metrics(lambda m: m["received"] == count, what="all taken")
     relay.kill()
+    return relay, port, webhook
+
+
+def test_durable_sigkill_during_a_flood_loses_nothing_taken(tmp_path, relays, pushers):
+    relay, port, _ = killed_after_taking(relays, pushers, 300)
     assert not relay.pending_file.exists()
 
     with DiscordStandIn(port=port) as discord:
@@ -164,14 +171,7 @@ def test_durable_sigkill_during_a_delivery_counts_it_in_flight(tmp_path, relays,
 
 
 def test_durable_torn_journal_tail_is_counted_and_the_rest_delivered(tmp_path, relays, pushers):
-    port = free_port()
-    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"
-    relay = durable(relays, port)
-    pusher = pushers(relay.endpoint)
-    for i in range(20):
-        pusher.send(envelope_text(webhook, f"m{i}"))
-    relay.wait_metrics(lambda m: m["received"] == 20, what="all taken")
-    relay.kill()
+    relay, port, webhook = killed_after_taking(relays, pushers, 20)
     segment = max((tmp_path / "data" / "notifier_journal").glob("seg-*.log"))
     with open(segment, "ab") as handle:  # a record cut short, as a crash mid-write leaves
         handle.write(journal.record(b"A", b"\0" * 8 + envelope_text(webhook, "torn"))[:30])
