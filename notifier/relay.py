@@ -31,8 +31,10 @@ import zmq
 
 from notifier import PROJECT_URL, __version__, envelope, files, metrics, pending
 from notifier.config import Config
+from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
 from notifier.journal import Journal, Notices, Saved
+from notifier.limits import Limits
 from notifier.logs import Throttle
 from notifier.outbox import Job, Outbox, dedupe_key, raw_webhook_id
 
@@ -116,8 +118,11 @@ class Relay:
     def __init__(self, settings: Config, *, retry: RetryPolicy = RetryPolicy()):
         self.settings = settings
         self.journal = Journal(settings.journal) if settings.durable else None
-        self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry,
-                             journal=self.journal)
+        self.dead_letters = DeadLetters(settings.dead_letter_file)
+        self.outbox = Outbox(settings.queue_max, settings.dedupe_window,
+                             limits=Limits(settings.global_rate, retry, wall=time.time),
+                             max_age=settings.max_age, journal=self.journal,
+                             dead_letters=self.dead_letters)
         self._context = zmq.Context()
         self._wake: zmq.Socket | None = None
         self._stop_requested = threading.Event()  # by a signal, or by a failed thread
@@ -141,7 +146,8 @@ class Relay:
         """Bind, restore what the last run saved, start the threads."""
         settings = self.settings
         try:
-            for path in (settings.metrics_file, settings.pending_file):
+            for path in (settings.metrics_file, settings.pending_file,
+                         settings.dead_letter_file):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 files.remove_stale_temps(path)
         except OSError as exc:
@@ -381,6 +387,8 @@ class Relay:
     def _write_metrics(self, saved: int | None = None) -> None:
         now = time.time()
         snapshot = self.outbox.snapshot()
+        snapshot.update(dead_letters=self.dead_letters.written,
+                        dead_letters_rotated_out=self.dead_letters.rotated_out)
         if self.journal is not None:
             snapshot.update(journal_state=self.journal.state,
                             journal_corrupt_records=self.journal.corrupt_records)
