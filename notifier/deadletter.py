@@ -23,7 +23,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from notifier import files, sexp
 from notifier.envelope import webhook_id
@@ -132,27 +132,20 @@ def entries(path: Path) -> Iterator[sexp.Alist]:
                 yield entry
 
 
-def replay(path: Path, send: Callable[[str], bool]) -> tuple[int, int, int]:
-    """Send every entry not replayed yet through `send` (the producer client), and
-    record it as replayed once all its envelopes were taken. Returns (sent, skipped,
-    refused); an entry `send` refused stays to be replayed next time."""
-    done_file = replayed_file(path)
+def unreplayed(path: Path) -> list[sexp.Alist]:
+    """The entries not sent again yet, oldest first."""
     try:
-        done = set(done_file.read_text(encoding="utf-8").split())
+        done = set(replayed_file(path).read_text(encoding="utf-8").split())
     except FileNotFoundError:
         done = set()
-    sent = skipped = refused = 0
-    fd = os.open(done_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    return [entry for entry in entries(path) if entry["id"] not in done]
+
+
+def mark_replayed(path: Path, entry_ids: list[str]) -> None:
+    """Record entries as sent again, so the next replay skips them."""
+    fd = os.open(replayed_file(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
     try:
-        for entry in entries(path):
-            if entry["id"] in done:
-                skipped += 1
-            elif all(send(text) for text in entry.get("envelopes") or []):
-                os.write(fd, f"{entry['id']}\n".encode())
-                done.add(entry["id"])
-                sent += 1
-            else:
-                refused += 1
+        os.write(fd, "".join(f"{entry_id}\n" for entry_id in entry_ids).encode())
     finally:
         os.close(fd)
-    return sent, skipped, refused

@@ -8,7 +8,8 @@ chosen times. What it knows:
 - Buckets, keyed by (X-RateLimit-Bucket, webhook): Discord counts webhook executes per
   webhook, even though every webhook reports the same hash. Requests in flight count.
 - The global pace: at most `global_rate` requests in any second, all webhooks together
-  (Discord allows an IP 50), so the relay never waits for a global 429 to slow down.
+  (Discord allows an IP 50), spread over the second, so the relay never waits for a
+  global 429 to slow down.
 - Channel paces: a ``shared`` 429 reveals a channel's hidden limit (about 30 per 60 s);
   the requests its channel delivered in the CHANNEL_PERIOD_SEC before it become the
   pace of every webhook Discord reports in that channel (the ``channel_id`` of the
@@ -32,6 +33,11 @@ from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW
 
 GLOBAL_WINDOW_SEC = 1.0
 """Discord's global limit is per second."""
+
+GLOBAL_SLICES = 10
+"""A second's requests are also spread over this many slices (at most a tenth of the
+rate in any tenth of a second): a whole second's worth sent at once, answered a few
+milliseconds late, would meet the next second's worth in Discord's window."""
 
 CHANNEL_PERIOD_SEC = 60.0
 """The window of a channel's hidden limit (Discord: about 30 messages per 60 s)."""
@@ -118,7 +124,9 @@ class Limits:
         self._hooks: dict[str, Hook] = {}
         self._buckets: dict[tuple[str | None, str], Bucket] = {}
         self._channels: dict[str, Channel] = {}
-        self._sent: deque[float] = deque(maxlen=global_rate)  # the latest sends
+        self._sent = (  # the latest sends, for the second and for its slices
+            (deque(maxlen=global_rate), GLOBAL_WINDOW_SEC),
+            (deque(maxlen=-(-global_rate // GLOBAL_SLICES)), GLOBAL_WINDOW_SEC / GLOBAL_SLICES))
         self._invalid: deque[float] = deque()  # times of 401/403/429 answers
         self._global_until = 0.0
         self._backing_off: set[Hook] = set()
@@ -174,8 +182,8 @@ class Limits:
         return channel.pace is not None and now - channel.busy_at <= PACE_DECAY_SEC
 
     def _global_slot(self) -> float:
-        sent = self._sent
-        return sent[0] + GLOBAL_WINDOW_SEC if len(sent) == sent.maxlen else 0.0
+        return max(sent[0] + seconds if len(sent) == sent.maxlen else 0.0
+                   for sent, seconds in self._sent)
 
     def _invalid_pause_until(self) -> float:
         """While the relay has made INVALID_SOFT_LIMIT invalid requests in the window,
@@ -190,7 +198,8 @@ class Limits:
     def sent(self, webhook: str, now: float) -> Ticket:
         """A request to `webhook` leaves now; pass the ticket to `answered`."""
         hook = self._hook(webhook)
-        self._sent.append(now)
+        for sent, _ in self._sent:
+            sent.append(now)
         bucket = self._buckets.get((hook.bucket_hash, hook.base))
         channel = self._channels.get(hook.channel)
         for counted in (bucket, channel):
@@ -275,13 +284,15 @@ class Limits:
 
     def _learn_pace(self, hook: Hook, now: float) -> None:
         """A shared 429: the channel took what it delivered in the last period. Met
-        again while paced, the pace was too high: one less than what got through."""
+        again while paced, the pace was too high: one less than what got through. With
+        nothing delivered to learn from, its retry_after alone is honoured."""
         channel = self._channels.get(hook.channel)
-        if channel is None:
-            channel = self._channels[hook.channel] = Channel(deque())
-        observed = sum(1 for t in channel.delivered if t > now - CHANNEL_PERIOD_SEC)
-        if self._paced(channel, now):
+        observed = 0 if channel is None else sum(
+            1 for t in channel.delivered if t > now - CHANNEL_PERIOD_SEC)
+        if channel is not None and self._paced(channel, now):
             observed = min(observed, channel.pace - 1)
+        elif observed == 0:
+            return
         channel.pace = max(1, observed)
         channel.busy_at = now
 

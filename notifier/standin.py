@@ -51,6 +51,7 @@ MODES = {
     "ok": {},
     "status": {"status": 500, "body": None},
     "hang": {},
+    "trickle": {"interval": 0.5},
     "global_429": {"retry_after": 1.0},
     "channel_429": {"retry_after": 40.0},
     "html_429": {},
@@ -208,15 +209,18 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             headers = {k.lower(): v for k, v in self.headers.items()}
-            record, extra_headers, data = standin._answer(self.command, self.path, headers, body,
-                                                          self.arrived)
+            record, extra_headers, data, trickle = standin._answer(
+                self.command, self.path, headers, body, self.arrived)
             self.send_response(record.status)
             for name, value in extra_headers.items():
                 self.send_header(name, value)
             if record.status != 204:  # a 204 must carry neither body nor Content-Length
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if trickle is None:
+                self.wfile.write(data)
+            else:
+                standin._trickle(self.wfile, data, trickle)
         finally:
             standin._busy(-1)
         if standin.on_request is not None:
@@ -414,6 +418,16 @@ class DiscordStandIn:
             self._active += delta
             self._cond.notify_all()
 
+    def _trickle(self, out, data, interval):
+        """Write `data` a byte every `interval` seconds, until done, released or stopped."""
+        release = self._release
+        for i in range(len(data)):
+            out.write(data[i:i + 1])
+            out.flush()
+            if release.wait(interval) or self._stopping:
+                out.write(data[i + 1:])
+                return
+
     def _release_all(self):
         self._release.set()
         self._release = threading.Event()
@@ -428,10 +442,12 @@ class DiscordStandIn:
             payload = json.loads(body) if body else None
         except ValueError:
             payload = None
-        mode, params, hold = "ok", {}, None
+        mode, params, hold, trickle = "ok", {}, None, None
         if method == "POST" and match:
             with self._cond:
                 mode, params = self._take_mode(webhook_id)
+                if mode == "trickle":
+                    trickle = params["interval"]
                 if mode == "hang" and not self._stopping:
                     hold = self._release
                     self._hanging += 1
@@ -460,7 +476,7 @@ class DiscordStandIn:
         else:
             data = json.dumps(response).encode()
             out["Content-Type"] = "application/json"
-        return record, out, data
+        return record, out, data, trickle
 
     def _take_mode(self, webhook_id):
         """The mode for this request, counting it against a times=N limit."""
@@ -496,7 +512,7 @@ class DiscordStandIn:
             return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": False}
         if mode == "html_429":
             return 429, {"Content-Type": "text/html; charset=UTF-8"}, _CLOUDFLARE_BAN_PAGE
-        # "ok", and "hang" once released: the global limit, then the webhook's, then the
+        # "ok", "trickle", and "hang" once released: the global limit, then the webhook's, then the
         # channel's, as Discord counts invalid requests too.
         wait = self._global_wait()
         if wait is not None:

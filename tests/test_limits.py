@@ -32,6 +32,13 @@ def test_the_global_pace_allows_rate_requests_in_any_second():
     assert limits.ready_at(C, 1.0) == 1.1
 
 
+def test_the_global_pace_spreads_a_seconds_requests_over_its_tenths():
+    limits = Limits(global_rate=45)
+    for _ in range(5):
+        limits.sent(A, 0.0)
+    assert limits.ready_at(B, 0.0) == 0.1
+
+
 def test_a_shared_429_paces_the_channel_to_what_it_delivered_in_the_period():
     limits = Limits(global_rate=1000)
     for i in range(30):  # three webhooks in one channel, 30 messages in 30 s
@@ -100,3 +107,9 @@ def test_a_route_429_is_not_ended_by_a_delivery_elsewhere():
     post(limits, A, 0.0, Outcome("rate_limited", wait=3.0, scope="route", invalid=True))
     post(limits, B, 1.0, ok())
     assert limits.ready_at(A, 1.0) == 3.0 and limits.invalid_count(1.0) == 1
+
+
+def test_a_shared_429_with_nothing_delivered_teaches_no_pace():
+    limits = Limits()
+    post(limits, A, 0.0, SHARED)
+    assert limits.pace_of(A, 0.0) is None and limits.ready_at(A, 0.0) == 40.0

@@ -10,6 +10,7 @@ fails the step that moved it.
 import json
 import logging
 import random
+import threading
 
 import pytest
 
@@ -22,6 +23,7 @@ EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
 HOOKS.update({4: HOOKS[1] + "?thread_id=41", 5: HOOKS[1] + "?thread_id=42"})
 """4 and 5 post into threads through webhook 1: one Discord webhook, one bucket."""
+DEADLINE = 30.0  # for the tests with threads: generous, the machine may be loaded
 BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
 
 RETRY = Outcome("retry", reason="HTTP 503")
@@ -629,3 +631,46 @@ def test_a_message_failed_for_a_quarantined_webhook_does_not_unremember_a_delive
     rig.advance(3600.0)
     rig.push(1, "same")  # the delivered one is still remembered
     assert counts(rig, "delivered", "failed", "deduplicated") == (1, 2, 1)
+
+
+def test_a_refused_loss_notice_is_logged_once_with_its_counts_and_never_posted_again(caplog):
+    rig = Rig(queue_max=1)
+    rig.push(1, "a")
+    rig.push(1, "b")  # "a" dropped
+    rig.deliver(1)
+    notice = rig.take(1)
+    assert notice.notice == (1, 0)
+    rig.finish(notice, REFUSED)
+    for i in range(3):
+        rig.push(1, f"later {i}")
+        assert "Notifications lost" not in rig.deliver(1)["content"]
+    assert counts(rig, "notices", "requests") == (0, 5)
+    assert len(log_lines(caplog, "loss notice refused webhook=1 dropped=1 failed=0")) == 1
+
+
+def test_log_lines_are_written_after_the_lock_is_released():
+    """A log handler that blocks (a full disk, a stuck pipe) holds up no other thread."""
+    rig = Rig()
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record):
+            entered.set()
+            release.wait(DEADLINE)
+
+    handler = Stuck(logging.ERROR)
+    logging.getLogger("notifier.outbox").addHandler(handler)
+    try:
+        rig.push(1, "a")
+        job = rig.take(1)
+        finishing = threading.Thread(target=rig.finish, args=(job, REFUSED))
+        finishing.start()
+        assert entered.wait(DEADLINE)
+        accepting = threading.Thread(target=rig.push, args=(2, "b"))
+        accepting.start()
+        accepting.join(DEADLINE)
+        assert not accepting.is_alive()  # accepted and parsed while the log line waits
+    finally:
+        release.set()
+        logging.getLogger("notifier.outbox").removeHandler(handler)
+    finishing.join(DEADLINE)
