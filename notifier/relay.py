@@ -1,6 +1,6 @@
 """The relay service: ZeroMQ in, Discord out, never blocking a producer.
 
-Threads (only at the edges; decisions live in `Outbox` and `discord`):
+Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
 
 * receiver: polls the PULL socket (no timeout while idle: no CPU), drains it with
   non-blocking receives into the `Outbox`, and parses envelopes when the socket is
