@@ -601,6 +601,8 @@ class Outbox:
             lane.job = None
             if job.notice:
                 self._notice_done(job)
+                self._say(logging.ERROR, "loss notice given up webhook=%s dropped=%d "
+                          "failed=%d: %s", lane.id, *job.notice, reason)
             self._fail(job.items, lane, reason, outcome.status)
             return
         self.counts["retries"] += 1

@@ -40,6 +40,18 @@ def embeds(discord: DiscordStandIn) -> int:
     return sum(len(message.get("embeds") or []) for message in discord.messages())
 
 
+def settled(metrics_file: Path, held: int, timeout: float = 30.0):
+    """The relay's snapshot once nothing of `held` messages is pending any more."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snapshot = metrics.read(metrics_file)
+        if snapshot["received"] == held and snapshot["pending"] == 0:
+            return snapshot
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still pending: {dict(snapshot)}")
+        time.sleep(0.1)
+
+
 @contextmanager
 def relay(discord: DiscordStandIn, **settings: str):
     """The relay as a process beside `discord`; yields (client, metrics file)."""
@@ -49,6 +61,7 @@ def relay(discord: DiscordStandIn, **settings: str):
                "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{discord.port}",
                "SWIMMY_NOTIFIER_LOG_FILE": str(Path(home) / "relay.log"),
                "SWIMMY_NOTIFIER_QUEUE_MAX": "10000",
+               "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC": "0.2",
                **{f"SWIMMY_NOTIFIER_{key.upper()}": value for key, value in settings.items()}}
         process = subprocess.Popen([sys.executable, "-m", "notifier"], env=env)
         metrics_file = Path(home) / "data" / "notifier_metrics.sexp"
@@ -104,8 +117,7 @@ def outage(seconds: float, hooks: int = 5, each: int = 10) -> None:
         if not discord.wait_for(lambda d: embeds(d) >= hooks * each, timeout=600):
             raise TimeoutError("not all delivered")
         last = max(r.time for r in discord.requests if r.status == 200)
-        time.sleep(0.5)
-        snapshot = metrics.read(metrics_file)
+        snapshot = settled(metrics_file, hooks * each)
         errors = sum(1 for r in discord.requests if r.status == 500)
         print(f"outage of {seconds:g} s: {hooks * each} held, last delivered "
               f"{last - recovered:.2f} s after recovery; failed {snapshot['failed']}; "
