@@ -271,7 +271,9 @@ class Limits:
             other.backoff_until = 0.0
         self._backing_off.clear()
         if outcome.channel is not None and outcome.channel != hook.channel:
-            hook.channel = outcome.channel
+            old, hook.channel = hook.channel, outcome.channel  # forum posts: a new thread each
+            if all(other.channel != old for other in self._hooks.values()):
+                self._channels.pop(old, None)
         channel = self._channels.get(hook.channel)
         if channel is None:
             channel = self._channels[hook.channel] = Channel(deque())

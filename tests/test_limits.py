@@ -113,3 +113,11 @@ def test_a_shared_429_with_nothing_delivered_teaches_no_pace():
     limits = Limits()
     post(limits, A, 0.0, SHARED)
     assert limits.pace_of(A, 0.0) is None and limits.ready_at(A, 0.0) == 40.0
+
+
+def test_channels_no_webhook_posts_into_any_more_are_forgotten():
+    """A forum webhook's every post is a new thread: its channels must not pile up."""
+    limits = Limits()
+    for thread in range(100):
+        post(limits, A, float(thread), ok(channel=f"thread {thread}"))
+    assert len(limits._channels) == 1
