@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from notifier import __version__, config, envelope, logs, program_name
 from notifier import standin as discord_standin
-from notifier.client import add_send_parser
+from notifier.client import add_replay_parser, add_send_parser
 
 
 def _settings(args: argparse.Namespace, command: str) -> config.Config | None:
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.set_defaults(run=check)
 
     add_send_parser(commands)
+    add_replay_parser(commands)
 
     status_parser = commands.add_parser(
         "status", help="summarize the relay's metrics (health, queue, delivery)",

@@ -30,11 +30,12 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from notifier import config, envelope, sexp
+from notifier import config, deadletter, envelope, sexp
 
 __all__ = ["NotifierClient", "DEFAULT_ENDPOINT", "DEFAULT_LINGER_MS", "WEBHOOK_ENV",
            "build_envelope", "message_payload", "add_send_parser", "send_command"]
@@ -314,6 +315,58 @@ def add_send_parser(commands: Any) -> argparse.ArgumentParser:
                         help="how long to wait for the relay to take it (default: 2)")
     parser.set_defaults(run=send_command)
     return parser
+
+
+def add_replay_parser(commands: Any) -> argparse.ArgumentParser:
+    """Register ``replay`` on `commands`."""
+    parser = commands.add_parser(
+        "replay", help="send the failed messages of the dead-letter file again",
+        description="Send every message of the dead-letter file (and of its rotated "
+                    ".1) that was not replayed yet through the relay, oldest first, and "
+                    "record them as replayed once the relay has taken them. Exit 0 when "
+                    "it has (or nothing was left), 1 when it has not, 2 for a usage error.")
+    parser.add_argument("--file", metavar="FILE",
+                        help="the dead-letter file (default: $SWIMMY_HOME/data/"
+                             "notifier_failed.sexp)")
+    parser.add_argument("--endpoint", metavar="tcp://HOST:PORT",
+                        help="the relay's endpoint (default: from --bind-addr and --port)")
+    config.add_arguments(parser, ("home", "port", "bind_addr"))
+    parser.add_argument("--wait-sec", type=_wait_seconds, default=5.0, metavar="S",
+                        help="how long to wait for the relay to take them (default: 5)")
+    parser.set_defaults(run=replay_command)
+    return parser
+
+
+def replay_command(args: argparse.Namespace) -> int:
+    """``python -m notifier replay``: the dead-letter file's messages, sent again."""
+    try:
+        settings = config.load(os.environ, vars(args))
+    except config.ConfigError as exc:
+        print(f"notifier replay: {exc}", file=sys.stderr)
+        return 2
+    path = Path(args.file) if args.file else settings.dead_letter_file
+    try:
+        todo = deadletter.unreplayed(path)
+    except OSError as exc:
+        print(f"notifier replay: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if not todo:
+        print(f"nothing to replay in {path}")
+        return 0
+    endpoint = args.endpoint or _relay_endpoint(settings)
+    client = NotifierClient(endpoint, linger_ms=round(args.wait_sec * 1000))
+    queued = all([client.send_envelope(text) for entry in todo
+                  for text in entry.get("envelopes") or []])
+    started = time.monotonic()
+    client.close()
+    if not queued or time.monotonic() - started >= args.wait_sec - _TIMER_SLACK:
+        print(f"notifier replay: the relay at {endpoint} did not take the messages within "
+              f"{args.wait_sec:g} s (is it running?); nothing recorded as replayed",
+              file=sys.stderr)
+        return 1
+    deadletter.mark_replayed(path, [entry["id"] for entry in todo])
+    print(f"replayed {len(todo)} failed messages through the relay at {endpoint}")
+    return 0
 
 
 _WILDCARDS = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}

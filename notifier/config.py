@@ -161,6 +161,12 @@ SETTINGS = (
             "SIGKILL loses nothing"),
     Setting("journal", "SWIMMY_NOTIFIER_JOURNAL", "--journal", _path, None,
             "durable mode's journal directory (default: $SWIMMY_HOME/data/notifier_journal)"),
+    Setting("global_rate", "SWIMMY_NOTIFIER_GLOBAL_RATE", "--global-rate", _whole(1, 10_000),
+            "45", "most requests per second to Discord, all webhooks together (Discord "
+            "allows an IP 50)"),
+    Setting("max_age", "SWIMMY_NOTIFIER_MAX_AGE_SEC", "--max-age", _seconds(1.0), "21600",
+            "seconds after which a message whose requests keep failing (network errors, "
+            "5xx) is given up; until then an outage is waited out"),
 )
 
 
@@ -183,6 +189,8 @@ class Config:
     drain_sec: float = 5.0
     durable: bool = False
     journal: Path | None = None
+    global_rate: int = 45
+    max_age: float = 21600.0
 
     def __post_init__(self):
         if self.metrics_file is None:
@@ -198,6 +206,11 @@ class Config:
     def pending_file(self) -> Path:
         """Where a stopping relay leaves what it could not deliver (mode 0600)."""
         return self.data_dir / "notifier_pending.sexp"
+
+    @property
+    def dead_letter_file(self) -> Path:
+        """Where every message given up on is kept (mode 0600: it holds webhook URLs)."""
+        return self.data_dir / "notifier_failed.sexp"
 
     @property
     def endpoint(self) -> str:

@@ -71,6 +71,8 @@ class Outcome:
     gone: bool = False
     invalid: bool = False  # counts toward Discord's invalid-request limit
     rate: RateLimit = RateLimit()
+    status: int | None = None  # HTTP status; None when no response came
+    channel: str | None = None  # delivered: the channel_id of the message Discord saved
 
 
 def _float(text: str | None) -> float | None:
@@ -137,15 +139,18 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
     `requests`' headers do)."""
     rate = read_rate_limit(headers)
     if 200 <= status < 300:
-        return Outcome("delivered", rate=rate)
+        channel = (_json_object(body) or {}).get("channel_id") if body else None
+        return Outcome("delivered", rate=rate, status=status,
+                       channel=channel if isinstance(channel, str) else None)
     if status == 429:
         return _rate_limited(headers, body, rate)
     if status in (401, 403, 404):
         return Outcome("dead", reason=f"HTTP {status}: {_discord_error(body)}",
-                       gone=status == 404, invalid=status != 404, rate=rate)
+                       gone=status == 404, invalid=status != 404, rate=rate, status=status)
     if 300 <= status < 500 and status != 408:  # 408: the server timed out; try again
-        return Outcome("refused", reason=f"HTTP {status}: {_discord_error(body)}", rate=rate)
-    return Outcome("retry", reason=f"HTTP {status}", rate=rate)
+        return Outcome("refused", reason=f"HTTP {status}: {_discord_error(body)}", rate=rate,
+                       status=status)
+    return Outcome("retry", reason=f"HTTP {status}", rate=rate, status=status)
 
 
 def _rate_limited(headers: Mapping[str, str], body: bytes, rate: RateLimit) -> Outcome:
@@ -155,7 +160,7 @@ def _rate_limited(headers: Mapping[str, str], body: bytes, rate: RateLimit) -> O
         header = _capped(_float(headers.get("Retry-After")))
         return Outcome("rate_limited", reason="HTTP 429 without a JSON body (blocked?)",
                        wait=max(header or 0.0, BAN_COOLDOWN_SEC), scope="ban",
-                       invalid=True, rate=rate)
+                       invalid=True, rate=rate, status=429)
     scope = (headers.get("X-RateLimit-Scope") or "").lower()
     if error.get("global") is True or scope == "global" or \
             (headers.get("X-RateLimit-Global") or "").lower() == "true":
@@ -163,7 +168,8 @@ def _rate_limited(headers: Mapping[str, str], body: bytes, rate: RateLimit) -> O
     elif scope != "shared":
         scope = "route"
     return Outcome("rate_limited", reason=f"HTTP 429 ({scope}), retry after {retry_after:g} s",
-                   wait=retry_after, scope=scope, invalid=scope != "shared", rate=rate)
+                   wait=retry_after, scope=scope, invalid=scope != "shared", rate=rate,
+                   status=429)
 
 
 def network_error(exc: BaseException) -> Outcome:
@@ -175,13 +181,15 @@ def network_error(exc: BaseException) -> Outcome:
 class RetryPolicy:
     """Capped exponential backoff with jitter for network errors, timeouts and 5xx.
 
-    Attempt n (1-based) waits between half and all of ``min(cap, base * 2**(n-1))``
-    seconds; after `max_attempts` failed attempts the messages count as failed. The
-    defaults ride out about three minutes of trouble: 0.5 s, 1 s, 2 s ... up to 60 s.
+    Error n in a row (1-based) waits between half and all of ``min(cap, base * 2**(n-1))``
+    seconds: 0.5 s, 1 s, 2 s, 4 s, then 5 s, so an outage costs one probe per webhook
+    every few seconds and its end is noticed within seconds. A request is given up
+    after `max_attempts` errors of its own (while other webhooks delivered); errors
+    during an outage do not count (see `notifier.limits`).
     """
 
     base: float = 0.5
-    cap: float = 60.0
+    cap: float = 5.0
     max_attempts: int = 10
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:

@@ -46,7 +46,9 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries.update(journal_state=snapshot.get("journal_state", "off"),
-                   journal_corrupt_records=snapshot.get("journal_corrupt_records", 0))
+                   journal_corrupt_records=snapshot.get("journal_corrupt_records", 0),
+                   dead_letters=snapshot.get("dead_letters", 0),
+                   dead_letters_rotated_out=snapshot.get("dead_letters_rotated_out", 0))
     entries.update(
         last_delivery_at=_unix(snapshot["last_delivery_at"]),
         last_error_at=_unix(snapshot["last_error_at"]),

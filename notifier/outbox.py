@@ -14,29 +14,32 @@ delivered or failed). All of it counts against `queue_max`; when full, the oldes
 waiting message is dropped (a job being sent is never dropped).
 
 Scheduling, per lane, one request at a time (so each webhook keeps its order): a lane
-is ready when it has work, no request in flight, its backoff or quarantine is over, its
-rate-limit bucket has requests left (or its window has reset), and no global pause is
-on. Lanes are served round-robin, so one busy webhook cannot starve another, and a
-webhook that hangs holds one sender thread only.
+is ready when it has work, no request in flight, and `notifier.limits` (the rate limits,
+pauses and backoffs, consulted here) says it may send. Lanes are served round-robin, so
+one busy webhook cannot starve another, and a webhook that hangs holds one sender
+thread only.
+
+Nothing under the lock waits for I/O: log lines and dead letters decided there are
+written once it is released (`_locked`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import random
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from notifier import payload as discord_payload
-from notifier.discord import (GONE_PAUSE_SEC, INVALID_SOFT_LIMIT, INVALID_WINDOW_SEC,
-                              MAX_WAIT_SEC, UNAUTHORIZED_PAUSE_SEC, Outcome, RetryPolicy)
+from notifier.deadletter import DeadLetters, Letter
+from notifier.discord import Outcome
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
 from notifier.journal import Journal, Notices, Saved
+from notifier.limits import Limits, Ticket
 from notifier.logs import Throttle
 
 log = logging.getLogger("notifier.outbox")
@@ -49,9 +52,9 @@ BATCH_LOOKAHEAD = 50
 """Waiting messages considered for one combined request: `combine` stops at Discord's
 limits (10 embeds, 6000 characters of them, 2000 of content) well before."""
 
-SAME_WINDOW_SEC = 0.25
-"""Without X-RateLimit-Reset, answers whose reset times differ by less than this are
-taken to be from one rate-limit window (windows last a second or more)."""
+MAX_AGE_SEC = 6 * 3600.0
+"""A message whose requests fail (network errors, 5xx) is given up once it is older than
+this, unless the errors are its own sooner: Discord's outages last hours at most."""
 
 MAX_LANES = 1000
 """Webhooks tracked at once (idle ones beyond this are forgotten, least recent first)."""
@@ -119,9 +122,14 @@ class Held:
 
 class Job:
     """The request(s) a lane is working through: its messages (or a loss notice) and
-    the payloads to post, one request each, in order."""
+    the payloads to post, one request each, in order.
 
-    __slots__ = ("lane", "items", "parts", "part", "attempts", "notice", "bucket")
+    `attempts` counts the errors of its current request that were its own (see
+    `notifier.limits`); it starts again at 0 when a part is delivered. A message whose
+    first part creates a forum thread (``thread_name``) posts the later parts into that
+    thread (``?thread_id=``), so one message is one thread."""
+
+    __slots__ = ("lane", "items", "parts", "part", "attempts", "notice", "ticket", "thread")
 
     def __init__(self, lane: "Lane", items: list[Held], parts: Sequence[dict], notice=None):
         self.lane = lane
@@ -130,15 +138,22 @@ class Job:
         self.part = 0
         self.attempts = 0
         self.notice = notice  # (dropped, failed) that a loss notice reports
-        self.bucket: Bucket | None = None  # the bucket its request in flight counts on
+        self.ticket: Ticket | None = None  # what its request in flight counts against
+        self.thread: str | None = None  # the thread its first part created
 
     @property
     def webhook(self) -> str:
-        return self.lane.webhook
+        """Where the current request goes: the lane's URL, or the thread created."""
+        if self.thread is None:
+            return self.lane.webhook
+        return f"{self.lane.webhook}?thread_id={self.thread}"
 
     @property
     def payload(self) -> dict:
-        return self.parts[self.part]
+        part = self.parts[self.part]
+        if self.thread is not None:
+            part = {key: value for key, value in part.items() if key != "thread_name"}
+        return part
 
 
 class Lane:
@@ -150,9 +165,8 @@ class Lane:
         self.waiting: deque[Held] = deque()
         self.job: Job | None = None
         self.busy = False  # a sender is posting the job's current part
-        self.not_before = 0.0  # monotonic: backoff, 429, or quarantine
-        self.bucket = webhook  # rate-limit bucket key, Discord's once it names it
         self.dead_reason: str | None = None  # set while quarantined
+        self.dead_status: int | None = None
         self.dead_failed = 0  # messages failed during this quarantine
         self.singles = 0  # send this many next messages alone (after a 400 on a batch)
         self.delivered = self.dropped = self.failed = 0
@@ -161,33 +175,25 @@ class Lane:
         self.lost_dropped = self.lost_failed = 0  # not yet reported in the channel
         self.lost_since: float | None = None  # wall clock
         self.notice_due = False
-
-
-@dataclass
-class Bucket:
-    """A rate-limit bucket as Discord's answers describe its current window."""
-
-    remaining: int = 0
-    reset_at: float = 0.0  # monotonic
-    window: float | None = None  # X-RateLimit-Reset of the current window
-    limit: int | None = None
-    in_flight: int = 0  # requests sent on it and not answered yet
+        self.forum = False  # its messages create threads: so must its loss notices
 
 
 class Outbox:
-    """See the module docstring. Clocks and randomness are injected for tests."""
+    """See the module docstring. Clocks are injected for tests, and so is the policy
+    (`Limits`, with its randomness)."""
 
     def __init__(self, queue_max: int, dedupe_window: float, *,
-                 retry: RetryPolicy = RetryPolicy(),
+                 limits: Limits | None = None, max_age: float = MAX_AGE_SEC,
                  monotonic: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 rng: random.Random | None = None, journal: Journal | None = None):
+                 journal: Journal | None = None, dead_letters: DeadLetters | None = None):
         self.queue_max = queue_max
         self.dedupe_window = dedupe_window
-        self._retry = retry
+        self.max_age = max_age
+        self._limits = limits or Limits(wall=wall)
         self._monotonic = monotonic
         self._wall = wall
-        self._rng = rng or random.Random()
+        self._dead_letters = dead_letters
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._journal = journal
@@ -196,10 +202,9 @@ class Outbox:
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
         self._lanes_by_id: dict[str, Lane] = {}
         self._early_drops: dict[str, tuple[int, float]] = {}  # webhook id -> (drops, since)
-        self._buckets: dict[str, Bucket] = {}
         self._dedupe: OrderedDict[bytes, float] = OrderedDict()
-        self._invalid: deque[float] = deque()  # times of 401/403/429 responses
-        self._global_until = 0.0
+        self._said: list[tuple[int, str, tuple]] = []  # log lines decided under the lock
+        self._letters: list[Letter] = []  # dead letters decided under the lock
         self._held = 0
         self._seq = 0
         self._closed = False
@@ -213,6 +218,25 @@ class Outbox:
         self.last_error_at: float | None = None
         self.last_rejected_at: float | None = None
         self.rate_limited_by_scope = dict.fromkeys(("route", "shared", "global", "ban"), 0)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock, and after its release the log lines and dead letters decided
+        under it: a slow log handler or disk holds up no other thread."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                said, self._said = self._said, []
+                letters, self._letters = self._letters, []
+        for level, text, args in said:
+            log.log(level, text, *args)
+        if letters and self._dead_letters is not None:
+            self._dead_letters.append(letters)
+
+    def _say(self, level: int, text: str, *args) -> None:
+        """A log line, written once the lock is released (the caller holds it)."""
+        self._said.append((level, text, args))
 
     # ------------------------------------------------------------------ intake
 
@@ -228,7 +252,7 @@ class Outbox:
             raws = [Raw(data, now, jid) for data, jid in zip(fresh, self._journal.append(fresh))]
         else:
             raws = [Raw(data, now) for data in fresh]
-        with self._lock:
+        with self._locked():
             self.counts["received"] += len(envelopes)
             self.counts["rejected"] += len(oversized)
             if oversized:
@@ -245,7 +269,7 @@ class Outbox:
             jids = self._journal.restore(saved)
         raws = [Raw(item.envelope, now, jid, item.part, item.attempts, item.in_flight)
                 for item, jid in zip(saved, jids or [None] * len(saved))]
-        with self._lock:
+        with self._locked():
             counts = self.counts
             counts["received"] += len(raws)
             counts["restored"] += len(raws)
@@ -345,7 +369,7 @@ class Outbox:
         rejection reason, dedupe key or None)`` each, in the same order."""
         now = self._monotonic()
         counts = self.counts
-        with self._lock:
+        with self._locked():
             for _, result, key in results:
                 raw = self._lent.popleft()
                 if isinstance(result, str):
@@ -356,9 +380,9 @@ class Outbox:
                     continue
                 lane = self._lanes.get(result.webhook) or self._new_lane(result.webhook)
                 self._seq += 1
-                if lane.dead_reason is not None and lane.not_before > now:
+                if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
                     self._fail([Held(self._seq, result, None, raw)], lane,
-                               lane.dead_reason, quiet=True)
+                               lane.dead_reason, lane.dead_status, quiet=True)
                     lane.dead_failed += 1
                 elif key is not None and self._seen(key, now):
                     counts["deduplicated"] += 1
@@ -373,8 +397,9 @@ class Outbox:
         """A suppressed duplicate is said, not silent: the producer's send succeeded."""
         suppressed = self._dedupe_log.allow()
         if suppressed is not None:
-            log.info("duplicate suppressed webhook=%s window_s=%g%s", lane.id, self.dedupe_window,
-                     f" ({suppressed} duplicate lines left out)" if suppressed else "")
+            self._say(logging.INFO, "duplicate suppressed webhook=%s window_s=%g%s", lane.id,
+                      self.dedupe_window,
+                      f" ({suppressed} duplicate lines left out)" if suppressed else "")
 
     def _new_lane(self, webhook: str) -> Lane:
         """A lane for a webhook seen for the first time. Beyond MAX_LANES, the least
@@ -386,8 +411,7 @@ class Outbox:
                     del self._lanes[old.webhook]
                     if self._lanes_by_id.get(old.id) is old:
                         del self._lanes_by_id[old.id]
-                    if all(other.bucket != old.bucket for other in self._lanes.values()):
-                        self._buckets.pop(old.bucket, None)
+                    self._limits.forget(old.webhook)
                     break
         lane = self._lanes[webhook] = Lane(webhook)
         self._lanes_by_id.setdefault(lane.id, lane)
@@ -416,7 +440,7 @@ class Outbox:
     def next_job(self) -> Job | None:
         """Block until some lane may send, and return its job with the sender's claim on
         it; None once the outbox is closed."""
-        with self._lock:
+        with self._locked():
             while not self._closed:
                 now = self._monotonic()
                 wake_at = None
@@ -426,41 +450,24 @@ class Outbox:
                         continue
                     if at <= now:
                         self._lanes.move_to_end(lane.webhook)  # round-robin
-                        return self._claim(lane)
+                        return self._claim(lane, now)
                     wake_at = at if wake_at is None else min(wake_at, at)
                 self._changed.wait(None if wake_at is None else wake_at - now)
             return None
 
     def _ready_at(self, lane: Lane, now: float) -> float | None:
-        """When `lane` may send next (<= now: at once), or None if it has nothing to do."""
+        """When `lane` may send next (<= now: at once), or None if it has nothing to do
+        or must wait for answers."""
         if lane.busy or (lane.job is None and not lane.waiting and not lane.notice_due):
             return None
-        at = max(lane.not_before, self._global_until, self._invalid_pause_until())
-        bucket = self._buckets.get(lane.bucket)
-        if bucket is not None:
-            if bucket.reset_at > now:
-                if bucket.remaining - bucket.in_flight <= 0:
-                    at = max(at, bucket.reset_at)
-            elif bucket.limit is not None and bucket.in_flight >= bucket.limit:
-                return None  # a new window is full already; its answers will say more
-        return at
+        return self._limits.ready_at(lane.webhook, now)
 
-    def _invalid_pause_until(self) -> float:
-        """While the relay has made INVALID_SOFT_LIMIT invalid requests in the window,
-        nothing is sent until enough of them have aged out."""
-        invalid = self._invalid
-        if len(invalid) < INVALID_SOFT_LIMIT:
-            return 0.0
-        return invalid[len(invalid) - INVALID_SOFT_LIMIT] + INVALID_WINDOW_SEC
-
-    def _claim(self, lane: Lane) -> Job:
+    def _claim(self, lane: Lane, now: float) -> Job:
         if lane.job is None:
             lane.job = self._plan(lane)
         lane.busy = True
         job = lane.job
-        job.bucket = self._buckets.get(lane.bucket)
-        if job.bucket is not None:
-            job.bucket.in_flight += 1
+        job.ticket = self._limits.sent(lane.webhook, now)
         return job
 
     def _plan(self, lane: Lane) -> Job:
@@ -470,7 +477,7 @@ class Outbox:
         if lane.notice_due and lane.job is None:
             lane.notice_due = False
             counts = (lane.lost_dropped, lane.lost_failed)
-            notice = discord_payload.loss_notice(*counts, lane.lost_since)
+            notice = discord_payload.loss_notice(*counts, lane.lost_since, forum=lane.forum)
             return Job(lane, [], [notice], notice=counts)
         first = lane.waiting[0]
         if len(first.remaining) > 1 or len(lane.waiting) == 1 or lane.singles:
@@ -491,30 +498,21 @@ class Outbox:
         """Record what one request of `job` came to and decide what the lane does next."""
         now = self._monotonic()
         lane, counts = job.lane, self.counts
-        with self._lock:
+        with self._locked():
             lane.busy = False
             counts["requests"] += 1
-            if job.bucket is not None:
-                job.bucket.in_flight -= 1
-                job.bucket = None
-            self._update_bucket(lane, outcome.rate, now)
-            if outcome.invalid:
-                self._invalid.append(now)
-            while self._invalid and self._invalid[0] < now - INVALID_WINDOW_SEC:
-                self._invalid.popleft()
+            answer = self._limits.answered(job.ticket, outcome, now)
+            job.ticket = None
             kind = outcome.kind
             if kind == "delivered":
                 lane.failing_since = None
-                self._part_delivered(job)
+                self._part_delivered(job, outcome)
             elif kind == "rate_limited":
                 counts["rate_limited"] += 1
                 self.rate_limited_by_scope[outcome.scope] += 1
-                if outcome.scope in ("global", "ban"):
-                    self._global_until = max(self._global_until, now + outcome.wait)
-                else:
-                    lane.not_before = max(lane.not_before, now + outcome.wait)
-                log.warning("rate limited webhook=%s scope=%s wait_s=%.3f reason=%s",
-                            lane.id, outcome.scope, outcome.wait, outcome.reason)
+                self._say(logging.WARNING, "rate limited webhook=%s scope=%s wait_s=%.3f "
+                          "reason=%s%s", lane.id, outcome.scope, outcome.wait, outcome.reason,
+                          self._pace_note(lane, outcome, now))
             else:
                 counts["errors"] += 1
                 self.last_error, self.last_error_at = f"webhook {lane.id}: {outcome.reason}", \
@@ -522,44 +520,24 @@ class Outbox:
                 if kind in ("retry", "dead") and lane.failing_since is None:
                     lane.failing_since = self.last_error_at
                 if kind == "retry":
-                    self._retry_later(job, outcome, now)
+                    self._retry_later(job, outcome, answer, now)
                 elif kind == "dead":
-                    self._quarantine(lane, outcome, now)
+                    self._quarantine(lane, outcome, answer.wait)
                 else:
                     self._refused(job, outcome)
             self._changed.notify_all()
 
-    def _update_bucket(self, lane: Lane, rate, now: float) -> None:
-        """Answers may come back out of order (senders run in parallel): within one
-        window the lowest Remaining is the true one, and an answer from a window that
-        is over says nothing about the current one. Discord names each window by its
-        X-RateLimit-Reset; without it, reset times within SAME_WINDOW_SEC are one."""
-        if rate.bucket is not None:
-            lane.bucket = rate.bucket  # webhooks sharing a bucket now share its state
-        if rate.remaining is None:
-            return
-        bucket = self._buckets.setdefault(lane.bucket, Bucket())
-        if rate.limit is not None:
-            bucket.limit = rate.limit
-        reset_after = rate.reset_after
-        if reset_after is None and rate.reset is not None:
-            reset_after = min(max(0.0, rate.reset - self._wall()), MAX_WAIT_SEC)
-        reset_at = now + (reset_after or 0.0)
-        if bucket.reset_at > now:  # a window is current: is this answer from it?
-            if rate.reset is not None and bucket.window is not None:
-                age = bucket.window - rate.reset
-            else:
-                age = bucket.reset_at - reset_at
-                age = 0.0 if abs(age) < SAME_WINDOW_SEC else age
-            if age > 0:
-                return  # from a window already over
-            if age == 0:
-                bucket.remaining = min(bucket.remaining, rate.remaining)
-                return
-        bucket.remaining, bucket.window, bucket.reset_at = rate.remaining, rate.reset, reset_at
+    def _pace_note(self, lane: Lane, outcome: Outcome, now: float) -> str:
+        pace = self._limits.pace_of(lane.webhook, now) if outcome.scope == "shared" else None
+        return "" if pace is None else f"; channel paced to {pace} per 60 s"
 
-    def _part_delivered(self, job: Job) -> None:
-        """Retries count per request: the next part starts with none used."""
+    def _part_delivered(self, job: Job, outcome: Outcome) -> None:
+        """Retries count per request: the next part starts with none used. The first
+        part of a message that named a thread created it: the rest go into it."""
+        if job.part == 0 and job.items and "thread_name" in job.parts[0]:
+            job.lane.forum = True
+            if outcome.channel is not None and "?" not in job.lane.webhook:
+                job.thread = outcome.channel
         job.part += 1
         job.attempts = 0
         if job.part == len(job.parts):
@@ -573,17 +551,12 @@ class Outbox:
     def _completed(self, job: Job) -> None:
         lane, counts = job.lane, self.counts
         lane.job = None
-        lane.not_before = 0.0
         now = self._wall()
         if job.notice:
             counts["notices"] += 1
-            lane.lost_dropped -= job.notice[0]
-            lane.lost_failed -= job.notice[1]
-            if not (lane.lost_dropped or lane.lost_failed):
-                lane.lost_since = None
-            log.info("loss notice sent webhook=%s dropped=%d failed=%d",
-                     lane.id, *job.notice)
-            self._journal_notice(lane)
+            self._notice_done(job)
+            self._say(logging.INFO, "loss notice sent webhook=%s dropped=%d failed=%d",
+                      lane.id, *job.notice)
             return
         self._journal_done([item.raw for item in job.items])
         self._held -= len(job.items)
@@ -591,66 +564,92 @@ class Outbox:
         lane.delivered += len(job.items)
         lane.last_success_at = self.last_delivery_at = now
         if lane.dead_reason is not None:
-            log.info("webhook=%s is back after quarantine (%d messages failed meanwhile)",
-                     lane.id, lane.dead_failed)
-            lane.dead_reason, lane.dead_failed = None, 0
+            self._say(logging.INFO, "webhook=%s is back after quarantine (%d messages "
+                      "failed meanwhile)", lane.id, lane.dead_failed)
+            lane.dead_reason, lane.dead_status, lane.dead_failed = None, None, 0
         if lane.lost_dropped or lane.lost_failed:
             lane.notice_due = True
         oldest = min(item.received_at for item in job.items)
-        log.debug("delivered webhook=%s messages=%d requests=%d latency_ms=%.1f",
-                  lane.id, len(job.items), len(job.parts),
+        self._say(logging.DEBUG, "delivered webhook=%s messages=%d requests=%d "
+                  "latency_ms=%.1f", lane.id, len(job.items), len(job.parts),
                   (self._monotonic() - oldest) * 1000)
 
-    def _retry_later(self, job: Job, outcome: Outcome, now: float) -> None:
+    def _notice_done(self, job: Job) -> None:
+        """A loss notice posted or refused: the losses it reported are cleared, so a
+        refused one is not posted again after every delivery."""
         lane = job.lane
-        job.attempts += 1
-        if self._retry.gives_up(job.attempts):
+        lane.lost_dropped -= job.notice[0]
+        lane.lost_failed -= job.notice[1]
+        if not (lane.lost_dropped or lane.lost_failed):
+            lane.lost_since = None
+        self._journal_notice(lane)
+
+    def _retry_later(self, job: Job, outcome: Outcome, answer, now: float) -> None:
+        """An outage is waited out: a request is given up only after `max_attempts` of
+        its own errors (others delivered meanwhile), or once its message is older than
+        `max_age`. Until then the bound (drop-oldest) limits what is held."""
+        lane = job.lane
+        age = now - min((item.received_at for item in job.items), default=now)
+        if answer.own:
+            job.attempts += 1
+        reason = None
+        if self._limits.retry.gives_up(job.attempts):
+            reason = f"{outcome.reason} after {job.attempts} attempts while others delivered"
+        elif age > self.max_age:
+            reason = f"{outcome.reason}, still failing {age:.0f} s after it was received"
+        if reason is not None:
             lane.job = None
-            self._fail(job.items, lane, f"{outcome.reason} after {job.attempts} attempts")
+            if job.notice:
+                self._notice_done(job)
+                self._say(logging.ERROR, "loss notice given up webhook=%s dropped=%d "
+                          "failed=%d: %s", lane.id, *job.notice, reason)
+            self._fail(job.items, lane, reason, outcome.status)
             return
         self.counts["retries"] += 1
         for item in job.items:
-            item.raw.attempts = job.attempts
-            if self._journal is not None and item.raw.jid is not None:
-                self._journal.progress(item.raw.jid, item.raw.part, job.attempts)
-        delay = self._retry.backoff(job.attempts, self._rng)
-        lane.not_before = now + delay
-        log.warning("retry webhook=%s attempt=%d in_s=%.2f reason=%s",
-                    lane.id, job.attempts, delay, outcome.reason)
+            if answer.own:
+                item.raw.attempts = job.attempts
+                if self._journal is not None and item.raw.jid is not None:
+                    self._journal.progress(item.raw.jid, item.raw.part, job.attempts)
+        self._say(logging.WARNING, "retry webhook=%s attempt=%d in_s=%.2f reason=%s",
+                  lane.id, job.attempts, answer.wait, outcome.reason)
 
-    def _quarantine(self, lane: Lane, outcome: Outcome, now: float) -> None:
+    def _quarantine(self, lane: Lane, outcome: Outcome, pause: float) -> None:
         """Stop sending to a webhook that answered 401/403/404: fail what waits for it
         now and what comes for it until the pause is over, then try again."""
-        pause = GONE_PAUSE_SEC if outcome.gone else UNAUTHORIZED_PAUSE_SEC
-        lane.not_before = now + pause
-        lane.dead_reason = outcome.reason
+        lane.dead_reason, lane.dead_status = outcome.reason, outcome.status
         job, lane.job = lane.job, None
         items = (job.items if job else []) + list(lane.waiting)
         lane.waiting.clear()
-        log.error("webhook=%s quarantined for %.0f s: %s; failed now=%d, failed during the "
-                  "last quarantine=%d; new messages to it fail at once until then",
-                  lane.id, pause, outcome.reason, len(items), lane.dead_failed)
+        self._say(logging.ERROR, "webhook=%s quarantined for %.0f s: %s; failed now=%d, "
+                  "failed during the last quarantine=%d; new messages to it fail at once "
+                  "until then", lane.id, pause, outcome.reason, len(items), lane.dead_failed)
         lane.dead_failed = 0
-        self._fail(items, lane, outcome.reason, quiet=True)
+        self._fail(items, lane, outcome.reason, outcome.status, quiet=True)
 
     def _refused(self, job: Job, outcome: Outcome) -> None:
         """A 400 (or another answer that will not change): never resend the same
         request. A combined batch is split so that only the message Discord refuses
-        fails."""
+        fails; a refused loss notice is logged with what it reported, and cleared."""
         lane = job.lane
         lane.job = None
         if job.notice:
-            log.error("loss notice refused webhook=%s: %s", lane.id, outcome.reason)
+            self._notice_done(job)
+            self._say(logging.ERROR, "loss notice refused webhook=%s dropped=%d failed=%d "
+                      "(not posted again): %s", lane.id, *job.notice, outcome.reason)
             return
         if len(job.items) > 1:
             lane.waiting.extendleft(reversed(job.items))
             lane.singles = len(job.items)
-            log.warning("batch refused webhook=%s messages=%d, resending one by one: %s",
-                        lane.id, len(job.items), outcome.reason)
+            self._say(logging.WARNING, "batch refused webhook=%s messages=%d, resending one "
+                      "by one: %s", lane.id, len(job.items), outcome.reason)
             return
-        self._fail(job.items, lane, outcome.reason)
+        self._fail(job.items, lane, outcome.reason, outcome.status)
 
-    def _fail(self, items: list[Held], lane: Lane, reason: str, quiet=False) -> None:
+    def _fail(self, items: list[Held], lane: Lane, reason: str, status: int | None,
+              quiet=False) -> None:
+        """Messages given up: counted, reported in the channel later, and kept in the
+        dead-letter file (written once the lock is released)."""
         if not items:
             return
         for item in items:
@@ -660,8 +659,12 @@ class Outbox:
         self.counts["failed"] += len(items)
         lane.failed += len(items)
         self._note_loss(lane, failed=len(items))
+        now = self._wall()
+        self._letters.extend(Letter(item.message.webhook, item.remaining, item.raw.data,
+                                    item.raw.part, reason, status, now) for item in items)
         if not quiet:
-            log.error("failed webhook=%s messages=%d reason=%s", lane.id, len(items), reason)
+            self._say(logging.ERROR, "failed webhook=%s messages=%d reason=%s", lane.id,
+                      len(items), reason)
 
     def _forget(self, item: Held) -> None:
         """A lost message no longer counts as seen: the producer's resend must go out."""
@@ -694,8 +697,7 @@ class Outbox:
             snapshot = dict(self.counts)
             snapshot.update(
                 pending=self._held, queue_len=self._held, queue_max=self.queue_max,
-                unparsed=len(self._raw), invalid_requests_10m=sum(
-                    1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC),
+                unparsed=len(self._raw), invalid_requests_10m=self._limits.invalid_count(now),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
                 last_error=self.last_error, last_rejected_at=self.last_rejected_at,
                 rate_limited_by_scope=dict(self.rate_limited_by_scope), webhooks=[self._lane_report(lane, now)
@@ -704,9 +706,9 @@ class Outbox:
 
     def _lane_report(self, lane: Lane, now: float) -> dict:
         pending = len(lane.waiting) + (len(lane.job.items) if lane.job else 0)
-        if lane.dead_reason is not None and lane.not_before > now:
+        if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
             state = "quarantined"
-        elif max(lane.not_before, self._global_until) > now:
+        elif self._limits.waiting(lane.webhook, now):
             state = "waiting"
         else:
             state = "ok"

@@ -401,14 +401,19 @@ def _closed(content):
 
 # Reporting loss
 
+LOSS_THREAD_NAME = "Notifications lost"
 
-def loss_notice(dropped: int, failed: int, since_unix: float | None) -> dict:
+
+def loss_notice(dropped: int, failed: int, since_unix: float | None, *,
+                forum: bool = False) -> dict:
     """The message posted to a webhook after notifications meant for it were lost, so
     the loss shows where they were expected, e.g. "⚠️ Notifications lost since
     2024-06-01 14:03 UTC: 37 dropped (relay queue full), 2 failed — see the relay log."
 
     A zero count is left out; `since_unix` (None to leave it out) is when the first of
-    them was lost. Mentions are disabled: a notice never pings anyone.
+    them was lost. Mentions are disabled: a notice never pings anyone. In a forum
+    channel (`forum`) a message must create a thread: the notice gets one of its own.
+    A webhook URL with ``?thread_id=`` posts it in that thread like the messages.
     """
     if dropped < 0 or failed < 0 or not dropped + failed:
         raise ValueError(f"nothing lost to report (dropped={dropped}, failed={failed})")
@@ -422,4 +427,7 @@ def loss_notice(dropped: int, failed: int, since_unix: float | None) -> dict:
         when = datetime.fromtimestamp(since_unix, timezone.utc)
         since = when.strftime(" since %Y-%m-%d %H:%M UTC")
     content = f"⚠️ Notifications lost{since}: {', '.join(counts)} — see the relay log."
-    return {"content": content, "allowed_mentions": {"parse": []}}
+    notice = {"content": content, "allowed_mentions": {"parse": []}}
+    if forum:
+        notice["thread_name"] = LOSS_THREAD_NAME
+    return notice

@@ -1,6 +1,6 @@
 """The relay service: ZeroMQ in, Discord out, never blocking a producer.
 
-Threads (only at the edges; decisions live in `Outbox` and `discord`):
+Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
 
 * receiver: polls the PULL socket (no timeout while idle: no CPU), drains it with
   non-blocking receives into the `Outbox`, and parses envelopes when the socket is
@@ -23,16 +23,22 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
 import requests
 import zmq
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from notifier import PROJECT_URL, __version__, envelope, files, metrics, pending
 from notifier.config import Config
+from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
 from notifier.journal import Journal, Notices, Saved
+from notifier.limits import Limits
 from notifier.logs import Throttle
 from notifier.outbox import Job, Outbox, dedupe_key, raw_webhook_id
 
@@ -40,7 +46,10 @@ log = logging.getLogger("notifier.relay")
 
 USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
 TIMEOUT = (5.0, 15.0)
-"""Connect and read timeouts of one request: a hanging webhook holds a sender this long."""
+"""Connect and read timeouts of one request (the read timeout is per socket read)."""
+DEADLINE_SEC = 20.0
+"""The longest one request may take, connect and the whole answer: a server that
+trickles its answer a byte at a time holds a sender no longer than this."""
 
 RECEIVE_BATCH = 512  # envelopes taken off the socket per lock acquisition
 PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
@@ -56,6 +65,67 @@ class RelayError(RuntimeError):
     """The relay cannot start (port taken, data directory not writable...)."""
 
 
+class Watchdog:
+    """Shuts the socket of a request still unanswered at its deadline (`requests` has
+    timeouts per socket read only). One per sender thread, idle between requests."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.connection: HTTPConnection | None = None  # the one carrying the request
+        self.fired = False
+        self._deadline: float | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
+
+    def __enter__(self) -> "Watchdog":
+        with self._changed:
+            self._deadline, self.fired = time.monotonic() + self.seconds, False
+            self._changed.notify()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._changed:
+            self._deadline = None
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    def adapter(self) -> HTTPAdapter:
+        """An adapter whose connections tell this watchdog when they carry a request."""
+        watchdog = self
+
+        class Watched:
+            def request(self, *args, **kwargs):
+                watchdog.connection = self
+                return super().request(*args, **kwargs)
+
+        adapter = HTTPAdapter()
+        adapter.poolmanager.pool_classes_by_scheme = {
+            "http": type("Pool", (HTTPConnectionPool,), {
+                "ConnectionCls": type("Connection", (Watched, HTTPConnection), {})}),
+            "https": type("Pool", (HTTPSConnectionPool,), {
+                "ConnectionCls": type("Connection", (Watched, HTTPSConnection), {})})}
+        return adapter
+
+    def _run(self) -> None:
+        with self._changed:
+            while not self._closed:
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if left is None or left > 0:
+                    self._changed.wait(left)
+                    continue
+                self._deadline, self.fired = None, True
+                sock = getattr(self.connection, "sock", None)
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+
 class Sender:
     """One sender thread's HTTP side: a keep-alive session, and per webhook the request
     prepared once. Preparing it anew costs about a third of a millisecond per
@@ -65,8 +135,11 @@ class Sender:
 
     MAX_TEMPLATES = 256
 
-    def __init__(self):
+    def __init__(self, deadline: float = DEADLINE_SEC):
+        self.watchdog = Watchdog(deadline)
         self.session = requests.Session()
+        for prefix in ("http://", "https://"):
+            self.session.mount(prefix, self.watchdog.adapter())
         self.session.trust_env = False
         self.session.headers.update({"Content-Type": "application/json",
                                      "User-Agent": USER_AGENT})
@@ -93,15 +166,20 @@ class Sender:
         request.body = json.dumps(job.payload, ensure_ascii=False,
                                   separators=(",", ":")).encode("utf-8")
         request.headers["Content-Length"] = str(len(request.body))
-        try:
-            response = self.session.send(request, timeout=TIMEOUT, allow_redirects=False,
-                                         proxies=proxies, verify=verify)
-        except requests.RequestException as exc:
-            return network_error(exc)
+        with self.watchdog:
+            try:
+                response = self.session.send(request, timeout=TIMEOUT, allow_redirects=False,
+                                             proxies=proxies, verify=verify)
+            except requests.RequestException as exc:
+                if self.watchdog.fired:
+                    return Outcome("retry", reason=f"no whole answer within "
+                                                   f"{self.watchdog.seconds:g} s")
+                return network_error(exc)
         return classify(response.status_code, response.headers, response.content)
 
     def close(self) -> None:
         self.session.close()
+        self.watchdog.close()
 
 
 def preview(data: bytes) -> str:
@@ -116,8 +194,11 @@ class Relay:
     def __init__(self, settings: Config, *, retry: RetryPolicy = RetryPolicy()):
         self.settings = settings
         self.journal = Journal(settings.journal) if settings.durable else None
-        self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry,
-                             journal=self.journal)
+        self.dead_letters = DeadLetters(settings.dead_letter_file)
+        self.outbox = Outbox(settings.queue_max, settings.dedupe_window,
+                             limits=Limits(settings.global_rate, retry, wall=time.time),
+                             max_age=settings.max_age, journal=self.journal,
+                             dead_letters=self.dead_letters)
         self._context = zmq.Context()
         self._wake: zmq.Socket | None = None
         self._stop_requested = threading.Event()  # by a signal, or by a failed thread
@@ -141,7 +222,8 @@ class Relay:
         """Bind, restore what the last run saved, start the threads."""
         settings = self.settings
         try:
-            for path in (settings.metrics_file, settings.pending_file):
+            for path in (settings.metrics_file, settings.pending_file,
+                         settings.dead_letter_file):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 files.remove_stale_temps(path)
         except OSError as exc:
@@ -381,6 +463,8 @@ class Relay:
     def _write_metrics(self, saved: int | None = None) -> None:
         now = time.time()
         snapshot = self.outbox.snapshot()
+        snapshot.update(dead_letters=self.dead_letters.written,
+                        dead_letters_rotated_out=self.dead_letters.rotated_out)
         if self.journal is not None:
             snapshot.update(journal_state=self.journal.state,
                             journal_corrupt_records=self.journal.corrupt_records)

@@ -1,9 +1,15 @@
 """A local stand-in for Discord's webhook API, for tests, demos and producer checks.
 
 It is a real HTTP server on loopback that answers ``POST /api/webhooks/<id>/<token>``
-the way Discord does: 200 with a message object for ``?wait=true``, 204 without it,
-Discord's rate-limit headers and 429s when a rate limit is configured, and 400 (code
-50035) for payloads over Discord's limits. Tests script faults per webhook (error
+the way Discord does: 200 with a message object (``id``, ``channel_id``...) for
+``?wait=true``, 204 without it, Discord's rate-limit headers and 429s when a rate limit
+is configured, and 400 (code 50035) for payloads over Discord's limits. Like Discord,
+every webhook reports the same bucket hash and is counted on its own. Optional, as on
+Discord: a global limit per second with global 429s (``global_limit=50``), a hidden
+per-channel limit with ``shared`` 429s while Remaining is above 0
+(``channel_limit=(30, 60.0)``, ``channels={"900": ["1", "2"]}`` to put webhooks in one
+channel), and forum channels (``forums={"7"}``), where a message needs ``thread_name``
+(which creates a thread) or ``?thread_id=``. Tests script faults per webhook (error
 statuses, hangs, global, shared and Cloudflare 429s) and simulate an outage by
 stopping it and starting a new one on the same port::
 
@@ -35,7 +41,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 _WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)/?$")
 _DISCORD_EPOCH_MS = 1420070400000
-_CHANNEL_ID = "1100000000000000001"
+_CHANNEL_BASE = 1100000000000000000  # a webhook's own channel: this plus its id
+_BUCKET_HASH = hashlib.sha1(b"webhook execute").hexdigest()[:32]  # one for all, as on Discord
+_GLOBAL_WINDOW = 1.0
 _NOMINAL_LIMIT = (5, 2.0)  # Discord's usual webhook limit, shown by channel_429 when none is set
 
 # Mode name -> its parameters and their defaults.
@@ -43,6 +51,7 @@ MODES = {
     "ok": {},
     "status": {"status": 500, "body": None},
     "hang": {},
+    "trickle": {"interval": 0.5},
     "global_429": {"retry_after": 1.0},
     "channel_429": {"retry_after": 40.0},
     "html_429": {},
@@ -200,15 +209,18 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             headers = {k.lower(): v for k, v in self.headers.items()}
-            record, extra_headers, data = standin._answer(self.command, self.path, headers, body,
-                                                          self.arrived)
+            record, extra_headers, data, trickle = standin._answer(
+                self.command, self.path, headers, body, self.arrived)
             self.send_response(record.status)
             for name, value in extra_headers.items():
                 self.send_header(name, value)
             if record.status != 204:  # a 204 must carry neither body nor Content-Length
                 self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if trickle is None:
+                self.wfile.write(data)
+            else:
+                standin._trickle(self.wfile, data, trickle)
         finally:
             standin._busy(-1)
         if standin.on_request is not None:
@@ -220,18 +232,29 @@ class _Handler(BaseHTTPRequestHandler):
 class DiscordStandIn:
     """A Discord webhook endpoint on loopback, serving from a background thread.
 
-    rate_limit=(count, seconds) limits each bucket to `count` requests per fixed window
+    rate_limit=(count, seconds) limits each webhook to `count` requests per fixed window
     of `seconds` starting at the window's first request; without it nothing is limited
-    and no X-RateLimit-* headers are sent. shared_buckets={"name": ["1", "2"]} puts
-    several webhook ids in one bucket. on_request(RecordedRequest) is called from the
-    server thread after each answer.
+    and no X-RateLimit-* headers are sent. global_limit=N answers a global 429 to a
+    request beyond N in any second, all webhooks together. channel_limit=(count,
+    seconds) answers a shared 429 to a message beyond `count` accepted in any `seconds`
+    in its channel; channels={"900": ["1", "2"]} puts webhooks in channel 900 (else each
+    webhook has a channel of its own). forums: ids of webhooks whose channel is a
+    forum. on_request(RecordedRequest) is called from the server thread after each
+    answer.
     """
 
-    def __init__(self, host="127.0.0.1", port=0, *, rate_limit=None, shared_buckets=None, on_request=None):
+    def __init__(self, host="127.0.0.1", port=0, *, rate_limit=None, global_limit=None,
+                 channel_limit=None, channels=None, forums=(), on_request=None):
         self.host, self.port = host, port
         self.rate_limit = (int(rate_limit[0]), float(rate_limit[1])) if rate_limit else None
+        self.global_limit = global_limit
+        self.channel_limit = (int(channel_limit[0]), float(channel_limit[1])) if channel_limit else None
         self.on_request = on_request
-        self._bucket_of = {str(w): name for name, ids in (shared_buckets or {}).items() for w in ids}
+        self._channel_of = {str(w): str(name) for name, ids in (channels or {}).items() for w in ids}
+        self._forums = {str(w) for w in forums}
+        self._recent = []  # time.monotonic() of the requests of the last second
+        self._accepted = {}  # channel -> times of the messages accepted in its window
+        self._threads = []  # (webhook id, thread id, name) of the threads created
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._records = []
@@ -345,6 +368,19 @@ class DiscordStandIn:
         with self._lock:
             return [r.json for r in self._matching(webhook_id) if 200 <= r.status < 300]
 
+    def threads(self, webhook_id=None):
+        """(thread id, name) of the forum threads created, in order, optionally by one webhook."""
+        with self._lock:
+            return [(thread, name) for hook, thread, name in self._threads
+                    if webhook_id is None or hook == str(webhook_id)]
+
+    def channel_of(self, webhook_id):
+        """The channel a webhook posts into."""
+        webhook_id = str(webhook_id)
+        if webhook_id in self._channel_of:
+            return self._channel_of[webhook_id]
+        return str(_CHANNEL_BASE + int(webhook_id)) if webhook_id.isdigit() else f"channel-{webhook_id}"
+
     def count_status(self, status, webhook_id=None):
         """How many requests were answered with `status`, optionally for one webhook."""
         with self._lock:
@@ -382,6 +418,16 @@ class DiscordStandIn:
             self._active += delta
             self._cond.notify_all()
 
+    def _trickle(self, out, data, interval):
+        """Write `data` a byte every `interval` seconds, until done, released or stopped."""
+        release = self._release
+        for i in range(len(data)):
+            out.write(data[i:i + 1])
+            out.flush()
+            if release.wait(interval) or self._stopping:
+                out.write(data[i + 1:])
+                return
+
     def _release_all(self):
         self._release.set()
         self._release = threading.Event()
@@ -396,10 +442,12 @@ class DiscordStandIn:
             payload = json.loads(body) if body else None
         except ValueError:
             payload = None
-        mode, params, hold = "ok", {}, None
+        mode, params, hold, trickle = "ok", {}, None, None
         if method == "POST" and match:
             with self._cond:
                 mode, params = self._take_mode(webhook_id)
+                if mode == "trickle":
+                    trickle = params["interval"]
                 if mode == "hang" and not self._stopping:
                     hold = self._release
                     self._hanging += 1
@@ -428,7 +476,7 @@ class DiscordStandIn:
         else:
             data = json.dumps(response).encode()
             out["Content-Type"] = "application/json"
-        return record, out, data
+        return record, out, data, trickle
 
     def _take_mode(self, webhook_id):
         """The mode for this request, counting it against a times=N limit."""
@@ -464,17 +512,57 @@ class DiscordStandIn:
             return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": False}
         if mode == "html_429":
             return 429, {"Content-Type": "text/html; charset=UTF-8"}, _CLOUDFLARE_BAN_PAGE
-        # "ok", and "hang" once released: rate limit first, as Discord counts invalid requests too.
+        # "ok", "trickle", and "hang" once released: the global limit, then the webhook's, then the
+        # channel's, as Discord counts invalid requests too.
+        wait = self._global_wait()
+        if wait is not None:
+            headers = {"Retry-After": str(math.ceil(wait)), "X-RateLimit-Global": "true",
+                       "X-RateLimit-Scope": "global"}
+            return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(wait, 3), "global": True}
         allowed, headers, reset_after = self._count(webhook_id, consume=True)
         if not allowed:
             headers.update({"Retry-After": str(math.ceil(reset_after)), "X-RateLimit-Scope": "user"})
             return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(reset_after, 3), "global": False}
+        channel = self.channel_of(webhook_id)
+        wait = self._channel_wait(channel)
+        if wait is not None:
+            headers.update({"Retry-After": str(math.ceil(wait)), "X-RateLimit-Scope": "shared"})
+            return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(wait, 3), "global": False}
         errors = validate(payload)
         if errors:
             return 400, headers, {"code": 50035, "message": "Invalid Form Body", "errors": errors}
+        thread = query.get("thread_id")
+        if thread is None and webhook_id in self._forums:
+            if not isinstance(payload.get("thread_name"), str) or not payload["thread_name"].strip():
+                return 400, headers, {"code": 220001, "message": "Webhooks posted to forum channels "
+                                      "must have a thread_name or thread_id"}
+            thread = self._snowflake()
+            self._threads.append((webhook_id, thread, payload["thread_name"]))
+        self._accepted.setdefault(channel, []).append(time.monotonic())
         if query.get("wait", "").lower() not in ("true", "1"):
             return 204, headers, None
-        return 200, headers, self._message(webhook_id, payload)
+        return 200, headers, self._message(webhook_id, payload, thread or channel)
+
+    def _global_wait(self):
+        """Seconds until a request is allowed by the global limit (this one counted when
+        it is), or None now."""
+        if self.global_limit is None:
+            return None
+        now = time.monotonic()
+        self._recent = [t for t in self._recent if t > now - _GLOBAL_WINDOW]
+        if len(self._recent) >= self.global_limit:
+            return self._recent[-self.global_limit] + _GLOBAL_WINDOW - now
+        self._recent.append(now)
+        return None
+
+    def _channel_wait(self, channel):
+        """Seconds until the channel's hidden limit takes another message, or None now."""
+        if self.channel_limit is None:
+            return None
+        count, window = self.channel_limit
+        now = time.monotonic()
+        accepted = self._accepted[channel] = [t for t in self._accepted.get(channel, ()) if t > now - window]
+        return accepted[-count] + window - now if len(accepted) >= count else None
 
     def _count(self, webhook_id, consume):
         """Count a request in its bucket's window: (allowed, X-RateLimit-* headers, seconds to reset).
@@ -485,7 +573,7 @@ class DiscordStandIn:
         if self.rate_limit is None and consume:
             return True, {}, 0.0
         limit, window = self.rate_limit or _NOMINAL_LIMIT
-        key = self._bucket_of.get(webhook_id, "webhook:" + webhook_id)
+        key = "webhook:" + webhook_id
         now = time.monotonic()
         start, used = self._windows.get(key, (now, 0))
         if now >= start + window:
@@ -501,18 +589,22 @@ class DiscordStandIn:
             "X-RateLimit-Remaining": str(remaining),
             "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
             "X-RateLimit-Reset-After": f"{reset_after:.3f}",
-            "X-RateLimit-Bucket": hashlib.sha1(key.encode()).hexdigest()[:32],
+            "X-RateLimit-Bucket": _BUCKET_HASH,
         }
         return allowed, headers, reset_after
 
-    def _message(self, webhook_id, payload):
-        """The message object Discord returns for ?wait=true, with an increasing snowflake id."""
+    def _snowflake(self):
+        """An increasing snowflake id, as Discord makes for messages and threads."""
         snowflake = (int(time.time() * 1000) - _DISCORD_EPOCH_MS) << 22
         self._last_id = max(snowflake, self._last_id + 1)
+        return str(self._last_id)
+
+    def _message(self, webhook_id, payload, channel):
+        """The message object Discord returns for ?wait=true."""
         return {
-            "id": str(self._last_id),
+            "id": self._snowflake(),
             "type": 0,
-            "channel_id": _CHANNEL_ID,
+            "channel_id": channel,
             "webhook_id": webhook_id,
             "author": {"id": webhook_id, "username": payload.get("username") or "Stand-in", "bot": True},
             "content": payload.get("content") or "",
@@ -554,6 +646,11 @@ def add_arguments(parser):
     parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: a free port)")
     parser.add_argument("--rate-limit", type=_rate_limit_arg, metavar="N/SECONDS",
                         help="allow N requests per SECONDS per webhook, like Discord's 5/2 (default: no limit)")
+    parser.add_argument("--global-limit", type=int, metavar="N",
+                        help="allow N requests per second in all, like Discord's 50 (default: no limit)")
+    parser.add_argument("--channel-limit", type=_rate_limit_arg, metavar="N/SECONDS",
+                        help="a hidden limit of N messages per SECONDS per channel, like Discord's "
+                             "30/60, answered with shared 429s (default: none)")
 
 
 def serve(args):
@@ -562,7 +659,8 @@ def serve(args):
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    with DiscordStandIn(args.host, args.port, rate_limit=args.rate_limit, on_request=_print_request) as standin:
+    with DiscordStandIn(args.host, args.port, rate_limit=args.rate_limit, global_limit=args.global_limit,
+                        channel_limit=args.channel_limit, on_request=_print_request) as standin:
         print(f"standin listening on {standin.url}\n"
               f"webhook URL: {standin.webhook_url(1)}\n"
               f"relay setting: SWIMMY_NOTIFIER_ALLOWED_HOSTS={standin.host}:{standin.port}", flush=True)

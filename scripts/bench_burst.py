@@ -12,50 +12,23 @@ Usage: python scripts/bench_burst.py [--bursts 60 600]
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from notifier import metrics
-from notifier.client import NotifierClient
-from notifier.demo import free_port
+from bench_discord import embeds, relay, settled
 from notifier.standin import DiscordStandIn
 
 
-def embeds_delivered(discord: DiscordStandIn) -> int:
-    return sum(len(message.get("embeds") or []) for message in discord.messages())
-
-
 def burst(size: int) -> tuple[float, int, int]:
-    with tempfile.TemporaryDirectory() as home, DiscordStandIn(rate_limit=(5, 2.0)) as discord:
-        port = free_port()
-        env = {**os.environ, "SWIMMY_HOME": home, "SWIMMY_PORT_NOTIFIER": str(port),
-               "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{discord.port}",
-               "SWIMMY_NOTIFIER_LOG_FILE": str(Path(home) / "relay.log")}
-        relay = subprocess.Popen([sys.executable, "-m", "notifier"], env=env)
-        metrics_file = Path(home) / "data" / "notifier_metrics.sexp"
-        deadline = time.monotonic() + 30
-        while not metrics_file.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the relay did not start")
-            time.sleep(0.05)
-        with NotifierClient(f"tcp://127.0.0.1:{port}", webhook=discord.webhook_url(1),
-                            allowed_hosts=(("127.0.0.1", discord.port),),
-                            sndhwm=size) as client:
-            started = time.monotonic()
-            for i in range(size):
-                client.notify(title=f"Alert {i + 1}", color=0xE74C3C,
-                              description=f"USDJPY crossed level {150 + i / 100:.2f}")
-            if not discord.wait_for(lambda d: embeds_delivered(d) >= size, timeout=600):
-                raise TimeoutError("the burst was not delivered")
+    with DiscordStandIn(rate_limit=(5, 2.0)) as discord, \
+            relay(discord) as (client, metrics_file):
+        started = time.monotonic()
+        for i in range(size):
+            client.notify(title=f"Alert {i + 1}", color=0xE74C3C, webhook=discord.webhook_url(1),
+                          description=f"USDJPY crossed level {150 + i / 100:.2f}")
+        if not discord.wait_for(lambda d: embeds(d) >= size, timeout=600):
+            raise TimeoutError("the burst was not delivered")
         elapsed = discord.requests[-1].time - started
-        relay.send_signal(signal.SIGTERM)
-        relay.wait(60)
-        snapshot = metrics.read(metrics_file)
+        snapshot = settled(metrics_file, size)
         assert snapshot["delivered"] == size and snapshot["failed"] == 0, dict(snapshot)
         return elapsed, len(discord.requests), discord.count_status(429)
 

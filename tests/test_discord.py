@@ -184,10 +184,10 @@ class FixedRandom:
         return self.value
 
 
-CEILINGS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+CEILINGS = [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
 
 
-def test_backoff_doubles_from_half_a_second_up_to_the_cap():
+def test_backoff_doubles_from_half_a_second_up_to_a_few_seconds():
     policy = RetryPolicy()
     assert [policy.backoff(n, FixedRandom(0.0)) for n in range(1, 11)] == [c / 2 for c in CEILINGS]
     assert [policy.backoff(n, FixedRandom(1.0)) for n in range(1, 11)] == CEILINGS

@@ -36,9 +36,15 @@ def test_a_split_message_stopped_after_part_1_posts_only_the_rest_after_restart(
     with DiscordStandIn(port=port) as first:
         first.set_mode(None, "status", status=500)
         first.set_mode("1", "ok", times=1)
+        first.set_mode("2", "ok")
         relay = relays(allowed=f"127.0.0.1:{port}", drain_sec="0.3")
-        pushers(relay.endpoint).send(json_envelope(webhook, LONG))
-        relay.wait_metrics(lambda m: m["retries"] >= 1, what="part 2 retried")
+        pusher = pushers(relay.endpoint)
+        pusher.send(json_envelope(webhook, LONG))
+        wait_until(lambda: posted(first) == parts[:1], 30, what="part 1")
+        pusher.send(json_envelope(first.webhook_url(2), {"content": "elsewhere"}))
+        # Webhook 2 delivers, so part 2's next error is its own: an attempt counted
+        retries = relay.wait_metrics(lambda m: m["delivered"] == 1, what="webhook 2")["retries"]
+        relay.wait_metrics(lambda m: m["retries"] > retries, what="part 2 retried")
         assert relay.stop() == 0
         assert posted(first) == parts[:1]
     saved, _ = pending.loads(relay.pending_file.read_bytes())

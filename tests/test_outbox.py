@@ -10,15 +10,20 @@ fails the step that moved it.
 import json
 import logging
 import random
+import threading
 
 import pytest
 
 from notifier import envelope
 from notifier.discord import BAN_COOLDOWN_SEC, Outcome, RateLimit, RetryPolicy
-from notifier.outbox import Outbox, dedupe_key
+from notifier.limits import Limits
+from notifier.outbox import MAX_AGE_SEC, Outbox, dedupe_key
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
+HOOKS.update({4: HOOKS[1] + "?thread_id=41", 5: HOOKS[1] + "?thread_id=42"})
+"""4 and 5 post into threads through webhook 1: one Discord webhook, one bucket."""
+DEADLINE = 30.0  # for the tests with threads: generous, the machine may be loaded
 BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
 
 RETRY = Outcome("retry", reason="HTTP 503")
@@ -43,10 +48,13 @@ def limited(scope, wait, remaining=None):
 class Rig:
     """An Outbox on a fake clock, fed real envelopes the way the relay's receiver does."""
 
-    def __init__(self, queue_max=100, dedupe_window=0.0, retry=RetryPolicy(), seed=7):
+    def __init__(self, queue_max=100, dedupe_window=0.0, retry=RetryPolicy(), seed=7,
+                 global_rate=1000, max_age=MAX_AGE_SEC, dead_letters=None):
         self.now = 1000.0
-        self.outbox = Outbox(queue_max, dedupe_window, retry=retry, rng=random.Random(seed),
-                             monotonic=lambda: self.now, wall=lambda: EPOCH + self.now)
+        wall = lambda: EPOCH + self.now  # noqa: E731
+        limits = Limits(global_rate, retry, rng=random.Random(seed), wall=wall)
+        self.outbox = Outbox(queue_max, dedupe_window, limits=limits, max_age=max_age,
+                             monotonic=lambda: self.now, wall=wall, dead_letters=dead_letters)
 
     def advance(self, seconds):
         self.now += seconds
@@ -197,20 +205,32 @@ def test_remaining_above_zero_sends_at_once():
     assert rig.ready() == [1]
 
 
-def test_webhooks_sharing_a_bucket_share_its_requests_left():
+def test_webhooks_reporting_the_same_bucket_hash_are_counted_apart():
+    """Discord counts webhook executes per webhook, whatever hash it reports."""
     rig = Rig()
     rig.push(1, "a")
     rig.push(2, "a")
-    first, second = rig.take(), rig.take()
-    rig.finish(first, ok(remaining=2, reset_after=2.0, bucket="shared"))
-    rig.finish(second, ok(remaining=1, reset_after=2.0, bucket="shared"))
+    rig.finish(rig.take(1), ok(remaining=0, reset_after=2.0, bucket="same"))
+    rig.finish(rig.take(2), ok(remaining=1, reset_after=2.0, bucket="same"))
     rig.push(1, "b")
     rig.push(2, "b")
+    assert rig.ready() == [2] and rig.ready_at(1) == rig.now + 2.0
+
+
+def test_threads_of_one_webhook_share_its_requests_left():
+    rig = Rig()
+    rig.push(4, "a")
+    rig.push(5, "a")
+    first, second = rig.take(), rig.take()
+    rig.finish(first, ok(remaining=2, reset_after=2.0, bucket="same"))
+    rig.finish(second, ok(remaining=1, reset_after=2.0, bucket="same"))
+    rig.push(4, "b")
+    rig.push(5, "b")
     job = rig.take()  # the last request the bucket allows, now in flight
-    other = 2 if job.webhook == HOOKS[1] else 1
+    other = 5 if job.webhook == HOOKS[4] else 4
     assert rig.ready() == [] and rig.ready_at(other) == rig.now + 2.0
     rig.advance(0.5)
-    rig.finish(job, ok(remaining=0, reset_after=1.5, bucket="shared"))
+    rig.finish(job, ok(remaining=0, reset_after=1.5, bucket="same"))
     assert rig.ready() == [] and rig.ready_at(other) == rig.now + 1.5
     rig.advance(1.5)
     assert rig.ready() == [other]
@@ -220,32 +240,32 @@ def test_a_late_answer_does_not_give_back_requests_its_bucket_has_spent():
     """Senders run in parallel, so answers from one window can arrive out of order: the
     one Discord gave first says more requests are left than the one it gave last."""
     rig = Rig()
-    for hook in (1, 2, 3):
+    for hook in (1, 4, 5):
         rig.push(hook, "a")
     for job, remaining in zip([rig.take() for _ in range(3)], (4, 3, 2)):
-        rig.finish(job, ok(remaining=remaining, reset_after=2.0, bucket="shared"))
-    for hook in (1, 2, 3):
+        rig.finish(job, ok(remaining=remaining, reset_after=2.0, bucket="same"))
+    for hook in (1, 4, 5):
         rig.push(hook, "b")
     early, late = rig.take(), rig.take()  # the bucket's last two requests
     assert rig.ready() == []
-    rig.finish(late, ok(remaining=0, reset_after=2.0, bucket="shared"))
-    rig.finish(early, ok(remaining=1, reset_after=2.0, bucket="shared"))
-    assert rig.ready() == []  # Discord would answer the third webhook 429
+    rig.finish(late, ok(remaining=0, reset_after=2.0, bucket="same"))
+    rig.finish(early, ok(remaining=1, reset_after=2.0, bucket="same"))
+    assert rig.ready() == []  # Discord would answer the third thread 429
 
 
-def test_after_a_reset_webhooks_sharing_a_bucket_send_no_more_than_its_limit_at_once():
-    """With more webhooks on a bucket than its limit (or more senders), a new window
+def test_after_a_reset_threads_of_one_webhook_send_no_more_than_its_limit_at_once():
+    """With more lanes on a bucket than its limit (or more senders), a new window
     must still be counted from the requests put in flight in it."""
     rig = Rig()
     rig.push(1, "a")
-    rig.push(2, "a")
-    rig.finish(rig.take(), ok(remaining=1, reset_after=2.0, bucket="shared", limit=2))
-    rig.finish(rig.take(), ok(remaining=0, reset_after=2.0, bucket="shared", limit=2))
+    rig.push(4, "a")
+    rig.finish(rig.take(), ok(remaining=1, reset_after=2.0, bucket="same", limit=2))
+    rig.finish(rig.take(), ok(remaining=0, reset_after=2.0, bucket="same", limit=2))
     rig.advance(2.0)
-    rig.push(3, "a")
-    rig.finish(rig.take(3), ok(remaining=1, reset_after=2.0, bucket="shared", limit=2))
+    rig.push(5, "a")
+    rig.finish(rig.take(5), ok(remaining=1, reset_after=2.0, bucket="same", limit=2))
     rig.advance(2.0)
-    for hook in (1, 2, 3):
+    for hook in (1, 4, 5):
         rig.push(hook, "b")
     rig.take()
     rig.take()
@@ -406,22 +426,79 @@ def test_a_refused_single_message_is_never_sent_again():
 # Retries
 
 
-def test_errors_are_retried_with_the_policys_backoff_then_counted_failed(caplog):
+def test_errors_of_its_own_are_retried_with_the_policys_backoff_then_counted_failed(caplog):
+    """Webhook 1 keeps failing while webhook 2 delivers: the errors are its own."""
     policy = RetryPolicy(base=0.5, cap=60.0, max_attempts=3)
     rig = Rig(retry=policy, seed=42)
     twin = random.Random(42)
     rig.push(1, "a", "b")
     job = rig.take(1)
     for attempt in (1, 2):
+        rig.push(2, f"other {attempt}")
+        rig.deliver(2)
         rig.finish(job, RETRY)
         delay = policy.backoff(attempt, twin)
         assert rig.ready_at(1) == rig.now + delay
         rig.advance(delay)
         assert rig.take(1) is job
+    rig.push(2, "other 3")
+    rig.deliver(2)
     rig.finish(job, RETRY)
-    assert counts(rig, "failed", "retries", "errors", "pending", "requests") == (2, 2, 3, 0, 3)
+    assert counts(rig, "failed", "retries", "errors", "pending", "requests") == (2, 2, 3, 0, 6)
     assert rig.lane(1)["failed"] == 2
     assert log_lines(caplog, "failed webhook=1 messages=2 reason=HTTP 503 after 3 attempts")
+
+
+def test_an_outage_is_waited_out_with_probes_a_few_seconds_apart():
+    rig = Rig(retry=RetryPolicy(max_attempts=3))
+    rig.push(1, "a")
+    rig.push(2, "b")
+    for _ in range(50):  # every webhook fails: Discord is down, no error is anyone's own
+        for hook in rig.ready():
+            rig.finish(rig.take(hook), RETRY)
+        waits = [rig.ready_at(hook) - rig.now for hook in (1, 2)]
+        assert all(0 < wait <= 5.0 for wait in waits)
+        rig.advance(min(waits))
+    assert counts(rig, "failed", "pending") == (0, 2)
+
+
+def test_a_success_on_any_webhook_ends_the_backoff_of_the_others():
+    rig = Rig()
+    rig.push(1, "a")
+    rig.push(2, "b")
+    for _ in range(6):
+        for hook in rig.ready():
+            rig.finish(rig.take(hook), RETRY)
+        rig.advance(min(rig.ready_at(hook) for hook in (1, 2)) - rig.now)
+    first = rig.ready()[0]
+    rig.finish(rig.take(first), ok())  # Discord is back
+    assert rig.ready() == [3 - first]
+
+
+def test_a_message_failing_past_the_maximum_age_is_given_up_with_its_status():
+    letters = []
+    rig = Rig(max_age=60.0, dead_letters=type("Letters", (), {"append": letters.extend})())
+    rig.push(1, "a")
+    rig.finish(rig.take(1), RETRY)
+    rig.advance(61.0)
+    rig.finish(rig.take(1), Outcome("retry", reason="HTTP 502", status=502))
+    assert counts(rig, "failed", "pending") == (1, 0)
+    assert [(letter.reason, letter.status) for letter in letters] == [
+        ("HTTP 502, still failing 61 s after it was received", 502)]
+
+
+def test_attempts_count_per_request_of_a_split_message():
+    """Each part may use the policy's attempts: a 502 on every part fails none."""
+    rig = Rig(retry=RetryPolicy(base=0.1, cap=0.1, max_attempts=2))
+    rig.push(1, "x" * 5000)  # three requests
+    for part in range(3):
+        job = rig.take(1)
+        rig.push(2, f"other {part}")
+        rig.deliver(2)
+        rig.finish(job, RETRY)  # its own: webhook 2 delivered meanwhile
+        rig.advance(0.1)
+        rig.finish(rig.take(1), ok())
+    assert counts(rig, "delivered", "failed") == (4, 0)
 
 
 def test_a_success_after_errors_clears_the_backoff():
@@ -554,3 +631,46 @@ def test_a_message_failed_for_a_quarantined_webhook_does_not_unremember_a_delive
     rig.advance(3600.0)
     rig.push(1, "same")  # the delivered one is still remembered
     assert counts(rig, "delivered", "failed", "deduplicated") == (1, 2, 1)
+
+
+def test_a_refused_loss_notice_is_logged_once_with_its_counts_and_never_posted_again(caplog):
+    rig = Rig(queue_max=1)
+    rig.push(1, "a")
+    rig.push(1, "b")  # "a" dropped
+    rig.deliver(1)
+    notice = rig.take(1)
+    assert notice.notice == (1, 0)
+    rig.finish(notice, REFUSED)
+    for i in range(3):
+        rig.push(1, f"later {i}")
+        assert "Notifications lost" not in rig.deliver(1)["content"]
+    assert counts(rig, "notices", "requests") == (0, 5)
+    assert len(log_lines(caplog, "loss notice refused webhook=1 dropped=1 failed=0")) == 1
+
+
+def test_log_lines_are_written_after_the_lock_is_released():
+    """A log handler that blocks (a full disk, a stuck pipe) holds up no other thread."""
+    rig = Rig()
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record):
+            entered.set()
+            release.wait(DEADLINE)
+
+    handler = Stuck(logging.ERROR)
+    logging.getLogger("notifier.outbox").addHandler(handler)
+    try:
+        rig.push(1, "a")
+        job = rig.take(1)
+        finishing = threading.Thread(target=rig.finish, args=(job, REFUSED))
+        finishing.start()
+        assert entered.wait(DEADLINE)
+        accepting = threading.Thread(target=rig.push, args=(2, "b"))
+        accepting.start()
+        accepting.join(DEADLINE)
+        assert not accepting.is_alive()  # accepted and parsed while the log line waits
+    finally:
+        release.set()
+        logging.getLogger("notifier.outbox").removeHandler(handler)
+    finishing.join(DEADLINE)

@@ -140,14 +140,44 @@ def test_no_rate_limit_means_no_headers(discord, http):
     assert not any(k.lower().startswith("x-ratelimit") for k in r.headers)
 
 
-def test_shared_bucket_limits_its_webhooks_together(http):
-    with DiscordStandIn(rate_limit=(2, 10.0), shared_buckets={"b1": ["1", "2"]}) as discord:
-        a, b = post(http, discord.webhook_url(1)), post(http, discord.webhook_url(2))
-        assert a.headers["X-RateLimit-Bucket"] == b.headers["X-RateLimit-Bucket"]
-        assert b.headers["X-RateLimit-Remaining"] == "0"
+def test_every_webhook_reports_one_bucket_hash_and_is_counted_on_its_own(http):
+    with DiscordStandIn(rate_limit=(2, 10.0)) as discord:
+        answers = [post(http, discord.webhook_url(hook)) for hook in (1, 1, 2)]
+        assert len({r.headers["X-RateLimit-Bucket"] for r in answers}) == 1
+        assert [r.headers["X-RateLimit-Remaining"] for r in answers] == ["1", "0", "1"]
         assert post(http, discord.webhook_url(1)).status_code == 429
-        other = post(http, discord.webhook_url(3))
-        assert other.status_code == 200 and other.headers["X-RateLimit-Bucket"] != a.headers["X-RateLimit-Bucket"]
+        assert post(http, discord.webhook_url(2)).status_code == 200
+
+
+def test_the_global_limit_answers_global_429s_beyond_it_in_a_second(http):
+    with DiscordStandIn(global_limit=3) as discord:
+        statuses = [post(http, discord.webhook_url(hook)).status_code for hook in (1, 2, 3, 4)]
+        refused = discord.requests[-1]
+        assert statuses[3] == 429 or refused.time - discord.requests[0].time >= 1.0
+        if statuses[3] == 429:
+            assert refused.response["global"] is True and 0 < refused.response["retry_after"] <= 1.0
+
+
+def test_the_hidden_channel_limit_answers_shared_429s_with_remaining_above_zero(http):
+    with DiscordStandIn(rate_limit=(5, 2.0), channel_limit=(2, 60.0),
+                        channels={"900": ["1", "2"]}) as discord:
+        first, second = post(http, discord.webhook_url(1)), post(http, discord.webhook_url(2))
+        assert first.json()["channel_id"] == second.json()["channel_id"] == "900"
+        third = post(http, discord.webhook_url(1))
+        assert third.status_code == 429 and third.headers["X-RateLimit-Scope"] == "shared"
+        assert third.json()["retry_after"] > 50 and int(third.headers["X-RateLimit-Remaining"]) > 0
+        assert post(http, discord.webhook_url(3)).status_code == 200  # another channel
+
+
+def test_a_forum_needs_a_thread_and_thread_name_creates_one(http):
+    with DiscordStandIn(forums={"7"}) as discord:
+        refused = post(http, discord.webhook_url(7), {"content": "hi"})
+        assert refused.status_code == 400 and refused.json()["code"] == 220001
+        created = post(http, discord.webhook_url(7), {"content": "hi", "thread_name": "Report"})
+        thread = created.json()["channel_id"]
+        assert discord.threads("7") == [(thread, "Report")]
+        inside = post(http, discord.webhook_url(7) + f"?thread_id={thread}", {"content": "more"})
+        assert inside.json()["channel_id"] == thread and len(discord.threads()) == 1
 
 
 # Payload validation
