@@ -54,6 +54,12 @@ def _address(text: str) -> str:
     return text
 
 
+def _switch(text: str) -> bool:
+    if text.strip() not in ("0", "1"):
+        raise ValueError("must be 0 or 1")
+    return text.strip() == "1"
+
+
 def _path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -113,6 +119,18 @@ SETTINGS = (
             "wait"),
     Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0.0, allow_zero=True),
             "5", "on SIGTERM, seconds spent delivering what is pending before persisting it"),
+    Setting("curve_secret_key", "SWIMMY_NOTIFIER_CURVE_SECRET_KEY", "--curve-secret-key", _path,
+            None, "the relay's secret certificate (NAME.key_secret, mode 0600); with "
+            "--curve-clients, only the producers listed there can connect, encrypted"),
+    Setting("curve_clients", "SWIMMY_NOTIFIER_CURVE_CLIENTS", "--curve-clients", _path, None,
+            "directory of the allowed producers' public certificates (NAME.key), re-read on "
+            "SIGHUP"),
+    Setting("insecure_bind", "SWIMMY_NOTIFIER_INSECURE_BIND", "--insecure-bind", _switch, "0",
+            "1 lets the relay bind an address other than loopback without CURVE"),
+    Setting("curve_server_key", "SWIMMY_NOTIFIER_CURVE_SERVER_KEY", "--curve-server-key", _path,
+            None, "send: the relay's public certificate (its NAME.key)"),
+    Setting("curve_client_key", "SWIMMY_NOTIFIER_CURVE_CLIENT_KEY", "--curve-client-key", _path,
+            None, "send: this producer's secret certificate (NAME.key_secret, mode 0600)"),
 )
 
 
@@ -129,6 +147,11 @@ class Config:
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
     senders: int = 8
     drain_sec: float = 5.0
+    curve_secret_key: Path | None = None
+    curve_clients: Path | None = None
+    insecure_bind: bool = False
+    curve_server_key: Path | None = None
+    curve_client_key: Path | None = None
 
     def __post_init__(self):
         if self.metrics_file is None:
@@ -137,6 +160,12 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+    @property
+    def curve(self) -> bool:
+        """Whether the relay's socket is a CURVE server: both of its settings are given
+        (the relay refuses to start with only one)."""
+        return self.curve_secret_key is not None and self.curve_clients is not None
 
     @property
     def pending_file(self) -> Path:
