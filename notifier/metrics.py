@@ -26,8 +26,9 @@ def _unix(value: float | None) -> int | None:
 
 
 def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
-           interval: float) -> str:
-    """The metrics file's text for an `Outbox.snapshot`."""
+           interval: float, curve: bool = False, insecure_bind: bool = False) -> str:
+    """The metrics file's text for an `Outbox.snapshot`; `curve` and `insecure_bind`
+    say how producers reach the relay."""
     entries: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "timestamp": int(now),
@@ -45,7 +46,8 @@ def render(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
         last_error_at=_unix(snapshot["last_error_at"]),
         last_error=snapshot["last_error"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"])}
-                  for hook in snapshot["webhooks"]])
+                  for hook in snapshot["webhooks"]],
+        curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"])
     return sexp.dumps(entries) + "\n"
 
 

@@ -28,7 +28,7 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -57,6 +57,14 @@ MAX_LANES = 1000
 EARLY_DROP_IDS = 1000
 """Webhooks whose drops are remembered before a message to them was ever parsed."""
 
+MAX_PRODUCERS = 256
+"""Producers (CURVE certificate names) counted one by one; any further ones are counted
+together under OTHER_PRODUCERS."""
+OTHER_PRODUCERS = "(others)"
+RESTORED_PRODUCER = "(restored)"
+"""What messages saved by the last run are counted under (the file does not keep who
+sent them)."""
+
 def _webhook_id_of(envelope: bytes) -> bytes | None:
     """The id of the first webhook URL in an envelope not parsed yet (a fair guess for
     any real envelope), found with bytes.find: this runs for every envelope a flood
@@ -80,14 +88,16 @@ def dedupe_key(message: Message) -> bytes:
 class Held:
     """One accepted, parsed message and what the relay knows of it."""
 
-    __slots__ = ("seq", "received_at", "message", "key", "parts")
+    __slots__ = ("seq", "received_at", "message", "key", "parts", "producer")
 
-    def __init__(self, seq: int, received_at: float, message: Message, key: bytes | None):
+    def __init__(self, seq: int, received_at: float, message: Message, key: bytes | None,
+                 producer: str | None = None):
         self.seq = seq
         self.received_at = received_at  # monotonic
         self.message = message
         self.key = key  # its dedupe key, forgotten if it is lost so a resend goes out
         self.parts: list[dict] | None = None  # what fit() made of it, once asked
+        self.producer = producer  # its CURVE certificate name, None without CURVE
 
 
 class Job:
@@ -162,7 +172,8 @@ class Outbox:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._raw: deque[tuple[bytes, float]] = deque()  # (envelope, received_at)
+        self._raw: deque[tuple[bytes, float, str | None]] = deque()  # (envelope,
+        # received_at, producer)
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
         self._lanes_by_id: dict[str, Lane] = {}
         self._early_drops: dict[str, tuple[int, float]] = {}  # webhook id -> (drops, since)
@@ -179,22 +190,35 @@ class Outbox:
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self._producers: dict[str, dict[str, int]] = {}  # name -> received, rejected, drops
 
     # ------------------------------------------------------------------ intake
 
-    def accept(self, envelopes: list[bytes], restored: bool = False) -> tuple[int, list[int]]:
-        """Take envelopes off the socket. Returns the number of messages dropped to stay
-        within the bound and the sizes of envelopes rejected for their size."""
+    def accept(self, envelopes: list[bytes], restored: bool = False,
+               producers: list[str] | None = None) -> tuple[int, list[tuple[int, str | None]]]:
+        """Take envelopes off the socket, each from the producer at the same index of
+        `producers` (with CURVE). Returns the number of messages dropped to stay within
+        the bound and (size, producer) of the envelopes rejected for their size."""
         now = self._monotonic()
         counts = self.counts
-        fresh = [data for data in envelopes if len(data) <= MAX_ENVELOPE_BYTES]
-        oversized = [len(data) for data in envelopes if len(data) > MAX_ENVELOPE_BYTES] \
+        if producers is None:
+            fresh = [(data, now, None) for data in envelopes if len(data) <= MAX_ENVELOPE_BYTES]
+        else:
+            fresh = [(data, now, producer) for data, producer in zip(envelopes, producers)
+                     if len(data) <= MAX_ENVELOPE_BYTES]
+        oversized = [(len(data), None if producers is None else producers[i])
+                     for i, data in enumerate(envelopes) if len(data) > MAX_ENVELOPE_BYTES] \
             if len(fresh) < len(envelopes) else []
         with self._lock:
             counts["received"] += len(envelopes)
             if restored:
                 counts["restored"] += len(envelopes)
+            if producers is not None:
+                for producer, count in Counter(producers).items():
+                    self._charge(producer, "received", count)
             counts["rejected"] += len(oversized)
+            for _, producer in oversized:
+                self._charge(producer, "rejected")
             excess = self._held + len(fresh) - self.queue_max
             if excess > 0:
                 counts["drops"] += excess
@@ -204,8 +228,30 @@ class Outbox:
                     fresh = fresh[excess - made_room:]
                 self._held -= made_room
             self._held += len(fresh)
-            self._raw.extend((data, now) for data in fresh)
+            self._raw.extend(fresh)
         return max(excess, 0), oversized
+
+    def refuse(self, producers: list[str]) -> None:
+        """Count envelopes refused as they arrived, never held: from a producer whose key
+        was revoked after it connected."""
+        with self._lock:
+            self.counts["received"] += len(producers)
+            self.counts["rejected"] += len(producers)
+            for producer in producers:
+                self._charge(producer, "received")
+                self._charge(producer, "rejected")
+
+    def _charge(self, producer: str | None, key: str, count: int = 1) -> None:
+        """Count against a producer (nothing without CURVE), for at most MAX_PRODUCERS."""
+        if producer is None:
+            return
+        counts = self._producers.get(producer)
+        if counts is None:
+            if len(self._producers) >= MAX_PRODUCERS:
+                producer = OTHER_PRODUCERS
+            counts = self._producers.setdefault(
+                producer, dict.fromkeys(("received", "rejected", "drops"), 0))
+        counts[key] += count
 
     def _drop_oldest(self, count: int) -> int:
         """Drop up to `count` of the oldest waiting messages (parsed ones are older than
@@ -219,21 +265,24 @@ class Outbox:
                     oldest = lane
             if oldest is None:
                 break
-            self._forget(oldest.waiting.popleft())
+            item = oldest.waiting.popleft()
+            self._forget(item)
+            self._charge(item.producer, "drops")
             oldest.dropped += 1
             self._note_loss(oldest, dropped=1)
             dropped += 1
         raw = self._raw
-        taken = [raw.popleft()[0] for _ in range(min(count - dropped, len(raw)))]
+        taken = [raw.popleft() for _ in range(min(count - dropped, len(raw)))]
         self._charge_drops(taken)
         return dropped + len(taken)
 
-    def _charge_drops(self, envelopes: list[bytes]) -> None:
-        """Charge drops of unparsed envelopes to their webhooks: to its lane, or, before
-        any message to that webhook was parsed, to the lane it will get (remembered for
-        at most EARLY_DROP_IDS webhooks)."""
+    def _charge_drops(self, envelopes: list[tuple[bytes, float, str | None]]) -> None:
+        """Charge drops of unparsed envelopes to their producers and webhooks: to its
+        lane, or, before any message to that webhook was parsed, to the lane it will get
+        (remembered for at most EARLY_DROP_IDS webhooks)."""
         per_webhook: dict[bytes, int] = {}
-        for data in envelopes:
+        for data, _, producer in envelopes:
+            self._charge(producer, "drops")
             webhook = _webhook_id_of(data)
             if webhook is not None:
                 per_webhook[webhook] = per_webhook.get(webhook, 0) + 1
@@ -247,8 +296,9 @@ class Outbox:
                 earlier, since = self._early_drops.get(webhook_id, (0, self._wall()))
                 self._early_drops[webhook_id] = (earlier + count, since)
 
-    def take_unparsed(self, limit: int) -> list[tuple[bytes, float]]:
-        """Up to `limit` raw envelopes, oldest first, for the receiver to parse. They
+    def take_unparsed(self, limit: int) -> list[tuple[bytes, float, str | None]]:
+        """Up to `limit` raw envelopes (with their time and producer), oldest first, for
+        the receiver to parse. They
         stay held (and undroppable) until `add_parsed` takes them back."""
         with self._lock:
             raw = self._raw
@@ -258,28 +308,30 @@ class Outbox:
     def unparsed(self) -> int:
         return len(self._raw)  # a deque's len is atomic
 
-    def add_parsed(self, results: list[tuple[float, Message | str, bytes | None]]) -> None:
+    def add_parsed(self, results: list[tuple[float, Message | str, bytes | None,
+                                             str | None]]) -> None:
         """Give back what `take_unparsed` lent, parsed: ``(received_at, message or
-        rejection reason, dedupe key or None)`` each, in the same order."""
+        rejection reason, dedupe key or None, producer)`` each, in the same order."""
         now = self._monotonic()
         counts = self.counts
         with self._lock:
-            for received_at, result, key in results:
+            for received_at, result, key, producer in results:
                 if isinstance(result, str):
                     counts["rejected"] += 1
+                    self._charge(producer, "rejected")
                     self._held -= 1
                     continue
                 lane = self._lanes.get(result.webhook) or self._new_lane(result.webhook)
                 self._seq += 1
                 if lane.dead_reason is not None and lane.not_before > now:
-                    self._fail([Held(self._seq, received_at, result, None)], lane,
+                    self._fail([Held(self._seq, received_at, result, None, producer)], lane,
                                lane.dead_reason, quiet=True)
                     lane.dead_failed += 1
                 elif key is not None and self._seen(key, now):
                     counts["deduplicated"] += 1
                     self._held -= 1
                 else:
-                    lane.waiting.append(Held(self._seq, received_at, result, key))
+                    lane.waiting.append(Held(self._seq, received_at, result, key, producer))
             self._changed.notify_all()
 
     def _new_lane(self, webhook: str) -> Lane:
@@ -581,7 +633,9 @@ class Outbox:
                     1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
                 last_error=self.last_error, webhooks=[self._lane_report(lane, now)
-                                                      for lane in self._lanes.values()])
+                                                      for lane in self._lanes.values()],
+                producers=[{"name": name, **counts}
+                           for name, counts in sorted(self._producers.items())])
         return snapshot
 
     def _lane_report(self, lane: Lane, now: float) -> dict:

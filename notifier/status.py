@@ -79,6 +79,10 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         if hook.get("state") == "quarantined":
             report.problem(WARNING, f"webhook {hook.get('id')} is quarantined "
                                     "(401/403/404 from Discord): its messages fail")
+    if get("insecure_bind"):
+        report.problem(WARNING, "listening off loopback without CURVE "
+                                "(SWIMMY_NOTIFIER_INSECURE_BIND=1): anyone who reaches the "
+                                "port can post, and webhook tokens cross the network in the clear")
     if get("invalid_requests_10m", 0) >= 100:
         report.problem(WARNING, f"{get('invalid_requests_10m')} invalid requests "
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")
@@ -86,6 +90,9 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     report.lines += [
         f"snapshot:  {_when(get('timestamp'), now)}, pid {get('pid')}, up {_duration(get('uptime_sec', 0))}",
         f"queue:     {get('queue_len', 0)} / {get('queue_max', '?')} held",
+        "producers: " + ("CURVE, allowed keys only" if get("curve") else
+                         "no CURVE, OFF LOOPBACK" if get("insecure_bind") else
+                         "no CURVE (loopback)"),
         f"messages:  received {get('received', 0)}, delivered {get('delivered', 0)}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {get('rejected', 0)}, "
         f"deduplicated {get('deduplicated', 0)}",
@@ -100,6 +107,10 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
             f"webhook {hook.get('id')}: {hook.get('state')}, delivered {hook.get('delivered')}, "
             f"pending {hook.get('pending')}, dropped {hook.get('dropped')}, failed "
             f"{hook.get('failed')}, last success {_when(hook.get('last_success_at'), now)}")
+    for producer in get("producers") or []:
+        report.lines.append(
+            f"producer {producer.get('name')}: received {producer.get('received')}, "
+            f"rejected {producer.get('rejected')}, dropped {producer.get('drops')}")
     return report
 
 

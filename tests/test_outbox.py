@@ -61,10 +61,10 @@ class Rig:
     def parse(self):
         """Parse everything unparsed, with a dedupe key only when deduplication is on."""
         results = []
-        for data, received_at in self.outbox.take_unparsed(10_000):
+        for data, received_at, producer in self.outbox.take_unparsed(10_000):
             message = envelope.parse(data)
             key = dedupe_key(message) if self.outbox.dedupe_window > 0 else None
-            results.append((received_at, message, key))
+            results.append((received_at, message, key, producer))
         self.outbox.add_parsed(results)
         self.check()
 
