@@ -13,7 +13,11 @@ Threads (only at the edges; decisions live in `Outbox` and `discord`):
 * the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
   within ``--drain-sec``, saves the rest to ``data/notifier_pending.sexp`` (mode 0600:
   it holds webhook URLs), writes the final metrics and returns. The next start delivers
-  the saved messages first.
+  the saved messages first. SIGHUP reopens the log file and re-reads the CURVE clients
+  directory; it never stops the relay.
+
+With CURVE (`notifier.curve`) the socket admits only the producers whose keys are in
+the clients directory, and each envelope is counted under its producer's name.
 """
 
 from __future__ import annotations
@@ -21,18 +25,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
 
 import requests
 import zmq
+import zmq.utils.monitor
 
-from notifier import PROJECT_URL, __version__, envelope, files, metrics, sexp
+from notifier import PROJECT_URL, __version__, curve, envelope, files, logs, metrics, sexp
 from notifier.config import Config
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
 from notifier.logs import Throttle
-from notifier.outbox import Job, Outbox, dedupe_key
+from notifier.outbox import RESTORED_PRODUCER, Job, Outbox, dedupe_key
 
 log = logging.getLogger("notifier.relay")
 
@@ -113,7 +119,13 @@ class Relay:
         self.outbox = Outbox(settings.queue_max, settings.dedupe_window, retry=retry)
         self._context = zmq.Context()
         self._wake: zmq.Socket | None = None
-        self._stop_requested = threading.Event()  # by a signal, or by a failed thread
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # for the main thread:
+        # a signal number, or "stop" from a failed thread
+        self._clients: curve.Clients | None = None  # with CURVE
+        self._monitor: zmq.Socket | None = None  # the PULL socket's failed handshakes
+        self._refusal_log = Throttle(burst=10, interval=60.0)
+        self._insecure = (settings.insecure_bind and not settings.curve
+                          and not curve.is_loopback(settings.bind_addr))
         self.failed = False  # a thread died of an unexpected error
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -134,12 +146,21 @@ class Relay:
                 files.remove_stale_temps(path)
         except OSError as exc:
             raise RelayError(f"cannot use the data directory: {exc}") from None
+        refusal = curve.bind_refusal(settings.bind_addr, settings.curve, settings.insecure_bind)
+        if refusal is not None:
+            raise RelayError(refusal)
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         try:
+            if settings.curve_secret_key or settings.curve_clients:
+                self._set_up_curve(pull)
             pull.bind(settings.endpoint)
-        except zmq.ZMQError as exc:
+        except (RelayError, zmq.ZMQError) as exc:
             pull.close()
+            if self._clients is not None:
+                self._clients.stop()
+            if isinstance(exc, RelayError):
+                raise
             raise RelayError(f"cannot bind {settings.endpoint}: {exc}") from None
         wake_address = f"inproc://relay-wake-{id(self)}"
         self._wake = self._context.socket(zmq.PAIR)
@@ -152,9 +173,29 @@ class Relay:
         for number in range(settings.senders):
             self._spawn(f"sender-{number + 1}", self._send_loop)
         self._spawn("metrics", self._metrics_loop)
-        log.info("relay started endpoint=%s queue_max=%d senders=%d metrics=%s pid=%d",
-                 settings.endpoint, settings.queue_max, settings.senders,
-                 settings.metrics_file, os.getpid())
+        log.info("relay started endpoint=%s curve=%s queue_max=%d senders=%d metrics=%s pid=%d",
+                 settings.endpoint, "on" if self._clients else "off", settings.queue_max,
+                 settings.senders, settings.metrics_file, os.getpid())
+        if self._insecure:
+            log.warning("INSECURE: listening on %s without CURVE (SWIMMY_NOTIFIER_INSECURE_BIND"
+                        "=1): anyone who reaches the port can post to the webhooks, and "
+                        "webhook tokens cross the network in the clear", settings.bind_addr)
+
+    def _set_up_curve(self, pull: zmq.Socket) -> None:
+        """Make `pull` a CURVE server, with the authenticator answering before the bind."""
+        settings = self.settings
+        if not settings.curve:
+            raise RelayError("CURVE needs both SWIMMY_NOTIFIER_CURVE_SECRET_KEY (--curve-"
+                             "secret-key) and SWIMMY_NOTIFIER_CURVE_CLIENTS (--curve-clients)")
+        try:
+            public, secret = curve.load_secret(settings.curve_secret_key)
+            self._clients = curve.Clients(self._context, settings.curve_clients)
+            curve.set_server(pull, public, secret)
+            self._monitor = pull.get_monitor_socket(curve.HANDSHAKE_FAILURES)
+        except (curve.CurveError, zmq.ZMQError) as exc:
+            raise RelayError(f"cannot set up CURVE: {exc}") from None
+        log.info("CURVE on: %d producers allowed from %s: %s", len(self._clients.names),
+                 settings.curve_clients, ", ".join(sorted(self._clients.names.values())))
 
     def _spawn(self, name: str, target, *args) -> None:
         thread = threading.Thread(target=self._guarded, args=(target, *args), name=name,
@@ -172,7 +213,7 @@ class Relay:
             log.exception("%s thread failed; stopping the relay",
                           threading.current_thread().name)
             self.failed = True
-            self._stop_requested.set()
+            self._requests.put("stop")
 
     def stop(self) -> None:
         """Stop receiving, deliver for up to ``drain_sec``, save the rest, write the final
@@ -194,23 +235,46 @@ class Relay:
         for thread in self._threads[1:]:
             thread.join(timeout=1.0)
         self._wake.close()
+        if self._clients is not None:
+            self._clients.stop()
         self._context.destroy(linger=0)
         log.info("stopped: %s; %d messages saved for the next start",
                  "all delivered" if delivered else "drain time over", len(messages))
 
     def serve(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully. The handlers only set a
-        flag: the work happens here, on the main thread, outside signal context."""
-        previous = {sig: signal.signal(sig, lambda *_: self._stop_requested.set())
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        """Run until SIGTERM or SIGINT, then stop gracefully; on SIGHUP, reload. The
+        handlers only queue the signal: the work happens here, on the main thread,
+        outside signal context."""
+        previous = {sig: signal.signal(sig, lambda signum, _: self._requests.put(signum))
+                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             self.start()
-            while not self._stop_requested.wait(3600):
-                pass
+            while self._requests.get() == signal.SIGHUP:
+                self._hangup()
             self.stop()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _hangup(self) -> None:
+        """SIGHUP: reopen the log file (logrotate's postrotate) and re-read the CURVE
+        clients directory. Whatever goes wrong is logged; the relay runs on."""
+        try:
+            logs.reopen()
+            if self._clients is None:
+                log.info("SIGHUP: log reopened")
+                return
+            try:
+                added, removed = self._clients.reload()
+            except curve.CurveError as exc:
+                log.error("SIGHUP: log reopened; CURVE clients not reloaded: %s", exc)
+                return
+            log.info("SIGHUP: log reopened; CURVE clients reloaded from %s: %d allowed, "
+                     "added=%s removed=%s", self.settings.curve_clients,
+                     len(self._clients.names), ",".join(added) or "-",
+                     ",".join(removed) or "-")
+        except Exception:
+            log.exception("SIGHUP handling failed; the relay runs on")
 
     # ------------------------------------------------------------------ receiver
 
@@ -218,7 +282,10 @@ class Relay:
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         outbox = self.outbox
+        receive_batch = self._receive_curve_batch if self._clients else self._receive_batch
         try:
             while True:
                 # Never sleep with envelopes to parse; wake once a second while drops
@@ -227,16 +294,21 @@ class Relay:
                 events = dict(poller.poll(timeout))
                 if wake in events:
                     break
-                busy = self._receive_batch(pull)
+                if self._monitor in events:
+                    self._log_refused_connection()
+                busy = receive_batch(pull)
                 if outbox.unparsed:
                     self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
                 self._report_drops()
-            while self._receive_batch(pull):  # what already arrived is accepted too
+            while receive_batch(pull):  # what already arrived is accepted too
                 pass
             while outbox.unparsed:
                 self._parse(PARSE_WHEN_IDLE)
             self._report_drops(final=True)
         finally:
+            if self._monitor is not None:
+                pull.disable_monitor()
+                self._monitor.close()
             pull.close()
             wake.close()
 
@@ -250,24 +322,56 @@ class Relay:
         except zmq.Again:
             pass
         if frames:
-            dropped, oversized = self.outbox.accept(frames)
-            self._unreported_drops += dropped
-            for size in oversized:
-                self._log_rejection(envelope.too_large(size), b"")
+            self._hold(frames)
         return len(frames) == RECEIVE_BATCH
+
+    def _receive_curve_batch(self, pull: zmq.Socket) -> bool:
+        """`_receive_batch` on a CURVE socket: each frame's ZAP User-Id (its client's
+        key) names its producer, and what a connection admitted before its key was
+        revoked still sends is refused. (Receiving frames costs about a quarter of the
+        absorb rate, paid only with CURVE. A frame without a User-Id would mean ZAP never
+        ran: Frame.get raises, and the relay stops rather than take it.)"""
+        frames, producers, refused = [], [], []
+        receive, name_of = pull.recv, self._clients.names.get
+        try:
+            for _ in range(RECEIVE_BATCH):
+                frame = receive(zmq.NOBLOCK, copy=False)
+                user_id = frame.get("User-Id")
+                name = name_of(user_id)
+                if name is None:
+                    refused.append(self._clients.former.get(user_id, f"key {user_id[:8]}…"))
+                else:
+                    frames.append(frame.bytes)
+                    producers.append(name)
+        except zmq.Again:
+            pass
+        if refused:
+            self.outbox.refuse(refused)
+            for name in refused:
+                self._log_rejection("the producer's key is no longer allowed", b"", name)
+        if frames:
+            self._hold(frames, producers)
+        return len(frames) + len(refused) == RECEIVE_BATCH
+
+    def _hold(self, frames: list[bytes], producers: list[str] | None = None) -> None:
+        dropped, oversized = self.outbox.accept(frames, producers=producers)
+        self._unreported_drops += dropped
+        for size, producer in oversized:
+            self._log_rejection(envelope.too_large(size), b"", producer)
 
     def _parse(self, limit: int) -> None:
         allowed_hosts = self.settings.allowed_hosts
         dedupe = self.settings.dedupe_window > 0
         results, accepted = [], []
-        for data, received_at in self.outbox.take_unparsed(limit):
+        for data, received_at, producer in self.outbox.take_unparsed(limit):
             try:
                 message = envelope.parse(data, allowed_hosts)
             except envelope.EnvelopeError as exc:
-                self._log_rejection(exc.reason, data)
-                results.append((received_at, exc.reason, None))
+                self._log_rejection(exc.reason, data, producer)
+                results.append((received_at, exc.reason, None, producer))
                 continue
-            results.append((received_at, message, dedupe_key(message) if dedupe else None))
+            results.append((received_at, message, dedupe_key(message) if dedupe else None,
+                            producer))
             accepted.append((message.webhook_id, len(data)))
         self.outbox.add_parsed(results)
         for webhook_id, size in accepted:  # after the senders have the messages
@@ -276,11 +380,21 @@ class Relay:
                 log.info("accepted webhook=%s bytes=%d%s", webhook_id, size,
                          f" ({suppressed} accepted lines left out)" if suppressed else "")
 
-    def _log_rejection(self, reason: str, data: bytes) -> None:
+    def _log_rejection(self, reason: str, data: bytes, producer: str | None = None) -> None:
         suppressed = self._reject_log.allow()
         if suppressed is not None:
-            log.warning("rejected reason=%s preview=%s%s", reason, preview(data),
+            log.warning("rejected %sreason=%s preview=%s%s",
+                        f"producer={producer} " if producer else "", reason, preview(data),
                         f" ({suppressed} rejection lines left out)" if suppressed else "")
+
+    def _log_refused_connection(self) -> None:
+        """A producer failed the CURVE handshake: nothing of it gets in; say why."""
+        event = zmq.utils.monitor.recv_monitor_message(self._monitor)
+        suppressed = self._refusal_log.allow()
+        if suppressed is not None:
+            log.warning("refused a connection: CURVE handshake failed, %s%s",
+                        curve.handshake_failure(event["event"], event["value"]),
+                        f" ({suppressed} such lines left out)" if suppressed else "")
 
     def _report_drops(self, final: bool = False) -> None:
         if self._unreported_drops and (final or self._drop_log.allow() is not None):
@@ -308,11 +422,14 @@ class Relay:
     def _metrics_loop(self) -> None:
         while not self._stopping.wait(self.settings.metrics_interval):
             self._write_metrics()
+            if self._clients is not None and not self._clients.alive():
+                raise RelayError("the CURVE authenticator thread died: no producer can connect")
 
     def _write_metrics(self) -> None:
         now = time.time()
         text = metrics.render(self.outbox.snapshot(), now=now, started_at=self._started_at,
-                              pid=os.getpid(), interval=self.settings.metrics_interval)
+                              pid=os.getpid(), interval=self.settings.metrics_interval,
+                              curve=self._clients is not None, insecure_bind=self._insecure)
         try:
             metrics.write(self.settings.metrics_file, text)
         except OSError as exc:
@@ -355,7 +472,8 @@ class Relay:
             path.replace(kept)
             log.error("saved messages unreadable (%s); kept as %s", exc, kept)
             return
-        self.outbox.accept([text.encode("utf-8") for text in texts], restored=True)
+        self.outbox.accept([text.encode("utf-8") for text in texts], restored=True,
+                           producers=[RESTORED_PRODUCER] * len(texts) if self._clients else None)
         while self.outbox.unparsed:
             self._parse(PARSE_WHEN_IDLE)
         path.unlink()
