@@ -412,28 +412,38 @@ def send_command(args: argparse.Namespace) -> int:
         return fail(f"cannot read {args.file}: {exc.strerror}", 2)
     linger_ms = round(args.wait_sec * 1000)
     watched: list[tuple[zmq.Socket, zmq.Socket]] = []  # (socket, its monitor)
+
+    def unwatch() -> None:  # before the context terminates, or termination hangs
+        for socket, monitor in watched:
+            if not socket.closed:
+                socket.disable_monitor()
+            monitor.close(linger=0)
+
+    # The context is ours, not the client's, so that the monitors close before it ends.
+    context = zmq.Context()
     try:
         client = NotifierClient(endpoint, allowed_hosts=settings.allowed_hosts,
-                                linger_ms=linger_ms, server_key=settings.curve_server_key,
+                                context=context, linger_ms=linger_ms,
+                                server_key=settings.curve_server_key,
                                 client_key=settings.curve_client_key,
                                 on_socket=lambda s: watched.append((s, s.get_monitor_socket(
                                     zmq.EVENT_HANDSHAKE_SUCCEEDED | curve.HANDSHAKE_FAILURES))))
-    except zmq.ZMQError as exc:
-        return fail(f"cannot connect to {endpoint}: {exc}", 2)
-    except (curve.CurveError, ValueError) as exc:
+    except (zmq.ZMQError, curve.CurveError, ValueError) as exc:
+        unwatch()
+        context.term()
+        if isinstance(exc, zmq.ZMQError):
+            return fail(f"cannot connect to {endpoint}: {exc}", 2)
         return fail(f"CURVE (SWIMMY_NOTIFIER_CURVE_SERVER_KEY, SWIMMY_NOTIFIER_CURVE_CLIENT_KEY"
                     f"): {exc}", 2)
     queued = client.send_envelope(data)
     handshake = _handshake(watched[-1][1], args.wait_sec) if queued else None
-    for socket, monitor in watched:  # closed before the context terminates, or it hangs
-        if not socket.closed:
-            socket.disable_monitor()
-        monitor.close(linger=0)
+    unwatch()
     if handshake != "ok":
         client._discard()  # nothing will take it: do not linger
     started = time.monotonic()
     client.close()
-    # Terminating the client's own context returns as soon as every queued message has
+    context.term()
+    # Terminating the context returns as soon as every queued message has
     # left for the relay, or when the linger runs out and ZeroMQ discards them: ZeroMQ
     # says nothing else about delivery, so a close that took the whole linger means
     # the relay never took the notification.
