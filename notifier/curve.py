@@ -11,8 +11,8 @@ ZAP_ENFORCE_DOMAIN without a ZAP_DOMAIN on the socket turns authentication off
 entirely. A domain the authenticator is not configured for refuses everyone.
 
 Each message a CURVE server receives carries the ZAP User-Id its connection was
-admitted with (the client's public key, Z85), which `Clients.name_of` maps to the name
-of its certificate file: the producer the metrics and the log lines name.
+admitted with (the client's public key, Z85), which `Clients.names` maps to the name of
+its certificate file: the producer the metrics and the log lines name.
 """
 
 from __future__ import annotations
@@ -118,18 +118,23 @@ def set_client(socket: zmq.Socket, server_public: bytes, public: bytes, secret: 
 
 
 class Clients:
-    """The ZAP authenticator of the relay's context and the names of the keys it admits.
-    `reload` re-reads the directory: a new key can connect at once; a removed one can no
-    longer connect, and `name_of` no longer knows it, so the relay refuses what a
-    connection admitted before still sends."""
+    """The ZAP authenticator of the relay's context and `names`, the keys it admits
+    (Z85 User-Id -> producer name). `reload` re-reads the directory: a new key can
+    connect at once; a removed one can no longer connect, and leaves `names` (for
+    `former`), so the relay refuses what a connection admitted before still sends."""
 
     def __init__(self, context: zmq.Context, directory: Path):
         self.directory = directory
         self.names: dict[str, str] = {}
         self.former: dict[str, str] = {}  # revoked key -> its name
+        names = load_clients(directory)
         self._auth = ThreadAuthenticator(context)
         self._auth.start()
-        self._configure(load_clients(directory))
+        try:
+            self._configure(names)
+        except CurveError:
+            self._auth.stop()
+            raise
 
     def _configure(self, names: dict[str, str]) -> None:
         """Hand the directory to zmq.auth and admit the keys both it and `names` hold."""
@@ -157,10 +162,6 @@ class Clients:
                 del self.former[next(iter(self.former))]
         added = [name for key, name in self.names.items() if key not in old]
         return sorted(added), sorted(removed.values())
-
-    def name_of(self, user_id: str) -> str | None:
-        """The producer name of an allowed key, None for one not allowed (any more)."""
-        return self.names.get(user_id)
 
     def alive(self) -> bool:
         return self._auth.is_alive()

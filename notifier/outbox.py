@@ -172,8 +172,8 @@ class Outbox:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._raw: deque[tuple[bytes, float, str | None]] = deque()  # (envelope,
-        # received_at, producer)
+        # (envelope, received_at, producer)
+        self._raw: deque[tuple[bytes, float, str | None]] = deque()
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
         self._lanes_by_id: dict[str, Lane] = {}
         self._early_drops: dict[str, tuple[int, float]] = {}  # webhook id -> (drops, since)

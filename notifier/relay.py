@@ -328,9 +328,9 @@ class Relay:
     def _receive_curve_batch(self, pull: zmq.Socket) -> bool:
         """`_receive_batch` on a CURVE socket: each frame's ZAP User-Id (its client's
         key) names its producer, and what a connection admitted before its key was
-        revoked still sends is refused. (Receiving frames costs about a quarter of the
-        absorb rate, paid only with CURVE. A frame without a User-Id would mean ZAP never
-        ran: Frame.get raises, and the relay stops rather than take it.)"""
+        revoked still sends is refused. (A Frame costs about 1.4 µs more than plain bytes
+        in pyzmq 27, hence this loop only with CURVE. A frame without a User-Id would mean
+        ZAP never ran: Frame.get raises, and the relay stops rather than take it.)"""
         frames, producers, refused = [], [], []
         receive, name_of = pull.recv, self._clients.names.get
         try:
