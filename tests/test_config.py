@@ -47,6 +47,8 @@ def test_environment_then_flags_win(tmp_path):
     ("SWIMMY_NOTIFIER_ALLOWED_HOSTS", "http://x", "is not host[:port]"),
     ("SWIMMY_NOTIFIER_METRICS_FILE", " ", "must not be empty"),
     ("SWIMMY_NOTIFIER_SENDERS", "0", "SWIMMY_NOTIFIER_SENDERS: must be from 1 to 64"),
+    ("SWIMMY_NOTIFIER_INSECURE_BIND", "yes", "SWIMMY_NOTIFIER_INSECURE_BIND: must be 0 or 1"),
+    ("SWIMMY_NOTIFIER_CURVE_CLIENTS", "", "must not be empty"),
 ])
 def test_a_bad_value_is_an_error_naming_the_variable(variable, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
