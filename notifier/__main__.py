@@ -107,6 +107,29 @@ def standin(args: argparse.Namespace) -> int:
     return discord_standin.serve(args)
 
 
+def keygen(args: argparse.Namespace) -> int:
+    """Write a CURVE key pair and say where each file goes."""
+    from pathlib import Path
+
+    from notifier import curve
+
+    try:
+        public, secret = curve.keygen(Path(args.dir).absolute(), args.name)
+    except (curve.CurveError, OSError) as exc:
+        print(f"notifier keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"""public certificate: {public}
+secret certificate: {secret} (mode 0600: keep it on this host, never copy it)
+public key (Z85):   {curve.load_public(public).decode()}
+
+For a producer: copy {public.name} into the relay's clients directory
+  (SWIMMY_NOTIFIER_CURVE_CLIENTS) and send the relay SIGHUP; on this producer, set
+  SWIMMY_NOTIFIER_CURVE_CLIENT_KEY={secret}
+For the relay: set SWIMMY_NOTIFIER_CURVE_SECRET_KEY={secret} on it, and copy
+  {public.name} to every producer (SWIMMY_NOTIFIER_CURVE_SERVER_KEY there).""")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program_name(sys.argv[0], "notifier"),
@@ -129,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_send_parser(commands)
     add_replay_parser(commands)
+
+    keygen_parser = commands.add_parser(
+        "keygen", help="write a CURVE key pair for the relay or a producer",
+        description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode "
+                    "0600) with zmq.auth, never over existing files, and print what to copy "
+                    "where. NAME names the producer in the relay's metrics and log.")
+    keygen_parser.add_argument("dir", metavar="DIR")
+    keygen_parser.add_argument("name", metavar="NAME")
+    keygen_parser.set_defaults(run=keygen)
 
     status_parser = commands.add_parser(
         "status", help="summarize the relay's metrics (health, queue, delivery)",

@@ -16,6 +16,10 @@ Each notification is one canonical envelope, as the Lisp producer prints it::
      (webhook . "https://discord.com/api/webhooks/<id>/<token>")
      (payload_json . "{\\"content\\":\\"hello\\"}"))
 
+With `server_key` and `client_key` (certificate files, see ``python -m notifier
+keygen``) the socket is a CURVE client: encrypted, and admitted by a relay whose
+clients directory holds this producer's public certificate.
+
 `add_send_parser` adds ``python -m notifier send`` for operators and scripts.
 """
 
@@ -31,11 +35,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from notifier import config, deadletter, envelope, sexp
+from notifier import config, curve, deadletter, envelope, sexp
 
 __all__ = ["NotifierClient", "DEFAULT_ENDPOINT", "DEFAULT_LINGER_MS", "WEBHOOK_ENV",
            "build_envelope", "message_payload", "add_send_parser", "send_command"]
@@ -110,12 +115,21 @@ class NotifierClient:
     only closes the socket, and terminating the context is the caller's (it then waits
     at most `linger_ms` too). The constructor connects at once, so a malformed endpoint
     raises `zmq.ZMQError` there.
+
+    `server_key` (the relay's public certificate) and `client_key` (this producer's
+    secret certificate, mode 0600) make it a CURVE client; a missing, unreadable or
+    loosely protected file raises `curve.CurveError` here.
+
+    `on_socket` is called with each new socket before it connects (the send command
+    watches its handshake).
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, webhook: str | None = None,
                  allowed_hosts: tuple[tuple[str, int | None], ...] = (),
                  context: zmq.Context | None = None, sndhwm: int = 1000,
-                 linger_ms: int = DEFAULT_LINGER_MS):
+                 linger_ms: int = DEFAULT_LINGER_MS, server_key: os.PathLike | str | None = None,
+                 client_key: os.PathLike | str | None = None,
+                 on_socket: Callable[[zmq.Socket], None] | None = None):
         if sndhwm < 1:  # 0 would mean no bound at all
             raise ValueError(f"sndhwm must be at least 1, got {sndhwm}")
         if linger_ms < 0:  # -1 would let close() wait forever for a dead relay
@@ -126,6 +140,11 @@ class NotifierClient:
                          else envelope.check_webhook(webhook, self._allowed_hosts))
         self._sndhwm = sndhwm
         self._linger_ms = linger_ms
+        self._on_socket = on_socket
+        if (server_key is None) != (client_key is None):
+            raise ValueError("CURVE needs both server_key and client_key")
+        self._curve = None if server_key is None else (
+            curve.load_public(Path(server_key)), *curve.load_secret(Path(client_key)))
         self._owns_context = context is None
         self._context = zmq.Context() if context is None else context
         self._lock = threading.Lock()  # guards everything below
@@ -202,6 +221,10 @@ class NotifierClient:
         try:
             socket.setsockopt(zmq.SNDHWM, self._sndhwm)
             socket.setsockopt(zmq.LINGER, self._linger_ms)
+            if self._curve is not None:
+                curve.set_client(socket, *self._curve)
+            if self._on_socket is not None:
+                self._on_socket(socket)
             socket.connect(self.endpoint)
         except zmq.ZMQError:
             socket.close(linger=0)
@@ -301,7 +324,8 @@ def add_send_parser(commands: Any) -> argparse.ArgumentParser:
                              "since a command line is visible to other users")
     parser.add_argument("--endpoint", metavar="tcp://HOST:PORT",
                         help="the relay's endpoint (default: from --bind-addr and --port)")
-    config.add_arguments(parser, ("port", "bind_addr", "allowed_hosts"))
+    config.add_arguments(parser, ("port", "bind_addr", "allowed_hosts", "curve_server_key",
+                                  "curve_client_key"))
     parser.add_argument("--title", help="embed title")
     parser.add_argument("--description", help="embed text")
     parser.add_argument("--color", type=_color, metavar="RGB",
@@ -409,6 +433,17 @@ def _cli_envelope(args: argparse.Namespace, webhook: str | None) -> bytes:
         text, title=args.title, description=args.description, color=args.color))
 
 
+def _handshake(monitor: zmq.Socket, timeout: float) -> str | None:
+    """"ok" once the connection's first handshake succeeded, why it failed, or None
+    when nothing answered within `timeout` (no relay there)."""
+    if not monitor.poll(timeout * 1000):
+        return None
+    event = recv_monitor_message(monitor)
+    if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return "ok"
+    return curve.handshake_failure(event["event"], event["value"])
+
+
 def send_command(args: argparse.Namespace) -> int:
     """``python -m notifier send``: queue one notification, then wait (bounded) for the
     relay to take it, because ZeroMQ sends asynchronously and this process exits next."""
@@ -433,22 +468,48 @@ def send_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         return fail(f"cannot read {args.file}: {exc.strerror}", 2)
     linger_ms = round(args.wait_sec * 1000)
+    watched: list[tuple[zmq.Socket, zmq.Socket]] = []  # (socket, its monitor)
+
+    def unwatch() -> None:  # before the context terminates, or termination hangs
+        for socket, monitor in watched:
+            if not socket.closed:
+                socket.disable_monitor()
+            monitor.close(linger=0)
+
+    # The context is ours, not the client's, so that the monitors close before it ends.
+    context = zmq.Context()
     try:
         client = NotifierClient(endpoint, allowed_hosts=settings.allowed_hosts,
-                                linger_ms=linger_ms)
-    except zmq.ZMQError as exc:
-        return fail(f"cannot connect to {endpoint}: {exc}", 2)
+                                context=context, linger_ms=linger_ms,
+                                server_key=settings.curve_server_key,
+                                client_key=settings.curve_client_key,
+                                on_socket=lambda s: watched.append((s, s.get_monitor_socket(
+                                    zmq.EVENT_HANDSHAKE_SUCCEEDED | curve.HANDSHAKE_FAILURES))))
+    except (zmq.ZMQError, curve.CurveError, ValueError) as exc:
+        unwatch()
+        context.term()
+        if isinstance(exc, zmq.ZMQError):
+            return fail(f"cannot connect to {endpoint}: {exc}", 2)
+        return fail(f"CURVE (SWIMMY_NOTIFIER_CURVE_SERVER_KEY, SWIMMY_NOTIFIER_CURVE_CLIENT_KEY"
+                    f"): {exc}", 2)
     queued = client.send_envelope(data)
+    handshake = _handshake(watched[-1][1], args.wait_sec) if queued else None
+    unwatch()
+    if handshake != "ok":
+        client._discard()  # nothing will take it: do not linger
     started = time.monotonic()
     client.close()
-    # Terminating the client's own context returns as soon as every queued message has
+    context.term()
+    # Terminating the context returns as soon as every queued message has
     # left for the relay, or when the linger runs out and ZeroMQ discards them: ZeroMQ
     # says nothing else about delivery, so a close that took the whole linger means
     # the relay never took the notification.
     taken = time.monotonic() - started < args.wait_sec - _TIMER_SLACK
     if not queued:
         return fail(f"could not queue the notification for {endpoint}", 1)
-    if not taken:
+    if handshake not in ("ok", None):
+        return fail(f"the relay at {endpoint} refused the connection: {handshake}", 1)
+    if handshake is None or not taken:
         return fail(f"the relay at {endpoint} did not take the notification within "
                     f"{args.wait_sec:g} s; it was discarded (is the relay running?)", 1)
     print(f"sent to the relay at {endpoint} for {envelope.redact(message.webhook)}")

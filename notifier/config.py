@@ -167,6 +167,18 @@ SETTINGS = (
     Setting("max_age", "SWIMMY_NOTIFIER_MAX_AGE_SEC", "--max-age", _seconds(1.0), "21600",
             "seconds after which a message whose requests keep failing (network errors, "
             "5xx) is given up; until then an outage is waited out"),
+    Setting("curve_secret_key", "SWIMMY_NOTIFIER_CURVE_SECRET_KEY", "--curve-secret-key", _path,
+            None, "the relay's secret certificate (NAME.key_secret, mode 0600); with "
+            "--curve-clients, only the producers listed there can connect, encrypted"),
+    Setting("curve_clients", "SWIMMY_NOTIFIER_CURVE_CLIENTS", "--curve-clients", _path, None,
+            "directory of the allowed producers' public certificates (NAME.key), re-read on "
+            "SIGHUP"),
+    Setting("insecure_bind", "SWIMMY_NOTIFIER_INSECURE_BIND", "--insecure-bind", _boolean, "0",
+            "1 lets the relay bind an address other than loopback without CURVE"),
+    Setting("curve_server_key", "SWIMMY_NOTIFIER_CURVE_SERVER_KEY", "--curve-server-key", _path,
+            None, "send: the relay's public certificate (its NAME.key)"),
+    Setting("curve_client_key", "SWIMMY_NOTIFIER_CURVE_CLIENT_KEY", "--curve-client-key", _path,
+            None, "send: this producer's secret certificate (NAME.key_secret, mode 0600)"),
 )
 
 
@@ -191,6 +203,11 @@ class Config:
     journal: Path | None = None
     global_rate: int = 45
     max_age: float = 21600.0
+    curve_secret_key: Path | None = None
+    curve_clients: Path | None = None
+    insecure_bind: bool = False
+    curve_server_key: Path | None = None
+    curve_client_key: Path | None = None
 
     def __post_init__(self):
         if self.metrics_file is None:
@@ -201,6 +218,12 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+    @property
+    def curve(self) -> bool:
+        """Whether the relay's socket is a CURVE server: both of its settings are given
+        (the relay refuses to start with only one)."""
+        return self.curve_secret_key is not None and self.curve_clients is not None
 
     @property
     def pending_file(self) -> Path:

@@ -58,6 +58,15 @@ def configure(log_file: Path | None, level: str = "info", fmt: str = "text") -> 
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # it logs every URL it opens
 
 
+def reopen() -> None:
+    """Reopen the log file now if logrotate moved it (on SIGHUP), instead of at the next
+    line written."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            with handler.lock:
+                handler.reopenIfNeeded()
+
+
 class Throttle:
     """Lets at most `burst` lines through per `interval` seconds for one recurring event;
     `allow` returns None for a line to leave out, else how many were left out before it,

@@ -26,10 +26,12 @@ def _unix(value: float | None) -> int | None:
 
 
 def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int,
-              interval: float, saved: int | None = None) -> dict[str, Any]:
+            interval: float, saved: int | None = None, curve: bool = False,
+            insecure_bind: bool = False) -> dict[str, Any]:
     """The metrics file's entries for an `Outbox.snapshot` (what the Prometheus
     exposition shows too); `saved` (the messages left for the next start) marks the
-    final snapshot of a relay that stopped."""
+    final snapshot of a relay that stopped; `curve` and `insecure_bind` say how
+    producers reach the relay."""
     entries: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "timestamp": int(now),
@@ -57,7 +59,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         rate_limited_by_scope=snapshot["rate_limited_by_scope"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}
-                  for hook in snapshot["webhooks"]])
+                  for hook in snapshot["webhooks"]],
+        curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"])
     return entries
 
 

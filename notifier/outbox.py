@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from typing import Callable, Iterator, Sequence
 
 from notifier import payload as discord_payload
@@ -55,6 +55,14 @@ limits (10 embeds, 6000 characters of them, 2000 of content) well before."""
 MAX_AGE_SEC = 6 * 3600.0
 """A message whose requests fail (network errors, 5xx) is given up once it is older than
 this, unless the errors are its own sooner: Discord's outages last hours at most."""
+
+MAX_PRODUCERS = 256
+"""Producers (CURVE certificate names) counted one by one; any further ones are counted
+together under OTHER_PRODUCERS."""
+OTHER_PRODUCERS = "(others)"
+RESTORED_PRODUCER = "(restored)"
+"""What messages saved by the last run are counted under (neither the pending file nor
+the journal keeps who sent them)."""
 
 MAX_LANES = 1000
 """Webhooks tracked at once (idle ones beyond this are forgotten, least recent first)."""
@@ -85,16 +93,18 @@ def dedupe_key(message: Message) -> bytes:
 class Raw:
     """An envelope taken off the socket (or restored), not parsed yet."""
 
-    __slots__ = ("data", "received_at", "jid", "part", "attempts", "in_flight")
+    __slots__ = ("data", "received_at", "jid", "part", "attempts", "in_flight", "producer")
 
     def __init__(self, data: bytes, received_at: float, jid: int | None = None,
-                 part: int = 0, attempts: int = 0, in_flight: bool = False):
+                 part: int = 0, attempts: int = 0, in_flight: bool = False,
+                 producer: str | None = None):
         self.data = data  # kept as received: what a stop saves and a restart parses
         self.received_at = received_at  # monotonic
         self.jid = jid  # its journal id, in durable mode
         self.part = part  # requests of it already delivered (restored mid-way)
         self.attempts = attempts  # attempts made on its next request
         self.in_flight = in_flight  # a request of it may have been delivered already
+        self.producer = producer  # its CURVE certificate name, None without CURVE
 
 
 class Held:
@@ -216,6 +226,7 @@ class Outbox:
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self._producers: dict[str, dict[str, int]] = {}  # name -> received, rejected, drops
         self.last_rejected_at: float | None = None
         self.rate_limited_by_scope = dict.fromkeys(("route", "shared", "global", "ban"), 0)
 
@@ -240,37 +251,72 @@ class Outbox:
 
     # ------------------------------------------------------------------ intake
 
-    def accept(self, envelopes: list[bytes]) -> tuple[int, list[int]]:
-        """Take envelopes off the socket (journaled first, in durable mode). Returns the
-        number of messages dropped to stay within the bound and the sizes of envelopes
+    def accept(self, envelopes: list[bytes], producers: list[str] | None = None
+               ) -> tuple[int, list[tuple[int, str | None]]]:
+        """Take envelopes off the socket (journaled first, in durable mode), each from
+        the producer at the same index of `producers` (with CURVE). Returns the number of
+        messages dropped to stay within the bound and (size, producer) of the envelopes
         rejected for their size."""
         now = self._monotonic()
-        fresh = [data for data in envelopes if len(data) <= MAX_ENVELOPE_BYTES]
-        oversized = [len(data) for data in envelopes if len(data) > MAX_ENVELOPE_BYTES] \
-            if len(fresh) < len(envelopes) else []
-        if self._journal is not None and fresh:
-            raws = [Raw(data, now, jid) for data, jid in zip(fresh, self._journal.append(fresh))]
-        else:
-            raws = [Raw(data, now) for data in fresh]
+        senders = producers or [None] * len(envelopes)
+        fresh = [(data, producer) for data, producer in zip(envelopes, senders)
+                 if len(data) <= MAX_ENVELOPE_BYTES]
+        oversized = [(len(data), producer) for data, producer in zip(envelopes, senders)
+                     if len(data) > MAX_ENVELOPE_BYTES] if len(fresh) < len(envelopes) else []
+        jids = (self._journal.append([data for data, _ in fresh])
+                if self._journal is not None and fresh else [None] * len(fresh))
+        raws = [Raw(data, now, jid, producer=producer)
+                for (data, producer), jid in zip(fresh, jids)]
         with self._locked():
             self.counts["received"] += len(envelopes)
             self.counts["rejected"] += len(oversized)
             if oversized:
                 self.last_rejected_at = self._wall()
+            if producers is not None:
+                for producer, count in Counter(producers).items():
+                    self._charge(producer, "received", count)
+                for _, producer in oversized:
+                    self._charge(producer, "rejected")
             return self._hold(raws), oversized
 
-    def restore(self, saved: list[Saved], jids: list[int] | None, notices: Notices) -> int:
+    def refuse(self, producers: list[str]) -> None:
+        """Count envelopes refused as they arrived, never held: from a producer whose key
+        was revoked after it connected."""
+        with self._locked():
+            self.counts["received"] += len(producers)
+            self.counts["rejected"] += len(producers)
+            self.last_rejected_at = self._wall()
+            for producer in producers:
+                self._charge(producer, "received")
+                self._charge(producer, "rejected")
+
+    def _charge(self, producer: str | None, key: str, count: int = 1) -> None:
+        """Count against a producer (nothing without CURVE), for at most MAX_PRODUCERS."""
+        if producer is None:
+            return
+        counts = self._producers.get(producer)
+        if counts is None:
+            if len(self._producers) >= MAX_PRODUCERS:
+                producer = OTHER_PRODUCERS
+            counts = self._producers.setdefault(
+                producer, dict.fromkeys(("received", "rejected", "drops"), 0))
+        counts[key] += count
+
+    def restore(self, saved: list[Saved], jids: list[int] | None, notices: Notices,
+                producer: str | None = None) -> int:
         """Take back what the last run left (ahead of anything new): messages with their
         progress, from the journal (`jids` given) or from a pending file (journaled now,
-        in durable mode), and the loss notices still to post. Returns the drops needed
-        to stay within the bound."""
+        in durable mode), and the loss notices still to post; with CURVE, counted under
+        `producer` (neither file keeps who sent them). Returns the drops needed to stay
+        within the bound."""
         now = self._monotonic()
         if jids is None and self._journal is not None and saved:
             jids = self._journal.restore(saved)
-        raws = [Raw(item.envelope, now, jid, item.part, item.attempts, item.in_flight)
-                for item, jid in zip(saved, jids or [None] * len(saved))]
+        raws = [Raw(item.envelope, now, jid, item.part, item.attempts, item.in_flight,
+                    producer) for item, jid in zip(saved, jids or [None] * len(saved))]
         with self._locked():
             counts = self.counts
+            self._charge(producer, "received", len(raws))
             counts["received"] += len(raws)
             counts["restored"] += len(raws)
             counts["restored_in_flight"] += sum(raw.in_flight for raw in raws)
@@ -321,6 +367,7 @@ class Outbox:
             item = oldest.waiting.popleft()
             self._forget(item)
             self._journal_done([item.raw])
+            self._charge(item.raw.producer, "drops")
             oldest.dropped += 1
             self._note_loss(oldest, dropped=1)
             dropped += 1
@@ -336,6 +383,7 @@ class Outbox:
         at most EARLY_DROP_IDS webhooks)."""
         per_webhook: dict[bytes, int] = {}
         for raw in raws:
+            self._charge(raw.producer, "drops")
             webhook = raw_webhook_id(raw.data)
             if webhook is not None:
                 per_webhook[webhook] = per_webhook.get(webhook, 0) + 1
@@ -351,14 +399,15 @@ class Outbox:
                 if self._journal is not None:
                     self._journal.notice(webhook_id, earlier + count, 0, since)
 
-    def take_unparsed(self, limit: int) -> list[tuple[bytes, float]]:
-        """Up to `limit` raw envelopes, oldest first, for the receiver to parse. They
-        stay held (and undroppable) until `add_parsed` takes them back."""
+    def take_unparsed(self, limit: int) -> list[tuple[bytes, float, str | None]]:
+        """Up to `limit` raw envelopes (with their time and producer), oldest first, for
+        the receiver to parse. They stay held (and undroppable) until `add_parsed` takes
+        them back."""
         with self._lock:
             raw = self._raw
             lent = [raw.popleft() for _ in range(min(limit, len(raw)))]
             self._lent.extend(lent)
-        return [(item.data, item.received_at) for item in lent]
+        return [(item.data, item.received_at, item.producer) for item in lent]
 
     @property
     def unparsed(self) -> int:
@@ -374,6 +423,7 @@ class Outbox:
                 raw = self._lent.popleft()
                 if isinstance(result, str):
                     counts["rejected"] += 1
+                    self._charge(raw.producer, "rejected")
                     self.last_rejected_at = self._wall()
                     self._held -= 1
                     self._journal_done([raw])
@@ -700,8 +750,10 @@ class Outbox:
                 unparsed=len(self._raw), invalid_requests_10m=self._limits.invalid_count(now),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
                 last_error=self.last_error, last_rejected_at=self.last_rejected_at,
-                rate_limited_by_scope=dict(self.rate_limited_by_scope), webhooks=[self._lane_report(lane, now)
-                                                      for lane in self._lanes.values()])
+                rate_limited_by_scope=dict(self.rate_limited_by_scope),
+                webhooks=[self._lane_report(lane, now) for lane in self._lanes.values()],
+                producers=[{"name": name, **counts}
+                           for name, counts in sorted(self._producers.items())])
         return snapshot
 
     def _lane_report(self, lane: Lane, now: float) -> dict:

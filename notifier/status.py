@@ -90,7 +90,8 @@ def unusable(snapshot: object) -> str | None:
     if not isinstance(snapshot, sexp.Alist):
         return "not an alist"
     if snapshot.get("schema_version") != metrics.SCHEMA_VERSION:
-        return f"schema_version {snapshot.get('schema_version')!r} is not {metrics.SCHEMA_VERSION}"
+        return (f"schema_version {sexp.quote(snapshot.get('schema_version'))} is not "
+                f"{metrics.SCHEMA_VERSION}")
     if snapshot.get("timestamp") is None:
         return "no timestamp"
     for key in (*TIMES, *NUMBERS):
@@ -98,6 +99,10 @@ def unusable(snapshot: object) -> str | None:
         if value is not None and not _number(value, time_like=key in TIMES):
             return f"{key} is {str(value)[:40]!r}, not a number" + (
                 " of Unix seconds" if key in TIMES else "")
+    producers = snapshot.get("producers")
+    if producers is not None and not (isinstance(producers, list) and all(
+            isinstance(entry, sexp.Alist) for entry in producers)):
+        return "producers is not a list of alists"
     webhooks = snapshot.get("webhooks")
     if webhooks is not None and not isinstance(webhooks, list):
         return "webhooks is not a list"
@@ -160,6 +165,10 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         if hook.get("state") == "quarantined":
             report.problem(WARNING, f"webhook {hook.get('id')} is quarantined "
                                     "(401/403/404 from Discord): its messages fail")
+    if get("insecure_bind"):
+        report.problem(WARNING, "listening off loopback without CURVE "
+                                "(SWIMMY_NOTIFIER_INSECURE_BIND=1): anyone who reaches the "
+                                "port can post, and webhook tokens cross the network in the clear")
     if get("journal_state") == "failed":
         report.problem(WARNING, "the durable journal cannot be written (disk full or an "
                                 "I/O error): messages are held in memory only (see the log)")
@@ -180,6 +189,9 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         f"snapshot:  {when(stamp, now)}, {get('state') or 'running'}, pid {get('pid')}, "
         f"up {duration(count('uptime_sec'))}",
         f"queue:     {held}",
+        "producers: " + ("CURVE, allowed keys only" if get("curve") else
+                         "no CURVE, OFF LOOPBACK" if get("insecure_bind") else
+                         "no CURVE (loopback)"),
         f"messages:  received {count('received')}, delivered {count('delivered')}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {count('rejected')}, "
         f"deduplicated {count('deduplicated')}",
@@ -194,6 +206,10 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
             f"webhook {hook.get('id')}: {hook.get('state')}, delivered {hook.get('delivered')}, "
             f"pending {hook.get('pending')}, dropped {hook.get('dropped')}, failed "
             f"{hook.get('failed')}, last success {when(hook.get('last_success_at'), now)}")
+    for producer in get("producers") or []:
+        report.lines.append(
+            f"producer {producer.get('name')}: received {producer.get('received')}, "
+            f"rejected {producer.get('rejected')}, dropped {producer.get('drops')}")
     return report
 
 

@@ -9,6 +9,9 @@
    and the same producer against a bare pyzmq PULL loop in the same run, for the ratio;
 4. memory: the relay's RSS growth (peak minus before) during that flood.
 
+Latency, idle CPU and absorb rate are measured twice in the same run: without CURVE
+and with it (keys made by zmq.auth, the producer's key allowed), for the ratio.
+
 Usage: python scripts/bench_relay.py [--messages 1000000] [--idle-seconds 30]
 """
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import zmq
 
-from notifier import metrics
+from notifier import curve, metrics
 from notifier.client import NotifierClient, build_envelope
 from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
@@ -78,13 +81,32 @@ class Relay:
         self.process.wait(60)
 
 
-def latency(samples: int) -> tuple[float, float]:
+class Keys:
+    """A relay and a producer key pair, the producer allowed: `settings` for the relay,
+    `client` for NotifierClient, `socket` for a bare PUSH socket."""
+
+    def __init__(self, directory: Path):
+        for name in ("relay", "producer"):
+            curve.keygen(directory, name)
+        self.clients = directory / "clients"
+        self.clients.mkdir()
+        (self.clients / "producer.key").write_bytes((directory / "producer.key").read_bytes())
+        self.settings = {"SWIMMY_NOTIFIER_CURVE_SECRET_KEY": str(directory / "relay.key_secret"),
+                         "SWIMMY_NOTIFIER_CURVE_CLIENTS": str(self.clients)}
+        self.client = {"server_key": directory / "relay.key",
+                       "client_key": directory / "producer.key_secret"}
+        self.server = curve.load_secret(directory / "relay.key_secret")
+        self.socket = (self.server[0], *curve.load_secret(directory / "producer.key_secret"))
+
+
+def latency(samples: int, keys: Keys | None) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as home, DiscordStandIn() as discord:
-        relay = Relay(Path(home), f"127.0.0.1:{discord.port}")
+        relay = Relay(Path(home), f"127.0.0.1:{discord.port}", **(keys.settings if keys else {}))
         webhook = discord.webhook_url(1)
         times = []
         with NotifierClient(relay.endpoint, webhook=webhook,
-                            allowed_hosts=(("127.0.0.1", discord.port),)) as client:
+                            allowed_hosts=(("127.0.0.1", discord.port),),
+                            **(keys.client if keys else {})) as client:
             for i in range(samples + 20):
                 time.sleep(0.01)  # idle means idle: the relay has finished the last one
                 sent = time.monotonic()
@@ -98,9 +120,9 @@ def latency(samples: int) -> tuple[float, float]:
     return statistics.median(times) * 1000, times[int(len(times) * 0.95)] * 1000
 
 
-def idle_cpu(seconds: float) -> float:
+def idle_cpu(seconds: float, keys: Keys | None) -> float:
     with tempfile.TemporaryDirectory() as home, DiscordStandIn() as discord:
-        relay = Relay(Path(home), f"127.0.0.1:{discord.port}")
+        relay = Relay(Path(home), f"127.0.0.1:{discord.port}", **(keys.settings if keys else {}))
         time.sleep(1)  # let start-up work finish
         before = relay.cpu_seconds()
         time.sleep(seconds)
@@ -109,12 +131,14 @@ def idle_cpu(seconds: float) -> float:
     return used
 
 
-def produce(endpoint: str, count: int, data: bytes) -> None:
+def produce(endpoint: str, count: int, data: bytes, keys: tuple | None) -> None:
     """The producer: as fast as pyzmq sends, blocking when the socket's queue is full,
     so that every envelope reaches the receiver and the receiver sets the pace."""
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 10_000)
+    if keys:
+        curve.set_client(push, *keys)
     push.connect(endpoint)
     send = push.send
     for _ in range(count):
@@ -123,13 +147,16 @@ def produce(endpoint: str, count: int, data: bytes) -> None:
     context.term()
 
 
-def raw_pull_rate(count: int, data: bytes) -> float:
+def raw_pull_rate(count: int, data: bytes, keys: Keys | None) -> float:
     """Envelopes per second a bare PULL loop takes from the same producer."""
     context = zmq.Context()
     pull = context.socket(zmq.PULL)
+    if keys:
+        clients = curve.Clients(context, keys.clients)
+        curve.set_server(pull, *keys.server)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
-    producer = multiprocessing.Process(target=produce,
-                                       args=(f"tcp://127.0.0.1:{port}", count, data))
+    producer = multiprocessing.Process(target=produce, args=(
+        f"tcp://127.0.0.1:{port}", count, data, keys.socket if keys else None))
     producer.start()
     pull.recv()
     started = time.perf_counter()
@@ -138,31 +165,37 @@ def raw_pull_rate(count: int, data: bytes) -> float:
         receive()
     rate = (count - 1) / (time.perf_counter() - started)
     producer.join()
+    if keys:
+        clients.stop()
     context.destroy(linger=0)
     return rate
 
 
-def flood(count: int, data_for) -> tuple[float, float]:
-    """Absorb rate (envelopes/s) and RSS growth (MiB) of the relay while Discord is down."""
+def flood(count: int, data_for, keys: Keys | None) -> tuple[float, float, float]:
+    """Absorb rate (envelopes/s), RSS growth (MiB) and CPU per envelope (µs) of the relay
+    while Discord is down."""
     down = free_port()  # nothing listens there: every request is refused
     with tempfile.TemporaryDirectory() as home:
         relay = Relay(Path(home), f"127.0.0.1:{down}",
-                      SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC="0.05")
+                      SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC="0.05",
+                      **(keys.settings if keys else {}))
         data = data_for(f"http://127.0.0.1:{down}/api/webhooks/1/made-up-token")
         rss_before = relay.memory_kib("VmRSS")
-        producer = multiprocessing.Process(target=produce, args=(relay.endpoint, count, data))
+        producer = multiprocessing.Process(target=produce, args=(
+            relay.endpoint, count, data, keys.socket if keys else None))
         producer.start()
         wait_for(lambda: relay.snapshot().get("received", 0) > 0, 30, interval=0.001)
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), relay.cpu_seconds()
         first = relay.snapshot()["received"]
         last = wait_for(lambda: (s := relay.snapshot()).get("received") == count and s,
                         600, interval=0.005)
         elapsed = time.perf_counter() - started
+        cpu = relay.cpu_seconds() - cpu_before
         rss_growth = (relay.memory_kib("VmHWM") - rss_before) / 1024
         producer.join()
         relay.stop()
     assert last["received"] == count
-    return (count - first) / elapsed, rss_growth
+    return (count - first) / elapsed, rss_growth, cpu / (count - first) * 1e6
 
 
 def main() -> None:
@@ -177,18 +210,27 @@ def main() -> None:
             "title": "Swimmy Notification", "color": 3447003,
             "description": "Trade opened: USDJPY buy 0.10 lots at 151.234"}]})
 
-    p50, p95 = latency(args.latency_samples)
-    print(f"latency, idle relay:  p50 {p50:.2f} ms   p95 {p95:.2f} ms "
-          f"({args.latency_samples} notifications)", flush=True)
-    cpu = idle_cpu(args.idle_seconds)
-    print(f"idle CPU:             {cpu:.3f} s in {args.idle_seconds:g} s", flush=True)
     data = data_for("http://127.0.0.1:9/api/webhooks/1/made-up-token")
-    raw = raw_pull_rate(args.messages, data)
-    absorbed, growth = flood(args.messages, data_for)
-    print(f"absorb, Discord down: {absorbed:,.0f} envelopes/s  "
-          f"(bare pyzmq PULL loop: {raw:,.0f}/s; ratio {absorbed / raw:.2f}), "
-          f"{len(data)}-byte envelopes, {args.messages:,} pushed", flush=True)
-    print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
+    with tempfile.TemporaryDirectory() as directory:
+        keys = Keys(Path(directory))
+        absorbed = {}
+        for label, with_keys in (("without CURVE", None), ("with CURVE", keys)):
+            print(f"--- {label}", flush=True)
+            p50, p95 = latency(args.latency_samples, with_keys)
+            print(f"latency, idle relay:  p50 {p50:.2f} ms   p95 {p95:.2f} ms "
+                  f"({args.latency_samples} notifications)", flush=True)
+            cpu = idle_cpu(args.idle_seconds, with_keys)
+            print(f"idle CPU:             {cpu:.3f} s in {args.idle_seconds:g} s", flush=True)
+            raw = raw_pull_rate(args.messages, data, with_keys)
+            absorbed[label], growth, cpu = flood(args.messages, data_for, with_keys)
+            print(f"absorb, Discord down: {absorbed[label]:,.0f} envelopes/s  "
+                  f"(bare pyzmq PULL loop: {raw:,.0f}/s; ratio {absorbed[label] / raw:.2f}), "
+                  f"{len(data)}-byte envelopes, {args.messages:,} pushed", flush=True)
+            print(f"relay CPU in flood:   {cpu:.2f} µs per envelope (all its threads)",
+                  flush=True)
+            print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
+    print(f"absorb with CURVE / without: "
+          f"{absorbed['with CURVE'] / absorbed['without CURVE']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

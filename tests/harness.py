@@ -74,6 +74,7 @@ class RelayProcess:
                     "SWIMMY_NOTIFIER_LOG_FILE": str(self.log_file),
                     "SWIMMY_NOTIFIER_LOG_LEVEL": "debug",  # tests read per-message lines
                     **{f"SWIMMY_NOTIFIER_{key.upper()}": value for key, value in settings.items()}}
+        self.command = [sys.executable, "-m", "notifier"]  # tests may prefix it
         self.process: subprocess.Popen | None = None
 
     @property
@@ -81,7 +82,7 @@ class RelayProcess:
         return f"tcp://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> "RelayProcess":
-        self.process = subprocess.Popen([sys.executable, "-m", "notifier"], env=self.env,
+        self.process = subprocess.Popen(self.command, env=self.env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         pid = self.process.pid
         wait_until(lambda: self._alive_or_fail() and (self.metrics() or {}).get("pid") == pid,

@@ -50,6 +50,8 @@ def test_environment_then_flags_win(tmp_path):
     ("SWIMMY_NOTIFIER_LOG_LEVEL", "loud", "SWIMMY_NOTIFIER_LOG_LEVEL: must be one of debug, "
      "info, warning, error, got 'loud'"),
     ("SWIMMY_NOTIFIER_LOG_FORMAT", "xml", "must be one of text, json"),
+    ("SWIMMY_NOTIFIER_INSECURE_BIND", "maybe", "SWIMMY_NOTIFIER_INSECURE_BIND: must be 1 or 0"),
+    ("SWIMMY_NOTIFIER_CURVE_CLIENTS", "", "must not be empty"),
 ])
 def test_a_bad_value_is_an_error_naming_the_variable(variable, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -17,7 +17,7 @@ import pytest
 from notifier import envelope
 from notifier.discord import BAN_COOLDOWN_SEC, Outcome, RateLimit, RetryPolicy
 from notifier.limits import Limits
-from notifier.outbox import MAX_AGE_SEC, Outbox, dedupe_key
+from notifier.outbox import MAX_AGE_SEC, MAX_PRODUCERS, OTHER_PRODUCERS, Outbox, dedupe_key
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
@@ -69,7 +69,7 @@ class Rig:
     def parse(self):
         """Parse everything unparsed, with a dedupe key only when deduplication is on."""
         results = []
-        for data, received_at in self.outbox.take_unparsed(10_000):
+        for data, received_at, _ in self.outbox.take_unparsed(10_000):
             message = envelope.parse(data)
             key = dedupe_key(message) if self.outbox.dedupe_window > 0 else None
             results.append((received_at, message, key))
@@ -529,7 +529,7 @@ def test_the_time_of_the_last_rejection_is_kept():
     rig = Rig()
     assert rig.snapshot()["last_rejected_at"] is None
     rig.outbox.accept([b"((type . "])
-    (data, received_at), = rig.outbox.take_unparsed(1)
+    (data, received_at, _), = rig.outbox.take_unparsed(1)
     rig.outbox.add_parsed([(received_at, "bad S-expression", None)])
     assert rig.snapshot()["last_rejected_at"] == EPOCH + 1000.0
 
@@ -674,3 +674,43 @@ def test_log_lines_are_written_after_the_lock_is_released():
         release.set()
         logging.getLogger("notifier.outbox").removeHandler(handler)
     finishing.join(DEADLINE)
+
+
+def test_drops_and_rejections_are_charged_to_their_producers():
+    """Parsed, unparsed and newly arrived messages dropped, and envelopes rejected for
+    size or syntax, each count against the producer that sent it; the sums are the
+    totals."""
+    outbox = Outbox(3, 0.0)
+
+    def accept(producer, *texts):
+        outbox.accept([t if isinstance(t, bytes) else json.dumps(
+            {"type": "NOTIFIER", "webhook": HOOKS[1], "payload": {"content": t}}).encode()
+            for t in texts], producers=[producer] * len(texts))
+
+    def parse(lent):
+        outbox.add_parsed([(at, envelope.parse(data) if data != b"(" else "bad", None)
+                           for data, at, _ in lent])
+    accept("a", "a1", "a2")
+    parse(outbox.take_unparsed(10))  # a1 and a2 wait in their lane
+    accept("b", b"(", b" " * 70_000)  # rejected: too large at once, bad syntax when parsed
+    parse(outbox.take_unparsed(10))
+    accept("c", "c1", "c2")  # drops a1, the oldest
+    accept("c", "c3")  # drops a2
+    accept("b", "b1")  # drops c1, the oldest not parsed yet
+    lent = outbox.take_unparsed(10)  # c2, c3, b1: lent for parsing, so not droppable
+    accept("c", "c4")  # dropped itself
+    parse(lent)
+    snapshot = outbox.snapshot()
+    producers = {p["name"]: (p["received"], p["rejected"], p["drops"])
+                 for p in snapshot["producers"]}
+    assert producers == {"a": (2, 0, 2), "b": (3, 2, 0), "c": (4, 0, 2)}
+    for index, key in enumerate(("received", "rejected", "drops")):
+        assert sum(counts[index] for counts in producers.values()) == snapshot[key]
+
+
+def test_producers_beyond_the_bound_are_counted_together():
+    outbox = Outbox(10, 0.0)
+    names = [f"p{i}" for i in range(MAX_PRODUCERS + 5)]
+    outbox.refuse(names)
+    producers = {p["name"]: p["received"] for p in outbox.snapshot()["producers"]}
+    assert len(producers) == MAX_PRODUCERS + 1 and producers[OTHER_PRODUCERS] == 5

@@ -224,10 +224,10 @@ def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discor
     (tmp_path / "sitecustomize.py").write_text(
         "import notifier.outbox as o\n"
         "accept = o.Outbox.accept\n"
-        "def failing(self, envelopes):\n"
+        "def failing(self, envelopes, producers=None):\n"
         "    if any(b'poison' in e for e in envelopes):\n"
         "        raise RuntimeError('a bug')\n"
-        "    return accept(self, envelopes)\n"
+        "    return accept(self, envelopes, producers)\n"
         "o.Outbox.accept = failing\n")
     relay.start()
     with Pusher(relay.endpoint) as pusher:

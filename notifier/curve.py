@@ -1,0 +1,215 @@
+"""CURVE for producers on other hosts: pyzmq's `zmq.auth` does the cryptography and the
+key checks; this module only loads certificates carefully and sets the sockets up so
+that nothing gets in when something is missing.
+
+The relay's PULL socket is a CURVE server with a ZAP domain and ZAP_ENFORCE_DOMAIN set,
+and a `zmq.auth` `ThreadAuthenticator` on the same context, started before the bind,
+answers for that domain from the clients directory. Both halves matter (checked with
+pyzmq 27.3 and libzmq 4.3.5): without an answering ZAP handler libzmq lets in any
+client that knows the server key, unless ZAP_ENFORCE_DOMAIN is set; and
+ZAP_ENFORCE_DOMAIN without a ZAP_DOMAIN on the socket turns authentication off
+entirely. A domain the authenticator is not configured for refuses everyone.
+
+Each message a CURVE server receives carries the ZAP User-Id its connection was
+admitted with (the client's public key, Z85), which `Clients.names` maps to the name of
+its certificate file: the producer the metrics and the log lines name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+ZAP_DOMAIN = "swimmy-notifier"
+PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"  # as zmq.auth.create_certificates
+MAX_FORMER = 1000  # revoked keys whose names are remembered for the log and the metrics
+
+
+class CurveError(RuntimeError):
+    """A certificate or clients directory the relay or a producer must not use."""
+
+
+def _check_mode(path: Path, loose: int, what: str) -> None:
+    """Refuse a file others could read or change, as ssh refuses a loose key."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise CurveError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if mode & loose:
+        raise CurveError(f"{what} {path} has mode {stat.S_IMODE(mode):04o}: group and others "
+                         f"must not {'write' if loose == 0o022 else 'read or write'} it "
+                         f"(chmod {'go-w' if loose == 0o022 else '600'} {path})")
+
+
+def load_secret(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) key of a secret certificate; refused unless only its owner can
+    read it (mode 0600 or stricter)."""
+    _check_mode(path, 0o077, "secret certificate")
+    public, secret = _load(path)
+    if secret is None:
+        raise CurveError(f"{path} holds no secret key: give the {SECRET_SUFFIX} file "
+                         "written by `python -m notifier keygen`")
+    return public, secret
+
+
+def load_public(path: Path) -> bytes:
+    """The public key of a certificate (a public or a secret one)."""
+    return _load(path)[0]
+
+
+def _load(path: Path) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise CurveError(f"cannot load the certificate {path}: {exc}") from None
+
+
+def load_clients(directory: Path) -> dict[str, str]:
+    """The allowed producers: Z85 public key -> name (the certificate file's name
+    without ``.key``). Group and others must not be able to write the directory or a
+    certificate in it: whoever can would allow themselves."""
+    _check_mode(directory, 0o022, "clients directory")
+    if not directory.is_dir():
+        raise CurveError(f"the clients directory {directory} is not a directory")
+    clients = {}
+    for path in sorted(directory.glob("*" + PUBLIC_SUFFIX)):
+        _check_mode(path, 0o022, "client certificate")
+        clients[load_public(path).decode("ascii")] = path.name[:-len(PUBLIC_SUFFIX)]
+    return clients
+
+
+def set_server(socket: zmq.Socket, public: bytes, secret: bytes) -> None:
+    """Make `socket` (not bound yet) a CURVE server that only ZAP can let clients into."""
+    socket.curve_server = True
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+    socket.zap_domain = ZAP_DOMAIN.encode()
+    socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def handshake_failure(event: int, value: int) -> str:
+    """What a failed handshake (a socket monitor event) most likely means."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the key is not allowed (ZAP status {value})"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return "one side uses CURVE and the other does not"
+        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            return "it could not be decrypted: the producer has the wrong server key"
+        return f"protocol error {value:#x}"
+    return "the peer hung up: wrong server key, or no CURVE"
+
+
+def set_client(socket: zmq.Socket, server_public: bytes, public: bytes, secret: bytes) -> None:
+    """Make `socket` (not connected yet) a CURVE client of the server `server_public`."""
+    socket.curve_serverkey = server_public
+    socket.curve_publickey = public
+    socket.curve_secretkey = secret
+
+
+class Clients:
+    """The ZAP authenticator of the relay's context and `names`, the keys it admits
+    (Z85 User-Id -> producer name). `reload` re-reads the directory: a new key can
+    connect at once; a removed one can no longer connect, and leaves `names` (for
+    `former`), so the relay refuses what a connection admitted before still sends."""
+
+    def __init__(self, context: zmq.Context, directory: Path):
+        self.directory = directory
+        self.names: dict[str, str] = {}
+        self.former: dict[str, str] = {}  # revoked key -> its name
+        names = load_clients(directory)
+        self._auth = ThreadAuthenticator(context)
+        self._auth.start()
+        try:
+            self._configure(names)
+        except CurveError:
+            self._auth.stop()
+            raise
+
+    def _configure(self, names: dict[str, str]) -> None:
+        """Hand the directory to zmq.auth and admit the keys both it and `names` hold."""
+        self._auth.configure_curve(domain=ZAP_DOMAIN, location=str(self.directory))
+        # configure_curve logs a directory it cannot read and keeps the old keys, and
+        # the directory may change between two reads: never admit more than both hold.
+        loaded = {key.decode("ascii") for key in self._auth.certs.get(ZAP_DOMAIN, {})}
+        self.names = {key: name for key, name in names.items() if key in loaded}
+        if loaded != set(names):
+            raise CurveError(f"zmq.auth did not load the keys just read from "
+                             f"{self.directory} (did it change meanwhile?)")
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the directory; returns the names added and removed. A directory that
+        cannot be read leaves the keys loaded before in force."""
+        old = self.names
+        try:
+            self._configure(load_clients(self.directory))
+        finally:
+            removed = {key: name for key, name in old.items() if key not in self.names}
+            for key in self.names:
+                self.former.pop(key, None)
+            self.former.update(removed)
+            while len(self.former) > MAX_FORMER:
+                del self.former[next(iter(self.former))]
+        added = [name for key, name in self.names.items() if key not in old]
+        return sorted(added), sorted(removed.values())
+
+    def alive(self) -> bool:
+        return self._auth.is_alive()
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether binding `address` keeps the relay reachable from this host only."""
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False  # '*', 0.0.0.0's spellings, interface and host names
+
+
+def bind_refusal(address: str, curve: bool, insecure: bool) -> str | None:
+    """Why the relay must not bind `address` (None: it may). Off loopback, anyone who
+    reaches the port could post to any allowed webhook, and the webhook tokens would
+    cross the network in the clear."""
+    if curve or insecure or is_loopback(address):
+        return None
+    return (f"refusing to bind {address} without CURVE: anyone who can reach the port "
+            "could post to your webhooks, and webhook tokens would cross the network in "
+            "the clear. Set up CURVE: `python -m notifier keygen DIR relay` and one "
+            "`keygen DIR NAME` per producer, then set SWIMMY_NOTIFIER_CURVE_SECRET_KEY to "
+            "the relay's .key_secret file and SWIMMY_NOTIFIER_CURVE_CLIENTS to a "
+            "directory of the producers' .key files (README: Producers on other hosts). "
+            "Or bind 127.0.0.1. Only to accept the risk: SWIMMY_NOTIFIER_INSECURE_BIND=1")
+
+
+def keygen(directory: Path, name: str) -> tuple[Path, Path]:
+    """Write NAME.key (public) and NAME.key_secret (mode 0600) in `directory`, never
+    over existing files. Returns their paths."""
+    if not name or name.startswith(".") or any(not (c.isalnum() or c in "._-") for c in name):
+        raise CurveError(f"{name!r} is not a certificate name (letters, digits, '.', '_', "
+                         "'-'; it names the producer in metrics and logs)")
+    public, secret = directory / (name + PUBLIC_SUFFIX), directory / (name + SECRET_SUFFIX)
+    for path in (public, secret):
+        if path.exists():
+            raise CurveError(f"{path} exists already: remove it or choose another name")
+    directory.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(umask)
+    public.chmod(0o644)
+    return public, secret
