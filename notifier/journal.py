@@ -4,7 +4,8 @@ The journal is a directory of append-only segment files (``seg-<n>.log``, mode 0
 they hold webhook URLs). Each record is ``crc32 (4 bytes) | length (4) | kind (1) |
 body``, little-endian, the CRC covering kind and body:
 
-    A  accepted    journal id (8 bytes) + the envelope as it came off the socket
+    A  accepted    a batch of envelopes as they came off the socket: their count (4
+                   bytes), journal ids (8 each), lengths (4 each), then the envelopes
     S  sending     journal ids about to be posted (a replay counts them as in flight)
     P  progress    journal id, parts delivered (4), attempts on the next part (4)
     D  done        journal ids whose outcome is final (delivered, dropped, failed,
@@ -47,8 +48,11 @@ COMMIT_INTERVAL_SEC = 0.005
 RETRY_SEC = 1.0
 """How often a journal switched off by a failed write tries to write again."""
 
-MAX_RECORD_BYTES = 1 << 20
-"""Largest record body replay believes in (an envelope is at most 64 KiB): a longer
+MAX_BATCH = 512
+"""Most envelopes in one A record (the receiver takes at most 512 off the socket at once)."""
+
+MAX_RECORD_BYTES = MAX_BATCH * (64 * 1024 + 12) + 4
+"""Largest record body replay believes in (a batch of the largest envelopes): a longer
 length field is corruption, not data."""
 
 _HEADER = struct.Struct("<IIc")
@@ -83,11 +87,40 @@ class Replay(NamedTuple):
 # ------------------------------------------------------------------ records (pure)
 
 def record(kind: bytes, body: bytes) -> bytes:
-    return _HEADER.pack(zlib.crc32(kind + body), len(body), kind) + body
+    return _HEADER.pack(zlib.crc32(body, zlib.crc32(kind)), len(body), kind) + body
+
+
+def accepted(jids, envelopes: list[bytes]) -> bytes:
+    """One A record for a batch: one checksum and a few packs for the lot, so that
+    journaling costs a flood little per envelope."""
+    count = len(envelopes)
+    head = struct.pack(f"<I{count}Q{count}I", count, *jids, *map(len, envelopes))
+    data = b"".join(envelopes)
+    crc = zlib.crc32(data, zlib.crc32(head, zlib.crc32(b"A")))
+    return b"".join((_HEADER.pack(crc, len(head) + len(data), b"A"), head, data))
+
+
+def _batch(body: bytes) -> list[tuple[int, bytes]] | None:
+    """(journal id, envelope) of an A record's body; None if its sizes do not add up."""
+    if len(body) < 4:
+        return None
+    count = struct.unpack_from("<I", body)[0]
+    start = 4 + 12 * count
+    if count > MAX_BATCH or len(body) < start:
+        return None
+    numbers = struct.unpack_from(f"<{count}Q{count}I", body, 4)
+    jids, lengths = numbers[:count], numbers[count:]
+    if start + sum(lengths) != len(body):
+        return None
+    batch, offset = [], start
+    for jid, length in zip(jids, lengths):
+        batch.append((jid, body[offset:offset + length]))
+        offset += length
+    return batch
 
 
 def _ids(jids) -> bytes:
-    return b"".join(_ID.pack(jid) for jid in jids)
+    return struct.pack(f"<{len(jids)}Q", *jids)
 
 
 def _notice_body(key: str, state: tuple[int, int, float | None]) -> bytes:
@@ -105,7 +138,8 @@ def read_records(data: bytes) -> Iterator[tuple[bytes, bytes] | None]:
         crc, length, kind = _HEADER.unpack_from(data, offset)
         start = offset + _HEADER.size
         body = data[start:start + length]
-        if length > MAX_RECORD_BYTES or len(body) < length or zlib.crc32(kind + body) != crc:
+        if (length > MAX_RECORD_BYTES or len(body) < length
+                or zlib.crc32(body, zlib.crc32(kind)) != crc):
             yield None
             return
         yield kind, body
@@ -120,8 +154,10 @@ def apply(records: Iterator[tuple[bytes, bytes] | None], messages: dict[int, Sav
             return 1
         kind, body = item
         if kind == b"A":
-            jid = _ID.unpack_from(body)[0]
-            messages[jid] = Saved(body[_ID.size:])
+            batch = _batch(body)
+            if batch is None:
+                return 1
+            messages.update((jid, Saved(envelope)) for jid, envelope in batch)
         elif kind in (b"S", b"D"):
             for (jid,) in _ID.iter_unpack(body):
                 if kind == b"D":
@@ -158,7 +194,8 @@ class Journal:
         self._file_lock = threading.Lock()  # the current segment's descriptor
         self._queued: list[bytes] = []
         self._wake = threading.Condition(self._state_lock)
-        self._live: dict[int, Saved] = {}
+        self._live: dict[int, bytes] = {}  # the envelopes not done yet, by journal id
+        self._progress: dict[int, tuple[int, int, bool]] = {}  # part, attempts, in flight
         self._live_bytes = 0  # envelope bytes of `_live`
         self._notices: Notices = {}
         self._dirty_notices: set[str] = set()  # notices changed since the last write
@@ -200,8 +237,12 @@ class Journal:
                 self.corrupt_records += 1
                 log.error("journal segment %s has a corrupt or torn record at its end; "
                           "what follows it in that segment is skipped", path.name)
-        self._live, self._notices = dict(messages), dict(notices)
-        self._live_bytes = sum(len(saved.envelope) for saved in messages.values())
+        self._live = {jid: saved.envelope for jid, saved in messages.items()}
+        self._progress = {jid: (saved.part, saved.attempts, saved.in_flight)
+                          for jid, saved in messages.items()
+                          if saved.part or saved.attempts or saved.in_flight}
+        self._notices = dict(notices)
+        self._live_bytes = sum(map(len, self._live.values()))
         self._next_id = max(messages, default=0) + 1
         self._segment = segments[-1][0] if segments else 0
         try:
@@ -247,13 +288,13 @@ class Journal:
         with self._state_lock:
             first = self._next_id
             self._next_id += len(envelopes)
-            jids = list(range(first, self._next_id))
-            for jid, data in zip(jids, envelopes):
-                self._live[jid] = Saved(data)
-                self._live_bytes += len(data)
-        self._write(b"".join(record(b"A", _ID.pack(jid) + data)
-                             for jid, data in zip(jids, envelopes)))
-        return jids
+            jids = range(first, self._next_id)
+            self._live.update(zip(jids, envelopes))
+            self._live_bytes += sum(map(len, envelopes))
+        self._write(b"".join(accepted(jids[start:start + MAX_BATCH],
+                                      envelopes[start:start + MAX_BATCH])
+                             for start in range(0, len(envelopes), MAX_BATCH)))
+        return list(jids)
 
     def restore(self, saved: list[Saved]) -> list[int]:
         """Journal ids for messages restored from a pending file, their progress kept."""
@@ -269,23 +310,26 @@ class Journal:
         with self._state_lock:
             for jid in jids:
                 if jid in self._live:
-                    self._live[jid] = self._live[jid]._replace(in_flight=True)
+                    part, attempts, _ = self._progress.get(jid, (0, 0, False))
+                    self._progress[jid] = (part, attempts, True)
         self._write(record(b"S", _ids(jids)))
 
     def done(self, jids: list[int]) -> None:
         """These messages have their final outcome (queued; called under the outbox lock)."""
         with self._state_lock:
+            live, progress = self._live, self._progress
             for jid in jids:
-                saved = self._live.pop(jid, None)
-                if saved is not None:
-                    self._live_bytes -= len(saved.envelope)
+                data = live.pop(jid, None)
+                if data is not None:
+                    self._live_bytes -= len(data)
+                    progress.pop(jid, None)
             self._queue(record(b"D", _ids(jids)))
 
     def progress(self, jid: int, part: int, attempts: int) -> None:
         with self._state_lock:
-            saved = self._live.get(jid)
-            if saved is not None:
-                self._live[jid] = saved._replace(part=part, attempts=attempts)
+            if jid in self._live:
+                in_flight = self._progress.get(jid, (0, 0, False))[2]
+                self._progress[jid] = (part, attempts, in_flight)
                 self._queue(record(b"P", _PROGRESS.pack(jid, part, attempts)))
 
     def notice(self, key: str, dropped: int, failed: int, since: float | None) -> None:
@@ -400,13 +444,18 @@ class Journal:
                 return
             self.failure = None  # new records go to the new segment from here on
         with self._state_lock:
-            live, notices = dict(self._live), dict(self._notices)
+            live, progress = dict(self._live), dict(self._progress)
+            notices = dict(self._notices)
         parts = [record(b"B", b"")]
-        for jid, saved in live.items():
-            parts.append(record(b"A", _ID.pack(jid) + saved.envelope))
-            if saved.part or saved.attempts:
-                parts.append(record(b"P", _PROGRESS.pack(jid, saved.part, saved.attempts)))
-            if saved.in_flight:
+        jids = list(live)
+        parts.extend(accepted(jids[start:start + MAX_BATCH],
+                              [live[jid] for jid in jids[start:start + MAX_BATCH]])
+                     for start in range(0, len(jids), MAX_BATCH))
+        for jid in jids:
+            part, attempts, in_flight = progress.get(jid, (0, 0, False))
+            if part or attempts:
+                parts.append(record(b"P", _PROGRESS.pack(jid, part, attempts)))
+            if in_flight:
                 parts.append(record(b"S", _ID.pack(jid)))
         parts.extend(record(b"N", _notice_body(key, state)) for key, state in notices.items())
         base = self._path(base_number)

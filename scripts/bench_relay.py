@@ -9,10 +9,12 @@
    and the same producer against a bare pyzmq PULL loop in the same run, for the ratio;
 4. memory: the relay's RSS growth (peak minus before) during that flood.
 
-Latency, idle CPU and absorb rate are measured twice in the same run: without CURVE
-and with it (keys made by zmq.auth, the producer's key allowed), for the ratio.
+Latency, idle CPU and absorb rate are measured in the same run for each configuration:
+plain; with CURVE (keys made by zmq.auth, the producer's key allowed); in durable mode
+(every envelope journaled before it may be posted), for the ratios.
 
 Usage: python scripts/bench_relay.py [--messages 1000000] [--idle-seconds 30]
+                                    [--configs plain,curve,durable]
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ class Keys:
         self.socket = (self.server[0], *curve.load_secret(directory / "producer.key_secret"))
 
 
-def latency(samples: int, keys: Keys | None) -> tuple[float, float]:
+def latency(samples: int, keys: Keys | None, settings: dict) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as home, DiscordStandIn() as discord:
-        relay = Relay(Path(home), f"127.0.0.1:{discord.port}", **(keys.settings if keys else {}))
+        relay = Relay(Path(home), f"127.0.0.1:{discord.port}", **settings)
         webhook = discord.webhook_url(1)
         times = []
         with NotifierClient(relay.endpoint, webhook=webhook,
@@ -120,9 +122,9 @@ def latency(samples: int, keys: Keys | None) -> tuple[float, float]:
     return statistics.median(times) * 1000, times[int(len(times) * 0.95)] * 1000
 
 
-def idle_cpu(seconds: float, keys: Keys | None) -> float:
+def idle_cpu(seconds: float, settings: dict) -> float:
     with tempfile.TemporaryDirectory() as home, DiscordStandIn() as discord:
-        relay = Relay(Path(home), f"127.0.0.1:{discord.port}", **(keys.settings if keys else {}))
+        relay = Relay(Path(home), f"127.0.0.1:{discord.port}", **settings)
         time.sleep(1)  # let start-up work finish
         before = relay.cpu_seconds()
         time.sleep(seconds)
@@ -171,14 +173,14 @@ def raw_pull_rate(count: int, data: bytes, keys: Keys | None) -> float:
     return rate
 
 
-def flood(count: int, data_for, keys: Keys | None) -> tuple[float, float, float]:
+def flood(count: int, data_for, keys: Keys | None, settings: dict) -> tuple[float, float, float]:
     """Absorb rate (envelopes/s), RSS growth (MiB) and CPU per envelope (µs) of the relay
     while Discord is down."""
     down = free_port()  # nothing listens there: every request is refused
     with tempfile.TemporaryDirectory() as home:
         relay = Relay(Path(home), f"127.0.0.1:{down}",
                       SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC="0.05",
-                      **(keys.settings if keys else {}))
+                      **settings)
         data = data_for(f"http://127.0.0.1:{down}/api/webhooks/1/made-up-token")
         rss_before = relay.memory_kib("VmRSS")
         producer = multiprocessing.Process(target=produce, args=(
@@ -203,6 +205,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--latency-samples", type=int, default=300)
+    parser.add_argument("--configs", default="plain,curve,durable",
+                        help="which configurations to measure, comma-separated")
     args = parser.parse_args()
 
     def data_for(webhook: str) -> bytes:
@@ -213,24 +217,29 @@ def main() -> None:
     data = data_for("http://127.0.0.1:9/api/webhooks/1/made-up-token")
     with tempfile.TemporaryDirectory() as directory:
         keys = Keys(Path(directory))
+        configs = {"plain": (None, {}), "curve": (keys, keys.settings),
+                   "durable": (None, {"SWIMMY_NOTIFIER_DURABLE": "1"})}
         absorbed = {}
-        for label, with_keys in (("without CURVE", None), ("with CURVE", keys)):
+        for label in args.configs.split(","):
+            with_keys, settings = configs[label]
             print(f"--- {label}", flush=True)
-            p50, p95 = latency(args.latency_samples, with_keys)
+            p50, p95 = latency(args.latency_samples, with_keys, settings)
             print(f"latency, idle relay:  p50 {p50:.2f} ms   p95 {p95:.2f} ms "
                   f"({args.latency_samples} notifications)", flush=True)
-            cpu = idle_cpu(args.idle_seconds, with_keys)
+            cpu = idle_cpu(args.idle_seconds, settings)
             print(f"idle CPU:             {cpu:.3f} s in {args.idle_seconds:g} s", flush=True)
             raw = raw_pull_rate(args.messages, data, with_keys)
-            absorbed[label], growth, cpu = flood(args.messages, data_for, with_keys)
+            absorbed[label], growth, cpu = flood(args.messages, data_for, with_keys, settings)
             print(f"absorb, Discord down: {absorbed[label]:,.0f} envelopes/s  "
                   f"(bare pyzmq PULL loop: {raw:,.0f}/s; ratio {absorbed[label] / raw:.2f}), "
                   f"{len(data)}-byte envelopes, {args.messages:,} pushed", flush=True)
             print(f"relay CPU in flood:   {cpu:.2f} µs per envelope (all its threads)",
                   flush=True)
             print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
-    print(f"absorb with CURVE / without: "
-          f"{absorbed['with CURVE'] / absorbed['without CURVE']:.2f}", flush=True)
+    for label in absorbed.keys() - {"plain"}:
+        if "plain" in absorbed:
+            print(f"absorb {label} / plain: {absorbed[label] / absorbed['plain']:.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
