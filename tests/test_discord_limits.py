@@ -4,6 +4,7 @@ limits and forum channels; messages it gives up on kept in the dead-letter file.
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -80,7 +81,10 @@ def test_a_hidden_channel_limit_is_met_at_most_once_per_webhook(run):
             timeout=DEADLINE, what="the channel's three webhooks paced")
         assert snapshot["rate_limited_by_scope"]["shared"] == snapshot["rate_limited"]
         assert all(discord.count_status(429, hook) <= 1 for hook in (1, 2, 3))
-        assert "channel paced to 6 per 60 s" in relay.log()
+        # Six got through; answers still in flight at the 429 may be counted after it,
+        # so the pace learned is at most six (erring on the slow side).
+        paces = [int(n) for n in re.findall(r"channel paced to (\d+) per 60 s", relay.log())]
+        assert paces and all(1 <= pace <= 6 for pace in paces)
 
 
 def test_a_split_message_to_a_forum_makes_one_thread_and_a_loss_notice_its_own(run):
