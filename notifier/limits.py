@@ -234,7 +234,10 @@ class Limits:
             hook.failures += 1
             delay = self.retry.backoff(hook.failures, self._rng)
             hook.backoff_until = now + delay
-            self._backing_off.add(hook)
+            if others_delivered:  # its own trouble: its backoff stands whatever others do
+                self._backing_off.discard(hook)
+            else:  # an outage, as far as one can tell: the first delivery anywhere ends it
+                self._backing_off.add(hook)
             answer = Answer(delay, own=others_delivered)
         elif outcome.kind == "dead":
             pause = GONE_PAUSE_SEC if outcome.gone else UNAUTHORIZED_PAUSE_SEC

@@ -102,6 +102,17 @@ def test_a_delivery_anywhere_ends_every_backoff():
     assert limits.ready_at(A, 1.0) <= 1.0 and limits.ready_at(B, 1.0) <= 1.0
 
 
+def test_a_webhooks_own_errors_keep_their_backoff_while_others_deliver():
+    """Found by the soak: a webhook answering 500 while others delivered was retried at
+    every delivery elsewhere, and failed ten attempts in a second."""
+    limits = Limits(retry=RetryPolicy(base=1.0, cap=4.0), rng=random.Random(3))
+    post(limits, B, 0.0, ok())
+    answer = post(limits, A, 0.1, RETRY)
+    assert answer.own
+    post(limits, B, 0.2, ok())
+    assert limits.ready_at(A, 0.2) == 0.1 + answer.wait > 0.2
+
+
 def test_a_route_429_is_not_ended_by_a_delivery_elsewhere():
     limits = Limits()
     post(limits, A, 0.0, Outcome("rate_limited", wait=3.0, scope="route", invalid=True))
