@@ -1,9 +1,22 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the hypothesis profiles every property test runs under."""
+
+import os
 
 import pytest
+from hypothesis import settings
 
 from tests.harness import Pusher, RelayProcess
 from tests.sbcl import Sbcl, find_sbcl
+
+# A fixed budget of examples keeps the suite's time bounded; CI (CI=true) derandomizes,
+# so a run there is reproducible. No deadline: on a loaded machine any example can be
+# slow now and then. HYPOTHESIS_PROFILE=thorough searches a hundred times longer.
+settings.register_profile("default", max_examples=100, deadline=None)
+settings.register_profile("ci", settings.get_profile("default"), derandomize=True)
+settings.register_profile("thorough", max_examples=10_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI", "").lower() not in ("", "0", "false")
+                          else "default"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+((type . "NOTIFIER") (schema_version . 1) (action . "SEND") (webhook . "http://127.0.0.1:8099/api/webhooks/1/tok") (payload_json . "{\"embeds\":[{\"title\":\"🐟 Apex\",\"description\":\"⚠️ **Memory Warning**\\nHeap Usage: 1234.56 MB\\n🚨🔥💀 👨‍👩‍👧 🇯🇵 ✅\",\"color\":15158332}]}"))

@@ -1,0 +1,2 @@
+((type . "NOTIFIER") (schema_version . 1) (action . "SEND") (webhook . "https://discord.com/api/webhooks/1/tok") (payload (content . "") (embeds ((title . "📈 Daily") (description . "line1
+line2") (color . 3066993) (fields ((name . "PnL") (value . "+12.5") (inline . t)) ((name . "DD") (value . "3%") (inline))) (footer (text . "swimmy")) (timestamp . "2024-01-01T00:00:00Z")) ((title . "second") (color . 0)))))

@@ -1,0 +1,1 @@
+((type . "NOTIFIER") (schema_version . 1) (action . "SEND") (webhook . "https://discord.com/api/webhooks/1/tok") (payload_json . "{\"embeds\":[{\"title\":\"He said \\\"hi\\\"\",\"description\":\"path C:\\\\temp\\\\new\\ttab\\r\\ncrlf \\\"q\\\" \\\\\\\\ end\",\"color\":3447003}]}"))

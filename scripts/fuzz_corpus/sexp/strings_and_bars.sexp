@@ -1,0 +1,1 @@
+((|WITH SPACE| . "say \"hi\" \\ end") (s . #A((3) base-char . "abc")) (f . #f) (t . #t) (tags "a" "b") (n))

@@ -1,0 +1,1 @@
+((schema_version . 2) (timestamp . "yesterday"))

@@ -1,0 +1,1 @@
+((schema_version . 1) (timestamp . 1779999990) (queue_len . 0) (drops . 0) (errors . 0))

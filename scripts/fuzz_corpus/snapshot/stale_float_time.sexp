@@ -1,0 +1,1 @@
+((schema_version . 1) (timestamp . 1.7799e9) (queue_len . 5) (drops . 7) (errors . 1) (delivered . 3))
