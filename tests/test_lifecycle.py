@@ -1,6 +1,7 @@
 """Stop, restart, crash: every accepted message is delivered or accounted for. The relay as
 a real process, real signals, the stand-in for Discord."""
 
+import contextlib
 import errno
 import json
 import os
@@ -211,6 +212,21 @@ def test_durable_sigterm_keeps_the_journal_and_writes_no_pending_file(tmp_path, 
 
 # ------------------------------------------------------------------ the journal alone
 
+@contextlib.contextmanager
+def running(log: Journal):
+    """The journal's thread, as the relay runs it, for the block; then a clean close."""
+    stopping = threading.Event()
+    thread = threading.Thread(target=log.run, args=(stopping,))
+    thread.start()
+    try:
+        yield
+    finally:
+        stopping.set()
+        log.wake()
+        thread.join()
+        log.close()
+
+
 def test_a_journal_that_cannot_write_carries_on_and_comes_back(tmp_path, monkeypatch):
     monkeypatch.setattr(journal, "RETRY_SEC", 0.05)
     log = Journal(tmp_path / "j")
@@ -224,21 +240,13 @@ def test_a_journal_that_cannot_write_carries_on_and_comes_back(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
     monkeypatch.setattr(journal.os, "write", write)
-    stopping = threading.Event()
-    thread = threading.Thread(target=log.run, args=(stopping,))
-    thread.start()
-    try:
+    with running(log):
         jids = log.append([b"one", b"two"])
         assert log.state == "failed" and log.failure == "No space left on device"
         log.done(jids[:1])
         full.clear()
         wait_until(lambda: log.state == "ok", 10, what="the journal back")
         log.notice("https://discord.com/api/webhooks/1/tok", 3, 0, 1.0)
-    finally:
-        stopping.set()
-        log.wake()
-        thread.join()
-        log.close()
     replay = Journal(tmp_path / "j").open()
     assert list(replay.messages.values()) == [Saved(b"two")]
     assert replay.notices == {"https://discord.com/api/webhooks/1/tok": (3, 0, 1.0)}
@@ -258,10 +266,7 @@ def journal_bytes(directory) -> int:
 def test_compaction_keeps_only_what_is_live(tmp_path):
     log = Journal(tmp_path / "j", segment_bytes=1000)
     log.open()
-    stopping = threading.Event()
-    thread = threading.Thread(target=log.run, args=(stopping,))
-    thread.start()
-    try:
+    with running(log):
         kept = []
         for _ in range(300):  # 72 KB written, never more than 10 messages live
             jids = log.append([b"x" * 100, b"y" * 100])
@@ -270,11 +275,6 @@ def test_compaction_keeps_only_what_is_live(tmp_path):
             if len(kept) > 10:
                 log.done([kept.pop(0)])
         wait_until(lambda: journal_bytes(tmp_path / "j") < 8000, 10, what="compaction")
-    finally:
-        stopping.set()
-        log.wake()
-        thread.join()
-        log.close()
     replay = Journal(tmp_path / "j").open()
     assert sorted(replay.messages) == kept and replay.corrupt == 0
 
