@@ -93,13 +93,18 @@ def fits(payload: dict) -> bool:
         return False
     if not isinstance(embeds, list):
         return True
-    return (len(embeds) <= LIMITS["embeds"] and embed_chars(payload) <= LIMITS["embed_total"]
-            and all(_embed_fits(embed) for embed in embeds))
-
-
-def _embed_fits(embed):
-    return len(_fields(embed)) <= LIMITS["fields"] and all(
-        not isinstance(text, str) or len(text) <= limit for text, limit in _texts(embed))
+    if len(embeds) > LIMITS["embeds"]:
+        return False
+    total = 0
+    for embed in embeds:  # one pass over each embed's texts: every envelope comes here
+        if len(_fields(embed)) > LIMITS["fields"]:
+            return False
+        for text, limit in _texts(embed):
+            if isinstance(text, str):
+                if len(text) > limit:
+                    return False
+                total += len(text)
+    return total <= LIMITS["embed_total"]
 
 
 def _texts(embed):
