@@ -7,14 +7,20 @@ Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
   empty, so a flood is taken off the socket at close to ZeroMQ's own speed and parsing
   catches up after (a few are still parsed per batch, so a sustained flood cannot starve
   delivery);
-* senders (``--senders``, default 4): take the next request a webhook may send, post it
+* senders (``--senders``, default 8): take the next request a webhook may send, post it
   with their own `requests.Session`, report the answer;
 * metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
   with an INFO summary line of what changed once a minute;
+* journal (durable mode only, `notifier.journal`): writes outcomes, fsyncs, compacts;
 * the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
-  within ``--drain-sec``, saves the rest to ``data/notifier_pending.sexp`` (mode 0600:
-  it holds webhook URLs), writes the final metrics and returns. The next start delivers
-  the saved messages first.
+  within ``--drain-sec``, gives requests in flight a short grace, saves what is still
+  undelivered to ``data/notifier_pending.sexp`` (mode 0600: it holds webhook URLs; in
+  durable mode the journal holds it already), writes the final metrics and returns.
+  The next start delivers the saved messages first. SIGHUP reopens the log file and
+  re-reads the CURVE clients directory; it never stops the relay.
+
+With CURVE (`notifier.curve`) the socket admits only the producers whose keys are in
+the clients directory, and each envelope is counted under its producer's name.
 """
 
 from __future__ import annotations
