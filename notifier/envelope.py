@@ -288,8 +288,8 @@ def _check_encodable(message: Message, data: bytes) -> None:
                 f"payload holds text that is not valid Unicode (an unpaired surrogate, "
                 f"U+{ord(exc.object[exc.start]):04X}); send whole characters") from None
         except ValueError:
-            raise EnvelopeError("payload holds a number JSON cannot carry (NaN, Infinity "
-                                "or an integer of over 4300 digits)") from None
+            raise EnvelopeError("payload holds a number JSON cannot carry (NaN or "
+                                "Infinity)") from None
 
 
 def _expect(fields: dict, key: str, default: Any, accepted: tuple) -> None:

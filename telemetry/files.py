@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from notifier.files import open_regular as _open_regular, read_upto as _read
-from notifier.files import read_regular  # noqa: F401  (the merge reads the snapshot with it)
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import math
 from typing import Any, NamedTuple
 
 from notifier import sexp
+from notifier.files import read_regular
 from telemetry import files
 from telemetry.config import Config
 
@@ -87,7 +88,7 @@ def read_notifier(config: Config, now: float) -> Reading:
     """Read and check the relay's snapshot; never raises for anything about the file."""
     path = config.notifier_metrics
     try:
-        data = files.read_regular(path, sexp.MAX_BYTES)
+        data = read_regular(path, sexp.MAX_BYTES)
     except FileNotFoundError:
         return _failed(Exit.MISSING, f"{path} does not exist (is the relay running?)")
     except OSError as exc:

@@ -5,7 +5,6 @@ Every wait is a poll with a deadline; nothing sleeps for a fixed time.
 
 import argparse
 import io
-import json
 import logging
 import os
 import random

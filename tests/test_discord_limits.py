@@ -14,7 +14,7 @@ import pytest
 from notifier import deadletter, sexp
 from notifier.payload import LOSS_THREAD_NAME, fit
 from notifier.standin import DiscordStandIn
-from tests.harness import assert_balanced, wait_until
+from tests.harness import assert_balanced
 
 DEADLINE = 30.0  # generous: the machine may be loaded
 LONG = " ".join(f"w{i}" for i in range(1000))  # three requests

@@ -1,15 +1,12 @@
 """The relay as a real process: real ZeroMQ, a real HTTP stand-in for Discord, real signals."""
 
-import json
 import os
-import signal
 import stat
 import subprocess
 import sys
 
 import pytest
 
-from notifier import sexp
 from notifier.standin import DiscordStandIn
 from tests.harness import (Pusher, RelayProcess, assert_balanced, contents, envelope_text,
                            free_port, saved_envelopes, wait_until)
