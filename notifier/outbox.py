@@ -399,27 +399,27 @@ class Outbox:
                 if self._journal is not None:
                     self._journal.notice(webhook_id, earlier + count, 0, since)
 
-    def take_unparsed(self, limit: int) -> list[tuple[bytes, float, str | None]]:
-        """Up to `limit` raw envelopes (with their time and producer), oldest first, for
-        the receiver to parse. They stay held (and undroppable) until `add_parsed` takes
-        them back."""
+    def take_unparsed(self, limit: int) -> list[tuple[bytes, str | None]]:
+        """Up to `limit` raw envelopes (with their producer), oldest first, for the
+        receiver to parse. They stay held (and undroppable) until `add_parsed` takes them
+        back."""
         with self._lock:
             raw = self._raw
             lent = [raw.popleft() for _ in range(min(limit, len(raw)))]
             self._lent.extend(lent)
-        return [(item.data, item.received_at, item.producer) for item in lent]
+        return [(item.data, item.producer) for item in lent]
 
     @property
     def unparsed(self) -> int:
         return len(self._raw)  # a deque's len is atomic
 
-    def add_parsed(self, results: list[tuple[float, Message | str, bytes | None]]) -> None:
-        """Give back what `take_unparsed` lent, parsed: ``(received_at, message or
-        rejection reason, dedupe key or None)`` each, in the same order."""
+    def add_parsed(self, results: list[tuple[Message | str, bytes | None]]) -> None:
+        """Give back what `take_unparsed` lent, parsed: ``(message or rejection reason,
+        dedupe key or None)`` each, in the same order."""
         now = self._monotonic()
         counts = self.counts
         with self._locked():
-            for _, result, key in results:
+            for result, key in results:
                 raw = self._lent.popleft()
                 if isinstance(result, str):
                     counts["rejected"] += 1

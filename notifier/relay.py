@@ -494,14 +494,14 @@ class Relay:
         lent = self.outbox.take_unparsed(limit)
         results, accepted = [], []
         try:
-            for data, received_at, producer in lent:
+            for data, producer in lent:
                 result = self._parse_one(data, producer)
-                results.append((received_at, *result))
+                results.append(result)
                 if not isinstance(result[0], str):
                     accepted.append((result[0].webhook_id, len(data)))
         finally:
-            results.extend((received_at, "internal error while parsing", None)
-                           for _, received_at, _ in lent[len(results):])
+            results.extend(("internal error while parsing", None)
+                           for _ in lent[len(results):])
             self.outbox.add_parsed(results)
         for webhook_id, size in accepted:  # after the senders have the messages
             suppressed = self._accept_log.allow()

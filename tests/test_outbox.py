@@ -69,10 +69,10 @@ class Rig:
     def parse(self):
         """Parse everything unparsed, with a dedupe key only when deduplication is on."""
         results = []
-        for data, received_at, _ in self.outbox.take_unparsed(10_000):
+        for data, _ in self.outbox.take_unparsed(10_000):
             message = envelope.parse(data)
             key = dedupe_key(message) if self.outbox.dedupe_window > 0 else None
-            results.append((received_at, message, key))
+            results.append((message, key))
         self.outbox.add_parsed(results)
         self.check()
 
@@ -529,8 +529,8 @@ def test_the_time_of_the_last_rejection_is_kept():
     rig = Rig()
     assert rig.snapshot()["last_rejected_at"] is None
     rig.outbox.accept([b"((type . "])
-    (data, received_at, _), = rig.outbox.take_unparsed(1)
-    rig.outbox.add_parsed([(received_at, "bad S-expression", None)])
+    assert len(rig.outbox.take_unparsed(1)) == 1
+    rig.outbox.add_parsed([("bad S-expression", None)])
     assert rig.snapshot()["last_rejected_at"] == EPOCH + 1000.0
 
 
@@ -688,8 +688,8 @@ def test_drops_and_rejections_are_charged_to_their_producers():
             for t in texts], producers=[producer] * len(texts))
 
     def parse(lent):
-        outbox.add_parsed([(at, envelope.parse(data) if data != b"(" else "bad", None)
-                           for data, at, _ in lent])
+        outbox.add_parsed([(envelope.parse(data) if data != b"(" else "bad", None)
+                           for data, _ in lent])
     accept("a", "a1", "a2")
     parse(outbox.take_unparsed(10))  # a1 and a2 wait in their lane
     accept("b", b"(", b" " * 70_000)  # rejected: too large at once, bad syntax when parsed

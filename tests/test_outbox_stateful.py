@@ -179,14 +179,14 @@ class OutboxMachine(RuleBasedStateMachine):
         def do():
             nonlocal invalid
             results = []
-            for data, received_at, _ in self.outbox.take_unparsed(limit):
+            for data, _ in self.outbox.take_unparsed(limit):
                 try:
                     message = envelope.parse(data)
                 except envelope.EnvelopeError as exc:
                     invalid += 1
-                    results.append((received_at, exc.reason, None))
+                    results.append((exc.reason, None))
                     continue
-                results.append((received_at, message, dedupe_key(message) if dedupe else None))
+                results.append((message, dedupe_key(message) if dedupe else None))
             self.outbox.add_parsed(results)
 
         _, _, moved = self.step([], ("rejected", "deduplicated", "failed") if dedupe
