@@ -25,10 +25,17 @@ def relay(args: argparse.Namespace) -> int:
     """Run the relay in the foreground until SIGTERM or SIGINT."""
     from notifier.relay import run  # zmq and requests load only for the commands using them
 
+    from notifier.validate import code_for
+
     settings = _settings(args, "relay")
     if settings is None:
         return 2
-    logs.configure(settings.log_file, settings.log_level, settings.log_format)
+    try:
+        logs.configure(settings.log_file, settings.log_level, settings.log_format)
+    except OSError as exc:  # the start check says the same, with the same code
+        print(f"notifier relay: cannot open the log file {settings.log_file}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return code_for(exc)
     return run(settings)
 
 
@@ -77,16 +84,17 @@ def status(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    """Check the settings and the environment without starting: exit 0 when the relay
-    can start, 2 for bad settings, 1 for an environment that would stop it."""
+    """Run the relay's start check and report: exit 0 when the relay would start, 2 for
+    what only an operator can fix, 1 for what may pass by itself (a port in use)."""
     from notifier import validate as checks  # loads zmq
 
     try:
         settings = config.load(os.environ, vars(args))
     except config.ConfigError as exc:
-        problems, code = exc.problems, 2
+        problems, code = exc.problems, checks.OPERATOR
     else:
-        problems, code = checks.problems(settings), 1
+        found = checks.problems(settings)
+        problems, code = [problem.text for problem in found], checks.exit_code(found)
     for problem in problems:
         print(f"notifier validate: {problem}", file=sys.stderr)
     if problems:
@@ -174,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate_parser = commands.add_parser(
         "validate", help="check the settings and the environment without starting",
-        description="Check every setting, that the relay's address can be bound and that "
-                    "its data directory and log file can be written, without starting it; "
-                    "list every problem. Exit 0 ready, 1 the environment would stop the "
-                    "relay, 2 bad settings. For systemd's ExecStartPre=.")
+        description="Run the relay's own start check without starting it: every setting, "
+                    "the CURVE key files (read as this user), that the relay's addresses "
+                    "can be bound (a non-loopback one is never bound to check it) and its "
+                    "files written; list every problem. Exit 0 when the relay would start, "
+                    "2 what only an operator can fix (the relay exits 2 too), 1 what may "
+                    "pass by itself, such as a port in use. For systemd's ExecStartPre=.")
     config.add_arguments(validate_parser)
     validate_parser.set_defaults(run=validate)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -170,14 +171,34 @@ class Clients:
         self._auth.stop()
 
 
-def is_loopback(address: str) -> bool:
-    """Whether binding `address` keeps the relay reachable from this host only."""
-    if address == "localhost":
-        return True
+def ip_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `address` names as ZeroMQ reads a bind address (``[::1]``, and the
+    IPv4 spellings the C library accepts: ``127.1``, ``0``, ``0x7f.1``), or None for
+    ``*``, an interface or a host name."""
+    text = address.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False  # '*', 0.0.0.0's spellings, interface and host names
+        pass
+    if not text or not text[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether binding `address` keeps the relay reachable from this host only: every
+    address of 127.0.0.0/8 however spelled, ``::1`` and ``localhost``."""
+    if address.strip() == "localhost":
+        return True
+    ip = ip_address(address)
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip is not None and ip.is_loopback  # '*', 0.0.0.0, interface and host names: no
 
 
 def bind_refusal(address: str, curve: bool, insecure: bool) -> str | None:
