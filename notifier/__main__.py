@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -115,6 +116,28 @@ def standin(args: argparse.Namespace) -> int:
     return discord_standin.serve(args)
 
 
+def _owner(text: str) -> tuple[int, int]:
+    """``USER`` or ``USER:GROUP`` -> (uid, gid); the user's own group without GROUP."""
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+        return entry.pw_uid, grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user or group: {text!r}") from None
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def keygen(args: argparse.Namespace) -> int:
     """Write a CURVE key pair and say where each file goes."""
     from pathlib import Path
@@ -122,12 +145,19 @@ def keygen(args: argparse.Namespace) -> int:
     from notifier import curve
 
     try:
-        public, secret = curve.keygen(Path(args.dir).absolute(), args.name)
+        public, secret = curve.keygen(Path(args.dir).absolute(), args.name, args.owner)
+    except PermissionError as exc:
+        print(f"notifier keygen: {exc.strerror}: " + (
+            "only root can give the files to another user (--owner)"
+            if args.owner and exc.errno == errno.EPERM else str(exc.filename)),
+            file=sys.stderr)
+        return 2
     except (curve.CurveError, OSError) as exc:
         print(f"notifier keygen: {exc}", file=sys.stderr)
         return 2
     print(f"""public certificate: {public}
-secret certificate: {secret} (mode 0600: keep it on this host, never copy it)
+secret certificate: {secret} (mode 0600, owned by {_user_name(secret.stat().st_uid)}: only
+  that user can read it; keep it on this host, never copy it)
 public key (Z85):   {curve.load_public(public).decode()}
 
 For a producer: copy {public.name} into the relay's clients directory
@@ -164,10 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     keygen_parser = commands.add_parser(
         "keygen", help="write a CURVE key pair for the relay or a producer",
         description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode "
-                    "0600) with zmq.auth, never over existing files, and print what to copy "
-                    "where. NAME names the producer in the relay's metrics and log.")
+                    "0600) with zmq.auth, never over an existing path (a symlink "
+                    "included: exit 2), and print what to copy where. NAME names the "
+                    "producer in the relay's metrics and log.")
     keygen_parser.add_argument("dir", metavar="DIR")
     keygen_parser.add_argument("name", metavar="NAME")
+    keygen_parser.add_argument("--owner", type=_owner, metavar="USER[:GROUP]",
+                               help="give both files to USER (as root: the relay's secret "
+                                    "key to its service user, which must read it)")
     keygen_parser.set_defaults(run=keygen)
 
     status_parser = commands.add_parser(
