@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 from notifier import __version__, config, envelope, logs, program_name
 from notifier import standin as discord_standin
-from notifier.client import add_replay_parser, add_send_parser
+from notifier.client import add_send_parser
+from notifier.replay import add_replay_parser
 
 
 def _settings(args: argparse.Namespace, command: str) -> config.Config | None:

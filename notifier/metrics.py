@@ -51,6 +51,9 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
                    journal_corrupt_records=snapshot.get("journal_corrupt_records", 0),
                    dead_letters=snapshot.get("dead_letters", 0),
                    dead_letters_rotated_out=snapshot.get("dead_letters_rotated_out", 0))
+    # Each file the relay writes: <name>_state ("ok" or "failed") and <name>_reason.
+    entries.update((key, value) for key, value in snapshot.items()
+                   if key.endswith(("_state", "_reason")) and key not in entries)
     entries.update(
         last_delivery_at=_unix(snapshot["last_delivery_at"]),
         last_error_at=_unix(snapshot["last_error_at"]),

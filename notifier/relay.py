@@ -351,6 +351,7 @@ class Relay:
             log.warning("requests still in flight after %.1f s: their messages are saved "
                         "and may be posted twice", GRACE_SEC)
         held, notices = self.outbox.saved()
+        self.dead_letters.close()  # what failed is in the file before the final metrics
         self._stopping.set()
         if self.journal is not None:
             self.journal.wake()
@@ -592,7 +593,9 @@ class Relay:
         now = time.time()
         snapshot = self.outbox.snapshot()
         snapshot.update(dead_letters=self.dead_letters.written,
-                        dead_letters_rotated_out=self.dead_letters.rotated_out)
+                        dead_letters_rotated_out=self.dead_letters.rotated_out,
+                        dead_letters_state=self.dead_letters.state,
+                        dead_letters_reason=self.dead_letters.reason)
         if self.journal is not None:
             snapshot.update(journal_state=self.journal.state,
                             journal_corrupt_records=self.journal.corrupt_records)
