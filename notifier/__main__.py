@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser = commands.add_parser(
         "status", help="summarize the relay's metrics (health, queue, delivery)",
         description="Summarize the relay's metrics file: delivery, not just liveness. "
-                    "Exit 0 healthy, 1 warnings (drops, failures, quarantined webhooks), "
+                    "Exit 0 healthy, 1 warnings (drops, failures, messages lost at a stop, "
+                    "quarantined webhooks, rejections with nothing delivered, a file the "
+                    "relay cannot write), "
                     "2 critical (no, stale or unusable snapshot, relay stopped, messages pending "
                     "but not delivered, a webhook failing). The first line is "
                     "'NOTIFIER <LEVEL> - <the worst problem>'.")

@@ -59,6 +59,7 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         last_error_at=_unix(snapshot["last_error_at"]),
         last_error=snapshot["last_error"],
         last_rejected_at=_unix(snapshot["last_rejected_at"]),
+        last_rejected_reason=snapshot.get("last_rejected_reason"),
         rate_limited_by_scope=snapshot["rate_limited_by_scope"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}
