@@ -66,6 +66,7 @@ def test_files_the_relay_writes_and_messages_lost_have_series():
                             dead_letters_state="failed", dead_letters_reason="disk full",
                             store_state="ok", store_reason=None),
                    rate_limited_by_scope={"route": 0, "shared": 0, "global": 0, "ban": 0})
+    entries["webhooks"][0]["failing_since"] = None
     series = samples(exposition(entries))
     files = {dict(labels)["file"]: value for (name, labels), value in series.items()
              if name == "notifier_file_ok"}
