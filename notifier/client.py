@@ -129,7 +129,8 @@ class NotifierClient:
     loosely protected file raises `curve.CurveError` here.
 
     `on_socket` is called with each new socket before it connects (the send command
-    watches its handshake).
+    watches its handshake). `immediate` queues only on a completed connection (ZeroMQ's
+    IMMEDIATE), for operator commands that must not queue for a relay that is not there.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, webhook: str | None = None,
@@ -137,7 +138,8 @@ class NotifierClient:
                  context: zmq.Context | None = None, sndhwm: int = 1000,
                  linger_ms: int = DEFAULT_LINGER_MS, server_key: os.PathLike | str | None = None,
                  client_key: os.PathLike | str | None = None,
-                 on_socket: Callable[[zmq.Socket], None] | None = None):
+                 on_socket: Callable[[zmq.Socket], None] | None = None,
+                 immediate: bool = False):
         if sndhwm < 1:  # 0 would mean no bound at all
             raise ValueError(f"sndhwm must be at least 1, got {sndhwm}")
         if linger_ms < 0:  # -1 would let close() wait forever for a dead relay
@@ -149,6 +151,7 @@ class NotifierClient:
         self._sndhwm = sndhwm
         self._linger_ms = linger_ms
         self._on_socket = on_socket
+        self._immediate = immediate
         if (server_key is None) != (client_key is None):
             raise ValueError("CURVE needs both server_key and client_key")
         self._curve = None if server_key is None else (
@@ -240,6 +243,7 @@ class NotifierClient:
             socket.setsockopt(zmq.SNDHWM, self._sndhwm)
             socket.setsockopt(zmq.LINGER, self._linger_ms)
             socket.setsockopt(zmq.IPV6, "[" in self.endpoint)  # tcp://[::1]:5562
+            socket.setsockopt(zmq.IMMEDIATE, self._immediate)
             if self._curve is not None:
                 curve.set_client(socket, *self._curve)
             if self._on_socket is not None:
@@ -316,7 +320,7 @@ def _color(text: str) -> int:
     return value
 
 
-def _wait_seconds(text: str) -> float:
+def wait_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -354,7 +358,7 @@ def add_send_parser(commands: Any) -> argparse.ArgumentParser:
                         help='the Discord message object as JSON, e.g. \'{"content": "hi"}\'')
     source.add_argument("--file", metavar="ENVELOPE_FILE",
                         help="send this envelope file ('-': standard input) exactly as it is")
-    parser.add_argument("--wait-sec", type=_wait_seconds, default=2.0, metavar="S",
+    parser.add_argument("--wait-sec", type=wait_seconds, default=2.0, metavar="S",
                         help="how long to wait for the relay to take it (default: 2)")
     parser.set_defaults(run=send_command)
     return parser

@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import zmq
-
 from notifier import config, deadletter, metrics, sexp
-from notifier.client import NotifierClient, relay_endpoint
+from notifier.client import NotifierClient, relay_endpoint, wait_seconds
 
 CHUNK = 200
 """Most envelopes handed over before waiting for the relay to confirm them."""
@@ -170,9 +168,10 @@ def replay(entries: list[deadletter.Entry], path: Path, client: NotifierClient,
             chunk.append(entries[index])
             size += count
             index += 1
-        snapshot = relay.wait(lambda s: s["received"] >= base + sent, "it to take them")
-        deadletter.mark_replayed(path, [entry.id for entry in chunk])
-        tally.replayed += len(chunk)
+        if chunk:
+            snapshot = relay.wait(lambda s: s["received"] >= base + sent, "it to take them")
+            deadletter.mark_replayed(path, [entry.id for entry in chunk])
+            tally.replayed += len(chunk)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -199,9 +198,10 @@ def command(args: argparse.Namespace) -> int:
     endpoint = args.endpoint or relay_endpoint(settings)
     stopped = None
     if entries:
-        # No linger: what the relay confirmed has left; what it did not is sent again
-        # by the next run, so it must not trickle in after this one gave up on it.
-        client = NotifierClient(endpoint, linger_ms=0)
+        # Queued only on a connection to the relay; no linger: what the relay confirmed
+        # has left, and what it did not is sent again by the next run, so it must not
+        # trickle in after this one gave up on it.
+        client = NotifierClient(endpoint, linger_ms=0, immediate=True)
         try:
             with Interrupted() as interrupted:
                 replay(entries, path, client, RelayView(settings.metrics_file, args.wait_sec),
@@ -223,17 +223,6 @@ def command(args: argparse.Namespace) -> int:
     return 1 if tally.left else 2 if tally.refused else 0
 
 
-def _wait_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 "
-                                         "to 3600")
-    return value
-
-
 def add_replay_parser(commands: Any) -> argparse.ArgumentParser:
     """Register ``replay`` on `commands` (the object ``add_subparsers()`` returns)."""
     parser = commands.add_parser(
@@ -252,7 +241,7 @@ def add_replay_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", metavar="tcp://HOST:PORT",
                         help="the relay's endpoint (default: from --bind-addr and --port)")
     config.add_arguments(parser, ("home", "port", "bind_addr", "metrics_file"))
-    parser.add_argument("--wait-sec", type=_wait_seconds, default=30.0, metavar="S",
+    parser.add_argument("--wait-sec", type=wait_seconds, default=30.0, metavar="S",
                         help="how long to wait for the relay to make progress before "
                              "stopping (default: 30)")
     parser.set_defaults(run=command)

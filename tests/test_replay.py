@@ -4,7 +4,6 @@ count, interrupted or not; lines of the wrong shape refused and left in place.""
 
 import collections
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,9 @@ import pytest
 
 from notifier import deadletter, envelope, sexp
 from notifier.deadletter import DeadLetters, Letter
+from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
-from tests.harness import contents, wait_until
+from tests.harness import RelayProcess, contents, wait_until
 
 DEADLINE = 60.0
 
@@ -176,10 +176,22 @@ def test_lines_of_the_wrong_shape_are_refused_left_in_place_and_never_marked(
 def test_without_a_running_relay_nothing_is_sent_or_recorded(tmp_path, discord):
     hook = discord.webhook_url(1)
     path = dead_letter_file(tmp_path, [letter(sexp_envelope(hook, "kept"), hook)])
-    from tests.harness import RelayProcess
     relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}")  # never started
     result = replay(relay)
     assert result.returncode == 1
     assert "is the relay running?" in result.stderr
     assert result.stdout.startswith("replayed 0, refused 0, left 1")
     assert deadletter.replayed_ids(path) == set()
+
+
+def test_a_wrong_endpoint_takes_nothing_and_records_nothing(tmp_path, discord, relays):
+    """The relay runs (its metrics are fresh) but replay is pointed elsewhere: nothing
+    is queued for a relay that is not there, and nothing is recorded."""
+    hook = discord.webhook_url(1)
+    path = dead_letter_file(tmp_path, [letter(sexp_envelope(hook, "kept"), hook)])
+    relay = relays(allowed=f"127.0.0.1:{discord.port}")
+    result = replay(relay, "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--wait-sec", "1")
+    assert result.returncode == 1
+    assert "ZeroMQ did not take an envelope within 1 s" in result.stderr
+    assert deadletter.replayed_ids(path) == set()
+    assert relay.stop() == 0

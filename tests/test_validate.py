@@ -33,16 +33,20 @@ def side_by_side(home, port=None, **settings):
 
 @pytest.fixture
 def keys(tmp_path):
+    """The relay's secret key, a clients directory, and a copy of the key others can read."""
     directory, clients = tmp_path / "keys", tmp_path / "clients"
     for name in ("relay", "producer"):
         curve.keygen(directory, name)
     clients.mkdir()
     (clients / "producer.key").write_bytes((directory / "producer.key").read_bytes())
-    return directory / "relay.key_secret", clients
+    loose = tmp_path / "loose.key_secret"
+    loose.write_bytes((directory / "relay.key_secret").read_bytes())
+    loose.chmod(0o644)
+    return directory / "relay.key_secret", clients, loose
 
 
 def bad_settings(keys, tmp_path):
-    secret, clients = keys
+    secret, clients, loose = keys
     return {
         "bind 0 without CURVE": ({"bind_addr": "0"}, "refusing to bind 0 without CURVE"),
         "bind 0.0.0.0 without CURVE": ({"bind_addr": "0.0.0.0"}, "refusing to bind 0.0.0.0"),
@@ -53,7 +57,7 @@ def bad_settings(keys, tmp_path):
         "missing secret key": ({"curve_secret_key": str(tmp_path / "nowhere.key_secret"),
                                 "curve_clients": str(clients)},
                                "No such file or directory"),
-        "loose secret key": ({"curve_secret_key": "LOOSE", "curve_clients": str(clients)},
+        "loose secret key": ({"curve_secret_key": str(loose), "curve_clients": str(clients)},
                              "has mode 0644: group and others must not read or write it"),
         "unknown log level": ({"log_level": "verbose"}, "SWIMMY_NOTIFIER_LOG_LEVEL"),
     }
@@ -66,11 +70,6 @@ def bad_settings(keys, tmp_path):
 def test_a_setting_the_relay_refuses_is_exit_2_in_validate_and_in_the_relay(
         tmp_path, keys, case):
     settings, words = bad_settings(keys, tmp_path)[case]
-    if settings.get("curve_secret_key") == "LOOSE":
-        loose = tmp_path / "loose.key_secret"
-        loose.write_bytes(keys[0].read_bytes())
-        loose.chmod(0o644)
-        settings["curve_secret_key"] = str(loose)
     checked, relay_code, relay_log = side_by_side(tmp_path / "home", **settings)
     assert (checked.returncode, relay_code) == (2, 2), (checked.stderr, relay_log)
     assert words in checked.stderr
@@ -184,7 +183,7 @@ def test_a_non_loopback_address_is_judged_without_binding_it(tmp_path, keys, mon
                                                              real_zmq_bind(self, a))[1])
     monkeypatch.setattr(socket.socket, "bind", lambda self, a: (bound.append(a),
                                                                 real_bind(self, a))[1])
-    secret, clients = keys
+    secret, clients, _ = keys
     listener = socket.create_server(("127.0.0.1", 0))
     port, other_ports = listener.getsockname()[1], (free_port(), free_port())
     bound.clear()
