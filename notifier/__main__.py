@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -10,7 +11,8 @@ from typing import Callable, Sequence
 
 from notifier import __version__, config, envelope, logs, program_name
 from notifier import standin as discord_standin
-from notifier.client import add_replay_parser, add_send_parser
+from notifier.client import add_send_parser
+from notifier.replay import add_replay_parser
 
 
 def _settings(args: argparse.Namespace, command: str) -> config.Config | None:
@@ -25,10 +27,17 @@ def relay(args: argparse.Namespace) -> int:
     """Run the relay in the foreground until SIGTERM or SIGINT."""
     from notifier.relay import run  # zmq and requests load only for the commands using them
 
+    from notifier.validate import code_for
+
     settings = _settings(args, "relay")
     if settings is None:
         return 2
-    logs.configure(settings.log_file, settings.log_level, settings.log_format)
+    try:
+        logs.configure(settings.log_file, settings.log_level, settings.log_format)
+    except OSError as exc:  # the start check says the same, with the same code
+        print(f"notifier relay: cannot open the log file {settings.log_file}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return code_for(exc)
     return run(settings)
 
 
@@ -77,16 +86,17 @@ def status(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    """Check the settings and the environment without starting: exit 0 when the relay
-    can start, 2 for bad settings, 1 for an environment that would stop it."""
+    """Run the relay's start check and report: exit 0 when the relay would start, 2 for
+    what only an operator can fix, 1 for what may pass by itself (a port in use)."""
     from notifier import validate as checks  # loads zmq
 
     try:
         settings = config.load(os.environ, vars(args))
     except config.ConfigError as exc:
-        problems, code = exc.problems, 2
+        problems, code = exc.problems, checks.OPERATOR
     else:
-        problems, code = checks.problems(settings), 1
+        found = checks.problems(settings)
+        problems, code = [problem.text for problem in found], checks.exit_code(found)
     for problem in problems:
         print(f"notifier validate: {problem}", file=sys.stderr)
     if problems:
@@ -107,6 +117,28 @@ def standin(args: argparse.Namespace) -> int:
     return discord_standin.serve(args)
 
 
+def _owner(text: str) -> tuple[int, int]:
+    """``USER`` or ``USER:GROUP`` -> (uid, gid); the user's own group without GROUP."""
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+        return entry.pw_uid, grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user or group: {text!r}") from None
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def keygen(args: argparse.Namespace) -> int:
     """Write a CURVE key pair and say where each file goes."""
     from pathlib import Path
@@ -114,12 +146,19 @@ def keygen(args: argparse.Namespace) -> int:
     from notifier import curve
 
     try:
-        public, secret = curve.keygen(Path(args.dir).absolute(), args.name)
+        public, secret = curve.keygen(Path(args.dir).absolute(), args.name, args.owner)
+    except PermissionError as exc:
+        print(f"notifier keygen: {exc.strerror}: " + (
+            "only root can give the files to another user (--owner)"
+            if args.owner and exc.errno == errno.EPERM else str(exc.filename)),
+            file=sys.stderr)
+        return 2
     except (curve.CurveError, OSError) as exc:
         print(f"notifier keygen: {exc}", file=sys.stderr)
         return 2
     print(f"""public certificate: {public}
-secret certificate: {secret} (mode 0600: keep it on this host, never copy it)
+secret certificate: {secret} (mode 0600, owned by {_user_name(secret.stat().st_uid)}: only
+  that user can read it; keep it on this host, never copy it)
 public key (Z85):   {curve.load_public(public).decode()}
 
 For a producer: copy {public.name} into the relay's clients directory
@@ -156,16 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     keygen_parser = commands.add_parser(
         "keygen", help="write a CURVE key pair for the relay or a producer",
         description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret, mode "
-                    "0600) with zmq.auth, never over existing files, and print what to copy "
-                    "where. NAME names the producer in the relay's metrics and log.")
+                    "0600) with zmq.auth, never over an existing path (a symlink "
+                    "included: exit 2), and print what to copy where. NAME names the "
+                    "producer in the relay's metrics and log.")
     keygen_parser.add_argument("dir", metavar="DIR")
     keygen_parser.add_argument("name", metavar="NAME")
+    keygen_parser.add_argument("--owner", type=_owner, metavar="USER[:GROUP]",
+                               help="give both files to USER (as root: the relay's secret "
+                                    "key to its service user, which must read it)")
     keygen_parser.set_defaults(run=keygen)
 
     status_parser = commands.add_parser(
         "status", help="summarize the relay's metrics (health, queue, delivery)",
         description="Summarize the relay's metrics file: delivery, not just liveness. "
-                    "Exit 0 healthy, 1 warnings (drops, failures, quarantined webhooks), "
+                    "Exit 0 healthy, 1 warnings (drops, failures, messages lost at a stop, "
+                    "quarantined webhooks, rejections with nothing delivered, a file the "
+                    "relay cannot write), "
                     "2 critical (no, stale or unusable snapshot, relay stopped, messages pending "
                     "but not delivered, a webhook failing). The first line is "
                     "'NOTIFIER <LEVEL> - <the worst problem>'.")
@@ -174,10 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate_parser = commands.add_parser(
         "validate", help="check the settings and the environment without starting",
-        description="Check every setting, that the relay's address can be bound and that "
-                    "its data directory and log file can be written, without starting it; "
-                    "list every problem. Exit 0 ready, 1 the environment would stop the "
-                    "relay, 2 bad settings. For systemd's ExecStartPre=.")
+        description="Run the relay's own start check without starting it: every setting, "
+                    "the CURVE key files (read as this user), that the relay's addresses "
+                    "can be bound (a non-loopback one is never bound to check it) and its "
+                    "files written; list every problem. Exit 0 when the relay would start, "
+                    "2 what only an operator can fix (the relay exits 2 too), 1 what may "
+                    "pass by itself, such as a port in use. For systemd's ExecStartPre=.")
     config.add_arguments(validate_parser)
     validate_parser.set_defaults(run=validate)
 

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from notifier import config, curve, deadletter, envelope, sexp
+from notifier import config, curve, envelope, sexp
 
 __all__ = ["NotifierClient", "DEFAULT_ENDPOINT", "DEFAULT_LINGER_MS", "WEBHOOK_ENV",
            "build_envelope", "message_payload", "add_send_parser", "send_command"]
@@ -90,6 +90,14 @@ def build_envelope(webhook: str, payload: dict) -> bytes:
                        "webhook": webhook, "payload_json": payload_json}).encode("utf-8")
 
 
+def _bytes(data: bytes | str) -> bytes:
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if not isinstance(data, bytes):
+        raise TypeError(f"an envelope is bytes or str, not {type(data).__name__}")
+    return data
+
+
 class NotifierClient:
     """Push notifications to the relay at `endpoint` without ever blocking.
 
@@ -121,7 +129,8 @@ class NotifierClient:
     loosely protected file raises `curve.CurveError` here.
 
     `on_socket` is called with each new socket before it connects (the send command
-    watches its handshake).
+    watches its handshake). `immediate` queues only on a completed connection (ZeroMQ's
+    IMMEDIATE), for operator commands that must not queue for a relay that is not there.
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, webhook: str | None = None,
@@ -129,7 +138,8 @@ class NotifierClient:
                  context: zmq.Context | None = None, sndhwm: int = 1000,
                  linger_ms: int = DEFAULT_LINGER_MS, server_key: os.PathLike | str | None = None,
                  client_key: os.PathLike | str | None = None,
-                 on_socket: Callable[[zmq.Socket], None] | None = None):
+                 on_socket: Callable[[zmq.Socket], None] | None = None,
+                 immediate: bool = False):
         if sndhwm < 1:  # 0 would mean no bound at all
             raise ValueError(f"sndhwm must be at least 1, got {sndhwm}")
         if linger_ms < 0:  # -1 would let close() wait forever for a dead relay
@@ -141,6 +151,7 @@ class NotifierClient:
         self._sndhwm = sndhwm
         self._linger_ms = linger_ms
         self._on_socket = on_socket
+        self._immediate = immediate
         if (server_key is None) != (client_key is None):
             raise ValueError("CURVE needs both server_key and client_key")
         self._curve = None if server_key is None else (
@@ -176,13 +187,16 @@ class NotifierClient:
 
     def send_envelope(self, data: bytes | str) -> bool:
         """Queue a ready-made envelope exactly as given, unchecked (relaying, tests)."""
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        elif not isinstance(data, bytes):
-            raise TypeError(f"an envelope is bytes or str, not {type(data).__name__}")
-        return self._push(data)
+        return self._push(_bytes(data))
 
-    def _push(self, data: bytes) -> bool:
+    def send_envelope_waiting(self, data: bytes | str, timeout: float) -> bool:
+        """`send_envelope`, but waiting up to `timeout` seconds for room in the queue
+        instead of dropping at once: for operator commands (``replay``) that must hand
+        over every envelope, never for a producer's loop. Other threads' sends wait
+        meanwhile (the lock is held)."""
+        return self._push(_bytes(data), timeout)
+
+    def _push(self, data: bytes, timeout: float | None = None) -> bool:
         level, note = logging.WARNING, None
         with self._lock:
             if self._closed:
@@ -190,7 +204,14 @@ class NotifierClient:
             try:
                 if self._socket is None:
                     self._socket = self._open()
-                self._socket.send(data, zmq.NOBLOCK)
+                if timeout is None:
+                    self._socket.send(data, zmq.NOBLOCK)
+                else:
+                    self._socket.setsockopt(zmq.SNDTIMEO, max(0, round(timeout * 1000)))
+                    try:
+                        self._socket.send(data)
+                    finally:
+                        self._socket.setsockopt(zmq.SNDTIMEO, -1)
             except zmq.Again:
                 queued = False
                 self._dropped += 1
@@ -221,6 +242,8 @@ class NotifierClient:
         try:
             socket.setsockopt(zmq.SNDHWM, self._sndhwm)
             socket.setsockopt(zmq.LINGER, self._linger_ms)
+            socket.setsockopt(zmq.IPV6, "[" in self.endpoint)  # tcp://[::1]:5562
+            socket.setsockopt(zmq.IMMEDIATE, self._immediate)
             if self._curve is not None:
                 curve.set_client(socket, *self._curve)
             if self._on_socket is not None:
@@ -297,7 +320,7 @@ def _color(text: str) -> int:
     return value
 
 
-def _wait_seconds(text: str) -> float:
+def wait_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -335,68 +358,16 @@ def add_send_parser(commands: Any) -> argparse.ArgumentParser:
                         help='the Discord message object as JSON, e.g. \'{"content": "hi"}\'')
     source.add_argument("--file", metavar="ENVELOPE_FILE",
                         help="send this envelope file ('-': standard input) exactly as it is")
-    parser.add_argument("--wait-sec", type=_wait_seconds, default=2.0, metavar="S",
+    parser.add_argument("--wait-sec", type=wait_seconds, default=2.0, metavar="S",
                         help="how long to wait for the relay to take it (default: 2)")
     parser.set_defaults(run=send_command)
     return parser
 
 
-def add_replay_parser(commands: Any) -> argparse.ArgumentParser:
-    """Register ``replay`` on `commands`."""
-    parser = commands.add_parser(
-        "replay", help="send the failed messages of the dead-letter file again",
-        description="Send every message of the dead-letter file (and of its rotated "
-                    ".1) that was not replayed yet through the relay, oldest first, and "
-                    "record them as replayed once the relay has taken them. Exit 0 when "
-                    "it has (or nothing was left), 1 when it has not, 2 for a usage error.")
-    parser.add_argument("--file", metavar="FILE",
-                        help="the dead-letter file (default: $SWIMMY_HOME/data/"
-                             "notifier_failed.sexp)")
-    parser.add_argument("--endpoint", metavar="tcp://HOST:PORT",
-                        help="the relay's endpoint (default: from --bind-addr and --port)")
-    config.add_arguments(parser, ("home", "port", "bind_addr"))
-    parser.add_argument("--wait-sec", type=_wait_seconds, default=5.0, metavar="S",
-                        help="how long to wait for the relay to take them (default: 5)")
-    parser.set_defaults(run=replay_command)
-    return parser
-
-
-def replay_command(args: argparse.Namespace) -> int:
-    """``python -m notifier replay``: the dead-letter file's messages, sent again."""
-    try:
-        settings = config.load(os.environ, vars(args))
-    except config.ConfigError as exc:
-        print(f"notifier replay: {exc}", file=sys.stderr)
-        return 2
-    path = Path(args.file) if args.file else settings.dead_letter_file
-    try:
-        todo = deadletter.unreplayed(path)
-    except OSError as exc:
-        print(f"notifier replay: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 2
-    if not todo:
-        print(f"nothing to replay in {path}")
-        return 0
-    endpoint = args.endpoint or _relay_endpoint(settings)
-    client = NotifierClient(endpoint, linger_ms=round(args.wait_sec * 1000))
-    queued = all([client.send_envelope(text) for entry in todo
-                  for text in entry.get("envelopes") or []])
-    started = time.monotonic()
-    client.close()
-    if not queued or time.monotonic() - started >= args.wait_sec - _TIMER_SLACK:
-        print(f"notifier replay: the relay at {endpoint} did not take the messages within "
-              f"{args.wait_sec:g} s (is it running?); nothing recorded as replayed",
-              file=sys.stderr)
-        return 1
-    deadletter.mark_replayed(path, [entry["id"] for entry in todo])
-    print(f"replayed {len(todo)} failed messages through the relay at {endpoint}")
-    return 0
-
-
 _WILDCARDS = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
-def _relay_endpoint(settings: config.Config) -> str:
+def relay_endpoint(settings: config.Config) -> str:
     """Where the relay configured by `settings` listens; a relay bound to every
     interface is reached on loopback."""
     bind_addr = _WILDCARDS.get(settings.bind_addr, settings.bind_addr)
@@ -455,7 +426,7 @@ def send_command(args: argparse.Namespace) -> int:
         settings = config.load(os.environ, vars(args))
     except config.ConfigError as exc:
         return fail(exc, 2)
-    endpoint = args.endpoint or _relay_endpoint(settings)
+    endpoint = args.endpoint or relay_endpoint(settings)
     try:
         data = _cli_envelope(args, args.webhook or os.environ.get(WEBHOOK_ENV) or None)
         message = envelope.parse(data, settings.allowed_hosts)

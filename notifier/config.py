@@ -64,6 +64,8 @@ def _address(text: str) -> str:
     text = text.strip()
     if not text or any(c.isspace() for c in text) or "/" in text:
         raise ValueError("must be an IP address, '*' or an interface name")
+    if text.startswith("[") and text.endswith("]"):  # [::1] is ::1
+        text = text[1:-1]
     return text
 
 
@@ -236,13 +238,16 @@ class Config:
         return self.data_dir / "notifier_failed.sexp"
 
     @property
-    def endpoint(self) -> str:
-        host = self.bind_addr
+    def ipv6(self) -> bool:
+        """Whether `bind_addr` is an IPv6 address (its socket needs ZeroMQ's IPV6 option)."""
         try:
-            if ipaddress.ip_address(host).version == 6:
-                host = f"[{host}]"
+            return ipaddress.ip_address(self.bind_addr).version == 6
         except ValueError:
-            pass
+            return False
+
+    @property
+    def endpoint(self) -> str:
+        host = f"[{self.bind_addr}]" if self.ipv6 else self.bind_addr
         return f"tcp://{host}:{self.port}"
 
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
+import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import zmq
@@ -170,14 +173,34 @@ class Clients:
         self._auth.stop()
 
 
-def is_loopback(address: str) -> bool:
-    """Whether binding `address` keeps the relay reachable from this host only."""
-    if address == "localhost":
-        return True
+def ip_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address `address` names as ZeroMQ reads a bind address (``[::1]``, and the
+    IPv4 spellings the C library accepts: ``127.1``, ``0``, ``0x7f.1``), or None for
+    ``*``, an interface or a host name."""
+    text = address.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        return ipaddress.ip_address(address.strip("[]")).is_loopback
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False  # '*', 0.0.0.0's spellings, interface and host names
+        pass
+    if not text or not text[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None
+
+
+def is_loopback(address: str) -> bool:
+    """Whether binding `address` keeps the relay reachable from this host only: every
+    address of 127.0.0.0/8 however spelled, ``::1`` and ``localhost``."""
+    if address.strip() == "localhost":
+        return True
+    ip = ip_address(address)
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip is not None and ip.is_loopback  # '*', 0.0.0.0, interface and host names: no
 
 
 def bind_refusal(address: str, curve: bool, insecure: bool) -> str | None:
@@ -195,21 +218,45 @@ def bind_refusal(address: str, curve: bool, insecure: bool) -> str | None:
             "Or bind 127.0.0.1. Only to accept the risk: SWIMMY_NOTIFIER_INSECURE_BIND=1")
 
 
-def keygen(directory: Path, name: str) -> tuple[Path, Path]:
-    """Write NAME.key (public) and NAME.key_secret (mode 0600) in `directory`, never
-    over existing files. Returns their paths."""
+def keygen(directory: Path, name: str, owner: tuple[int, int] | None = None
+           ) -> tuple[Path, Path]:
+    """Write NAME.key (public, 0644) and NAME.key_secret (0600) in `directory`, owned by
+    `owner` (uid, gid) when given (root gives the relay's key to its service user).
+    Returns their paths.
+
+    Never over an existing path of any kind, and never through a symlink (a dangling one
+    planted in a shared directory included): zmq.auth writes the pair into a private
+    directory of its own, and each file is then hard-linked to its name, which fails on
+    any existing name without following it. So the files appear whole, with their final
+    mode and owner, or not at all."""
     if not name or name.startswith(".") or any(not (c.isalnum() or c in "._-") for c in name):
         raise CurveError(f"{name!r} is not a certificate name (letters, digits, '.', '_', "
                          "'-'; it names the producer in metrics and logs)")
     public, secret = directory / (name + PUBLIC_SUFFIX), directory / (name + SECRET_SUFFIX)
     for path in (public, secret):
-        if path.exists():
+        if os.path.lexists(path):
             raise CurveError(f"{path} exists already: remove it or choose another name")
     directory.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    private = Path(tempfile.mkdtemp(dir=directory, prefix=".keygen-"))  # mode 0700
+    linked: list[Path] = []
     try:
-        zmq.auth.create_certificates(directory, name)
+        made_public, made_secret = map(Path, zmq.auth.create_certificates(private, name))
+        made_secret.chmod(0o600)
+        made_public.chmod(0o644)
+        for made in (made_public, made_secret):
+            if owner is not None:
+                os.chown(made, *owner, follow_symlinks=False)
+        for made, path in ((made_public, public), (made_secret, secret)):
+            try:
+                os.link(made, path, follow_symlinks=False)
+            except FileExistsError:
+                raise CurveError(f"{path} exists already: remove it or choose another "
+                                 "name") from None
+            linked.append(path)
+    except BaseException:
+        for path in linked:
+            path.unlink()
+        raise
     finally:
-        os.umask(umask)
-    public.chmod(0o644)
+        shutil.rmtree(private, ignore_errors=True)
     return public, secret

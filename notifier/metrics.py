@@ -51,11 +51,15 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
                    journal_corrupt_records=snapshot.get("journal_corrupt_records", 0),
                    dead_letters=snapshot.get("dead_letters", 0),
                    dead_letters_rotated_out=snapshot.get("dead_letters_rotated_out", 0))
+    # Each file the relay writes: <name>_state ("ok" or "failed") and <name>_reason.
+    entries.update((key, value) for key, value in snapshot.items()
+                   if key.endswith(("_state", "_reason")) and key not in entries)
     entries.update(
         last_delivery_at=_unix(snapshot["last_delivery_at"]),
         last_error_at=_unix(snapshot["last_error_at"]),
         last_error=snapshot["last_error"],
         last_rejected_at=_unix(snapshot["last_rejected_at"]),
+        last_rejected_reason=snapshot.get("last_rejected_reason"),
         rate_limited_by_scope=snapshot["rate_limited_by_scope"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}

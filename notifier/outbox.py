@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 from notifier import payload as discord_payload
 from notifier.deadletter import DeadLetters, Letter
 from notifier.discord import Outcome
-from notifier.envelope import MAX_ENVELOPE_BYTES, Message, webhook_id
+from notifier.envelope import MAX_ENVELOPE_BYTES, Message, too_large, webhook_id
 from notifier.journal import Journal, Notices, Saved
 from notifier.limits import Limits, Ticket
 from notifier.logs import Throttle
@@ -228,6 +228,7 @@ class Outbox:
         self.last_error_at: float | None = None
         self._producers: dict[str, dict[str, int]] = {}  # name -> received, rejected, drops
         self.last_rejected_at: float | None = None
+        self.last_rejected_reason: str | None = None  # token-free, as envelope.parse says
         self.rate_limited_by_scope = dict.fromkeys(("route", "shared", "global", "ban"), 0)
 
     @contextlib.contextmanager
@@ -272,6 +273,7 @@ class Outbox:
             self.counts["rejected"] += len(oversized)
             if oversized:
                 self.last_rejected_at = self._wall()
+                self.last_rejected_reason = too_large(oversized[-1][0])
             if producers is not None:
                 for producer, count in Counter(producers).items():
                     self._charge(producer, "received", count)
@@ -286,6 +288,7 @@ class Outbox:
             self.counts["received"] += len(producers)
             self.counts["rejected"] += len(producers)
             self.last_rejected_at = self._wall()
+            self.last_rejected_reason = "the producer's key is no longer allowed"
             for producer in producers:
                 self._charge(producer, "received")
                 self._charge(producer, "rejected")
@@ -424,7 +427,7 @@ class Outbox:
                 if isinstance(result, str):
                     counts["rejected"] += 1
                     self._charge(raw.producer, "rejected")
-                    self.last_rejected_at = self._wall()
+                    self.last_rejected_at, self.last_rejected_reason = self._wall(), result
                     self._held -= 1
                     self._journal_done([raw])
                     continue
@@ -750,6 +753,7 @@ class Outbox:
                 unparsed=len(self._raw), invalid_requests_10m=self._limits.invalid_count(now),
                 last_delivery_at=self.last_delivery_at, last_error_at=self.last_error_at,
                 last_error=self.last_error, last_rejected_at=self.last_rejected_at,
+                last_rejected_reason=self.last_rejected_reason,
                 rate_limited_by_scope=dict(self.rate_limited_by_scope),
                 webhooks=[self._lane_report(lane, now) for lane in self._lanes.values()],
                 producers=[{"name": name, **counts}

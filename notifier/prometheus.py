@@ -27,7 +27,7 @@ MAX_WEBHOOKS = 100
 cycles through webhook URLs cannot grow the number of series without bound."""
 
 OUTCOMES = (("delivered", "delivered"), ("drops", "dropped"), ("rejected", "rejected"),
-            ("deduplicated", "deduplicated"), ("failed", "failed"))
+            ("deduplicated", "deduplicated"), ("failed", "failed"), ("lost", "lost"))
 WEBHOOK_OUTCOMES = (("delivered", "delivered"), ("dropped", "dropped"), ("failed", "failed"))
 
 
@@ -49,7 +49,7 @@ def families(entries: dict[str, Any]) -> list[Metric]:
                 "restored from the last run", [((), entries["received"])]),
         _family(counter, "notifier_messages_total", "Messages received, by where they ended "
                 "up (the rest are in notifier_queue_messages)",
-                [((outcome,), entries[key]) for key, outcome in OUTCOMES], ("outcome",)),
+                [((outcome,), entries.get(key)) for key, outcome in OUTCOMES], ("outcome",)),
         _family(gauge, "notifier_queue_messages", "Messages held now (pending)",
                 [((), entries["queue_len"])]),
         _family(gauge, "notifier_queue_capacity_messages", "Bound on messages held",
@@ -66,6 +66,10 @@ def families(entries: dict[str, Any]) -> list[Metric]:
                 "minutes (Discord bans an IP at 10,000)", [((), entries["invalid_requests_10m"])]),
         _family(gauge, "notifier_running", "1 while the relay runs, 0 once it has stopped",
                 [((), int(entries["state"] == "running"))]),
+        _family(gauge, "notifier_file_ok", "1 while the relay can write this file, 0 once "
+                "a write failed (its <file>_reason in the metrics file says why)",
+                [((key[:-len("_state")],), int(value == "ok")) for key, value in entries.items()
+                 if key.endswith("_state") and value in ("ok", "failed")], ("file",)),
         _family(gauge, "notifier_snapshot_timestamp_seconds", "When these numbers were taken",
                 [((), entries["timestamp"])]),
         _family(gauge, "notifier_start_time_seconds", "When the relay started",

@@ -42,6 +42,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from notifier import PROJECT_URL, __version__, curve, envelope, files, logs, metrics, pending
+from notifier import validate
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
@@ -70,7 +71,12 @@ SUMMARY_EVERY_SEC = 60.0  # the INFO line of what the relay did, instead of a li
 
 
 class RelayError(RuntimeError):
-    """The relay cannot start (port taken, data directory not writable...)."""
+    """The relay cannot start; `code` is its exit code: `validate.OPERATOR` (2: a bad
+    setting or key file) or `validate.TRANSIENT` (1: a port in use...)."""
+
+    def __init__(self, message: str, code: int = validate.TRANSIENT):
+        super().__init__(message)
+        self.code = code
 
 
 class Watchdog:
@@ -233,24 +239,28 @@ class Relay:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Bind, restore what the last run saved, start the threads."""
+        """Check that it can start (`validate.problems`), bind, restore what the last
+        run saved, start the threads."""
         settings = self.settings
+        found = validate.problems(settings, trial=False)
+        if found:
+            raise RelayError("; ".join(problem.text for problem in found),
+                             validate.exit_code(found))
         try:
             for path in (settings.metrics_file, settings.pending_file,
                          settings.dead_letter_file):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 files.remove_stale_temps(path)
         except OSError as exc:
-            raise RelayError(f"cannot use the data directory: {exc}") from None
-        refusal = curve.bind_refusal(settings.bind_addr, settings.curve, settings.insecure_bind)
-        if refusal is not None:
-            raise RelayError(refusal)
+            raise RelayError(f"cannot use the data directory: {exc}", validate.code_for(exc)) \
+                from None
         if settings.prometheus_file or settings.metrics_listen:
             self._exporter = _exporter(settings)
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.IPV6, settings.ipv6)
         try:
-            if settings.curve_secret_key or settings.curve_clients:
+            if settings.curve:
                 self._set_up_curve(pull)
             pull.bind(settings.endpoint)
         except (RelayError, zmq.ZMQError) as exc:
@@ -259,7 +269,8 @@ class Relay:
                 self._clients.stop()
             if isinstance(exc, RelayError):
                 raise
-            raise RelayError(f"cannot bind {settings.endpoint}: {exc}") from None
+            raise RelayError(f"cannot bind {settings.endpoint}: {exc}",
+                             validate.code_for(exc)) from None
         wake_address = f"inproc://relay-wake-{id(self)}"
         self._wake = self._context.socket(zmq.PAIR)
         self._wake.bind(wake_address)
@@ -285,15 +296,14 @@ class Relay:
     def _set_up_curve(self, pull: zmq.Socket) -> None:
         """Make `pull` a CURVE server, with the authenticator answering before the bind."""
         settings = self.settings
-        if not settings.curve:
-            raise RelayError("CURVE needs both SWIMMY_NOTIFIER_CURVE_SECRET_KEY (--curve-"
-                             "secret-key) and SWIMMY_NOTIFIER_CURVE_CLIENTS (--curve-clients)")
         try:
             public, secret = curve.load_secret(settings.curve_secret_key)
             self._clients = curve.Clients(self._context, settings.curve_clients)
             curve.set_server(pull, public, secret)
             self._monitor = pull.get_monitor_socket(curve.HANDSHAKE_FAILURES)
-        except (curve.CurveError, zmq.ZMQError) as exc:
+        except curve.CurveError as exc:  # changed since the start check
+            raise RelayError(f"cannot set up CURVE: {exc}", validate.OPERATOR) from None
+        except zmq.ZMQError as exc:
             raise RelayError(f"cannot set up CURVE: {exc}") from None
         log.info("CURVE on: %d producers allowed from %s: %s", len(self._clients.names),
                  settings.curve_clients, ", ".join(sorted(self._clients.names.values())))
@@ -341,6 +351,7 @@ class Relay:
             log.warning("requests still in flight after %.1f s: their messages are saved "
                         "and may be posted twice", GRACE_SEC)
         held, notices = self.outbox.saved()
+        self.dead_letters.close()  # what failed is in the file before the final metrics
         self._stopping.set()
         if self.journal is not None:
             self.journal.wake()
@@ -582,7 +593,9 @@ class Relay:
         now = time.time()
         snapshot = self.outbox.snapshot()
         snapshot.update(dead_letters=self.dead_letters.written,
-                        dead_letters_rotated_out=self.dead_letters.rotated_out)
+                        dead_letters_rotated_out=self.dead_letters.rotated_out,
+                        dead_letters_state=self.dead_letters.state,
+                        dead_letters_reason=self.dead_letters.reason)
         if self.journal is not None:
             snapshot.update(journal_state=self.journal.state,
                             journal_corrupt_records=self.journal.corrupt_records)
@@ -667,12 +680,13 @@ def _exporter(settings: Config):
         from notifier.prometheus import Exporter
     except ImportError:
         raise RelayError("Prometheus metrics need prometheus_client: pip install "
-                         "'swimmy-notifier[prometheus]'") from None
+                         "'swimmy-notifier[prometheus]'", validate.OPERATOR) from None
     try:
         return Exporter(settings.prometheus_file, settings.metrics_listen)
     except OSError as exc:
         host, port = settings.metrics_listen
-        raise RelayError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        raise RelayError(f"cannot serve metrics on {host}:{port}: {exc.strerror}",
+                         validate.code_for(exc)) from None
 
 
 def run(settings: Config) -> int:
@@ -681,6 +695,6 @@ def run(settings: Config) -> int:
     try:
         saved = relay.serve()
     except RelayError as exc:
-        log.error("%s", exc)
-        return 1
+        log.error("cannot start: %s", exc)
+        return exc.code
     return 1 if relay.failed or not saved else 0

@@ -21,7 +21,15 @@ dead or stuck (the floor keeps a loaded machine's late snapshot from looking dea
 
 STUCK_AFTER_SEC = 120.0
 """Messages pending with no delivery for this long: deliveries have stopped. Also the
-period in which rejections with no delivery mean producers send only refused envelopes."""
+period in which rejections with no delivery mean producers send only refused envelopes
+(with no delivery at all since the start, one rejection says so already)."""
+
+FILES = {"store": ("the message store", ""), "log": ("the log file", ""),
+         "prometheus": ("the Prometheus text file", ""),
+         "dead_letters": ("the dead-letter file", "messages that fail are not kept for replay"),
+         "journal": ("the durable journal", "messages are held in memory only")}
+"""What each ``<name>_state`` of the snapshot is about, and what its failure means;
+`status` names any that failed, known or not."""
 
 FAILING_AFTER_SEC = 60.0
 """A webhook whose every request failed (network, 5xx, 401/403/404) for this long."""
@@ -31,7 +39,7 @@ FUTURE_TOLERANCE_SEC = 300.0
 
 TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at")
 NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
-           *metrics.COUNTERS)
+           "lost", *metrics.COUNTERS)
 WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
                    "failing_since")
 
@@ -128,9 +136,11 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     age = now - stamp
     interval = get("metrics_interval_sec") or 5
     stopped = get("state") == "stopped"
+    lost = count("lost")
     if stopped:
         report.problem(CRITICAL, f"stopped at {when(stamp, now)}, {count('saved')} saved "
-                                 "for the next start")
+                                 "for the next start"
+                                 + (f", {lost} LOST (they could not be saved)" if lost else ""))
     elif stamp > now + FUTURE_TOLERANCE_SEC:
         report.problem(CRITICAL, f"the snapshot is dated {duration(-age)} ahead: its "
                                  "timestamp is not Unix time")
@@ -150,11 +160,18 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                                      f"{duration(now - since)} (see the log: grep "
                                      f"'webhook={hook.get('id')}')")
     last_rejected = get("last_rejected_at")
-    if (last_rejected is not None and now - last_rejected <= STUCK_AFTER_SEC
-            and quiet_for > STUCK_AFTER_SEC):
-        report.problem(WARNING, f"envelopes rejected (the last {_ago(now - last_rejected)}) "
-                                f"and nothing delivered for {duration(quiet_for)}: "
-                                "producers send what the relay refuses (grep 'rejected')")
+    if count("rejected") and last_rejected is not None and (
+            last_delivery is None
+            or now - last_rejected <= STUCK_AFTER_SEC < quiet_for):
+        report.problem(WARNING, f"{count('rejected')} envelopes rejected and nothing "
+                                + ("delivered since the start" if last_delivery is None
+                                   else f"delivered for {duration(quiet_for)}")
+                                + f"; the last {_ago(now - last_rejected)}: "
+                                + str(get("last_rejected_reason") or "reason not recorded")[:200]
+                                + " (producers send what the relay refuses: grep 'rejected')")
+    if lost and not stopped:
+        report.problem(WARNING, f"{lost} messages LOST at the last stop: they could not be "
+                                "saved (see the log: grep LOST)")
     if drops:
         report.problem(WARNING, f"{drops} messages dropped since the relay started "
                                 "(queue full: Discord too slow or unreachable)")
@@ -169,9 +186,15 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         report.problem(WARNING, "listening off loopback without CURVE "
                                 "(SWIMMY_NOTIFIER_INSECURE_BIND=1): anyone who reaches the "
                                 "port can post, and webhook tokens cross the network in the clear")
-    if get("journal_state") == "failed":
-        report.problem(WARNING, "the durable journal cannot be written (disk full or an "
-                                "I/O error): messages are held in memory only (see the log)")
+    for key, value in snapshot.items():
+        name = sexp.normalize_key(str(key))
+        if name.endswith("_state") and value == "failed":
+            name = name[:-len("_state")]
+            what, meaning = FILES.get(name, (name, ""))
+            reason = get(f"{name}_reason")
+            report.problem(WARNING, f"{what} cannot be written"
+                                    + (f": {str(reason)[:200]}" if reason else "")
+                                    + (f"; {meaning}" if meaning else "") + " (see the log)")
     if count("journal_corrupt_records"):
         report.problem(WARNING, f"{count('journal_corrupt_records')} corrupt journal records "
                                 "at start: what followed them in their segment was skipped")
@@ -194,7 +217,7 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                          "no CURVE (loopback)"),
         f"messages:  received {count('received')}, delivered {count('delivered')}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {count('rejected')}, "
-        f"deduplicated {count('deduplicated')}",
+        f"deduplicated {count('deduplicated')}" + (f", lost {lost}" if get("lost") is not None else ""),
         f"requests:  {count('requests')} sent, {count('errors')} errors, "
         f"{count('retries')} retries, {count('rate_limited')} rate-limited",
         f"delivered: last {when(last_delivery, now)}",

@@ -16,6 +16,21 @@ user="${SWIMMY_USER:-swimmy}"
 systemd_dir="${SYSTEMD_DIR:-/etc/systemd/system}"
 logrotate_dir="${LOGROTATE_DIR:-/etc/logrotate.d}"
 
+# The units and the logrotate file carry SWIMMY_HOME and SWIMMY_USER as they are: refuse
+# what they cannot carry unquoted (whitespace splits ExecStart=, Environment= and
+# ReadWritePaths=; % and $ are systemd's specifiers and variables; quotes, backslashes...)
+# before changing anything.
+refuse() { echo "install.sh: $1; nothing was installed" >&2; exit 2; }
+case "$home" in
+    /*) ;;
+    *) refuse "SWIMMY_HOME must be an absolute path, got '$home'" ;;
+esac
+if ! [[ "$home" =~ ^(/[A-Za-z0-9_+.-]+)+$ ]] || [[ "$home" =~ /\.\.?(/|$) ]]; then
+    refuse "SWIMMY_HOME '$home' cannot be written into systemd units unquoted: choose a plain path (letters, digits, '.', '_', '+', '-' between slashes, no '.' or '..' parts)"
+fi
+[[ "$user" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+    refuse "SWIMMY_USER '$user' is not a plain user name (lower-case letters, digits, '_', '-')"
+
 if ! id "$user" >/dev/null 2>&1; then
     useradd --system --user-group --home-dir "$home" --no-create-home \
         --shell /usr/sbin/nologin "$user"

@@ -160,6 +160,37 @@ def test_without_a_relay_sends_return_at_once_queue_up_to_the_hwm_then_drop(cont
         f"the relay at {endpoint} takes notifications again (15 dropped in all)"]
 
 
+def test_a_waiting_send_waits_for_room_instead_of_dropping(context):
+    """For operator commands: at the high-water mark it waits, bounded, and the envelope
+    goes as soon as the relay takes what was queued."""
+    endpoint = unused_endpoint()
+    client = NotifierClient(endpoint, webhook=HOOK, context=context, sndhwm=2)
+    data = [build_envelope(HOOK, {"content": f"n{i}"}) for i in range(4)]
+    assert [client.send_envelope_waiting(item, 0.05) for item in data[:3]] == [True, True, False]
+    assert client.stats() == {"sent": 2, "dropped": 1, "errors": 0}
+    taken = threading.Event()
+
+    def relay_comes_up():
+        pull, _ = bind_relay(context, endpoint)
+        assert contents(receive(pull, 3)) == ["n0", "n1", "n3"]
+        taken.set()
+    thread = threading.Thread(target=relay_comes_up)
+    thread.start()
+    assert client.send_envelope_waiting(data[3], 30.0)
+    thread.join(30)
+    assert taken.is_set() and client.stats() == {"sent": 3, "dropped": 1, "errors": 0}
+    assert client._socket.getsockopt(zmq.SNDTIMEO) == -1  # plain sends stay non-blocking
+
+
+def test_an_ipv6_endpoint_is_reached(context):
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.IPV6, 1)
+    port = pull.bind_to_random_port("tcp://[::1]")
+    with NotifierClient(f"tcp://[::1]:{port}", webhook=HOOK, context=context) as client:
+        assert client.notify("over IPv6")
+        assert contents(receive(pull, 1)) == ["over IPv6"]
+
+
 def test_a_zmq_error_is_counted_and_the_next_send_reconnects(context, relay, caplog):
     pull, endpoint = relay
     client = NotifierClient(endpoint, webhook=HOOK, context=context)

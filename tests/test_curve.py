@@ -213,15 +213,19 @@ def test_the_relay_refuses_to_start_with_a_loose_key(tmp_path, keys):
     (directory / "relay.key_secret").chmod(0o644)
     relay = RelayProcess(tmp_path, "", **curve_settings(keys))
     code = subprocess.run(relay.command, env=relay.env, timeout=60).returncode
-    assert code == 1
-    assert "cannot set up CURVE: secret certificate" in relay.log()
+    assert code == 2  # a loose key stays loose: systemd must not restart it
+    assert "cannot start: CURVE: secret certificate" in relay.log()
     assert "chmod 600" in relay.log()
 
 
 @pytest.mark.parametrize("address, curve_on, insecure, refused", [
     ("127.0.0.1", False, False, False), ("::1", False, False, False),
-    ("127.0.0.2", False, False, False), ("localhost", False, False, False),
+    ("[::1]", False, False, False), ("127.0.0.2", False, False, False),
+    ("127.1", False, False, False), ("0x7f.1", False, False, False),
+    ("2130706433", False, False, False), ("::ffff:127.0.0.1", False, False, False),
+    ("localhost", False, False, False), ("0", False, False, True),
     ("0.0.0.0", False, False, True), ("*", False, False, True), ("::", False, False, True),
+    ("128.0.0.1", False, False, True), ("lo", False, False, True),
     ("192.168.1.10", False, False, True), ("eth0", False, False, True),
     ("0.0.0.0", True, False, False), ("0.0.0.0", False, True, False),
 ])
@@ -237,7 +241,7 @@ def test_binding_every_address_without_curve_exits_with_the_explanation(tmp_path
     """Refused before the bind: nothing listens even for a moment."""
     relay = RelayProcess(tmp_path, "", bind_addr="0.0.0.0")
     code = subprocess.run(relay.command, env=relay.env, timeout=60).returncode
-    assert code == 1
+    assert code == 2
     assert "refusing to bind 0.0.0.0 without CURVE" in relay.log()
 
 
@@ -279,6 +283,66 @@ def test_keygen_writes_a_private_pair_once(tmp_path, capsys):
     assert main(["keygen", str(tmp_path / "k"), "guardian"]) == 2
     assert "exists already" in capsys.readouterr().err
     assert main(["keygen", str(tmp_path / "k"), "../escape"]) == 2
+
+
+@pytest.mark.parametrize("planted", ["relay.key", "relay.key_secret", "both"])
+def test_keygen_never_writes_through_a_symlink_even_a_dangling_one(tmp_path, planted):
+    """Links planted into a world-writable directory: keygen exits 2, nothing is
+    written there, the links stay as they were, and no half of a pair is left."""
+    keys, shared = tmp_path / "keys", tmp_path / "shared"
+    keys.mkdir()
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)
+    names = ["relay.key", "relay.key_secret"] if planted == "both" else [planted]
+    for name in names:
+        (keys / name).symlink_to(shared / f"stolen-{name}")
+    result = subprocess.run([sys.executable, "-m", "notifier", "keygen", str(keys), "relay"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{keys / names[0]} exists already" in result.stderr
+    assert list(shared.iterdir()) == []
+    assert sorted(path.name for path in keys.iterdir()) == sorted(names)
+    assert all((keys / name).is_symlink() for name in names)
+
+
+def test_a_link_planted_while_keygen_runs_is_not_followed_either(tmp_path, monkeypatch):
+    """The check before writing can race with whoever plants the link; the hard link
+    that puts each file in place cannot."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real = os.path.lexists
+
+    def checked_then_planted(path):
+        result = real(path)
+        if str(path).endswith(".key_secret"):
+            path.parent.mkdir(exist_ok=True)
+            os.symlink(shared / "stolen", path)
+        return result
+    monkeypatch.setattr(os.path, "lexists", checked_then_planted)
+    with pytest.raises(CurveError, match="relay.key_secret exists already"):
+        curve.keygen(tmp_path / "keys", "relay")
+    assert list(shared.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["relay.key_secret"]
+
+
+def test_keygen_owner_gives_the_pair_to_the_service_user(tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files to another user")
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    assert main(["keygen", "--owner", "nobody", str(tmp_path / "k"), "relay"]) == 0
+    secret = tmp_path / "k" / "relay.key_secret"
+    status = secret.stat()
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o777) == (
+        nobody.pw_uid, nobody.pw_gid, 0o600)
+    assert "owned by nobody" in capsys.readouterr().out
+
+
+def test_keygen_owner_of_an_unknown_user_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["keygen", "--owner", "no-such-user-here", str(tmp_path / "k"), "x"])
+    assert exit.value.code == 2 and "no such user" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
 
 
 def test_send_with_and_without_an_allowed_key(tmp_path, discord, keys, relays):

@@ -61,6 +61,19 @@ def test_the_series_follow_the_snapshot_and_its_identity():
     assert one("notifier_last_delivery_timestamp_seconds") == NOW - 30
 
 
+def test_files_the_relay_writes_and_messages_lost_have_series():
+    entries = dict(snapshot(state="running", received=12, lost=2, journal_state="off",
+                            dead_letters_state="failed", dead_letters_reason="disk full",
+                            store_state="ok", store_reason=None),
+                   rate_limited_by_scope={"route": 0, "shared": 0, "global": 0, "ban": 0})
+    entries["webhooks"][0]["failing_since"] = None
+    series = samples(exposition(entries))
+    files = {dict(labels)["file"]: value for (name, labels), value in series.items()
+             if name == "notifier_file_ok"}
+    assert files == {"dead_letters": 0, "store": 1}  # the journal is off: no series
+    assert series[("notifier_messages_total", (("outcome", "lost"),))] == 2
+
+
 def test_per_webhook_series_are_bounded():
     hooks = [{"id": str(n), "state": "ok", "pending": 0, "delivered": n, "dropped": 0,
               "failed": 0, "last_success_at": None, "failing_since": None} for n in range(150)]

@@ -51,7 +51,8 @@ def test_a_delivering_relay_is_ok():
                     "failed": 0, "last_success_at": None, "failing_since": NOW - 90}]},
      status.CRITICAL, "webhook 7: every request failed for 90 s"),
     ({"rejected": 5, "received": 15, "last_rejected_at": NOW - 10,
-      "last_delivery_at": NOW - 600}, status.WARNING, "envelopes rejected (the last 10 s ago)"),
+      "last_delivery_at": NOW - 600}, status.WARNING,
+     "5 envelopes rejected and nothing delivered for 10 min; the last 10 s ago"),
     ({"timestamp": NOW + 3600}, status.CRITICAL, "not Unix time"),
     ({"journal_state": "failed"}, status.WARNING, "durable journal cannot be written"),
     ({"journal_corrupt_records": 2}, status.WARNING, "2 corrupt journal records"),
@@ -60,6 +61,52 @@ def test_drops_failures_staleness_and_stalls_are_never_reported_healthy(override
     report = status.judge(snapshot(**overrides), NOW)
     assert report.level == level
     assert any(words in problem for problem in report.problems), report.problems
+
+
+def test_rejections_with_nothing_ever_delivered_are_a_warning_with_the_count_and_why():
+    """A producer whose format broke: everything it sends is refused, nothing gets
+    through. Not OK, however recent the start and however old the last rejection."""
+    broken = snapshot(received=21, delivered=0, rejected=21, last_delivery_at=None,
+                      started_at=NOW - 30, last_rejected_at=NOW - 3,
+                      last_rejected_reason="bad S-expression: unterminated string at line 1",
+                      webhooks=[])
+    report = status.judge(broken, NOW)
+    assert report.level == status.WARNING
+    assert status.render(report).splitlines()[0] == (
+        "NOTIFIER WARNING - 21 envelopes rejected and nothing delivered since the start; "
+        "the last 3 s ago: bad S-expression: unterminated string at line 1 (producers send "
+        "what the relay refuses: grep 'rejected')")
+    later = snapshot(rejected=21, received=31, last_rejected_at=NOW - 10,
+                     last_delivery_at=NOW - 600, last_rejected_reason="no webhook")
+    assert "21 envelopes rejected and nothing delivered for 10 min; the last 10 s ago: " \
+           "no webhook" in status.judge(later, NOW).problems[-1]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("store", "the message store cannot be written: database or disk is full"),
+    ("log", "the log file cannot be written: database or disk is full"),
+    ("prometheus", "the Prometheus text file cannot be written"),
+    ("dead_letters", "the dead-letter file cannot be written: database or disk is full; "
+                     "messages that fail are not kept for replay"),
+    ("some_new_file", "some_new_file cannot be written"),
+])
+def test_any_file_the_relay_cannot_write_is_named(name, words):
+    report = status.judge(snapshot(**{f"{name}_state": "failed",
+                                      f"{name}_reason": "database or disk is full"}), NOW)
+    assert report.level == status.WARNING
+    assert any(problem.startswith(words) for problem in report.problems), report.problems
+    ok = snapshot(**{f"{name}_state": "ok", f"{name}_reason": None})
+    assert status.judge(ok, NOW).level == status.OK
+
+
+def test_messages_lost_at_the_last_stop_are_named():
+    stopped = status.judge(snapshot(state="stopped", saved=0, lost=7, timestamp=NOW - 5), NOW)
+    assert stopped.worst.endswith("0 saved for the next start, 7 LOST (they could not be saved)")
+    running = status.judge(snapshot(lost=7), NOW)
+    assert running.level == status.WARNING
+    assert running.worst.startswith("7 messages LOST at the last stop")
+    assert "deduplicated 0, lost 7" in status.render(running)
+    assert status.judge(snapshot(lost=0), NOW).level == status.OK
 
 
 def test_the_first_line_says_the_worst_problem_and_the_others_follow():
@@ -143,3 +190,22 @@ def test_a_snapshot_of_the_wrong_types_is_critical_with_a_reason(tmp_path, text,
     result = status_of(path)
     assert result.returncode == 2 and not result.stderr, result
     assert result.stdout.startswith("NOTIFIER CRITICAL - ") and words in result.stdout
+
+
+def test_a_relay_that_only_rejects_is_not_ok(tmp_path, relays, pushers):
+    """The relay as a real process: a producer whose format broke sends 21 envelopes,
+    every one refused, nothing delivered. `status` says WARNING on its first line, with
+    the count and the last reason, and exits 1."""
+    relay = relays(allowed="")
+    push = pushers(relay.endpoint)
+    for number in range(21):
+        push.send(b'((type . "NOTIFIER") (schema_version . 1) (action . "SEND") (webhook . "x'
+                  + str(number).encode())
+    relay.wait_metrics(lambda m: m["rejected"] == 21, what="21 rejections")
+    result = status_of(relay.metrics_file)
+    assert result.returncode == 1, result.stdout
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("NOTIFIER WARNING - 21 envelopes rejected and nothing delivered "
+                            "since the start; the last "), first
+    assert "bad S-expression: unterminated string" in first
+    assert relay.stop() == 0
