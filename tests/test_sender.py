@@ -1,7 +1,7 @@
 """One sender's HTTP side against the real stand-in."""
 
 from notifier.outbox import Job, Lane
-from notifier.relay import Sender
+from notifier.sender import Sender
 from notifier.standin import DiscordStandIn
 
 
