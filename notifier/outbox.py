@@ -579,7 +579,8 @@ class Outbox:
 
     def _pace_note(self, lane: Lane, outcome: Outcome, now: float) -> str:
         pace = self._limits.pace_of(lane.webhook, now) if outcome.scope == "shared" else None
-        return "" if pace is None else f"; channel paced to {pace} per 60 s"
+        return "" if pace is None else \
+            f"; channel paced to {pace} per {self._limits.channel_period:g} s"
 
     def _part_delivered(self, job: Job, outcome: Outcome) -> None:
         """Retries count per request: the next part starts with none used. The first

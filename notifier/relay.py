@@ -75,7 +75,8 @@ class Relay:
         self.journal = Journal(settings.journal) if settings.durable else None
         self.dead_letters = DeadLetters(settings.dead_letter_file)
         self.outbox = Outbox(settings.queue_max, settings.dedupe_window,
-                             limits=Limits(settings.global_rate, retry, wall=time.time),
+                             limits=Limits(settings.global_rate, retry, wall=time.time,
+                                           channel_period=settings.channel_period),
                              max_age=settings.max_age, journal=self.journal,
                              dead_letters=self.dead_letters)
         self._context = zmq.Context()
