@@ -167,6 +167,9 @@ SETTINGS = (
     Setting("channel_period", "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC", "--channel-period",
             _seconds(1.0), "60", "the window of Discord's hidden per-channel limit (about 30 "
             "messages per 60 s), over which a channel's pace is learned"),
+    Setting("request_deadline", "SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC", "--request-deadline",
+            _seconds(0.5), "20", "the longest one request to Discord may take, connect and "
+            "the whole answer"),
     Setting("max_age", "SWIMMY_NOTIFIER_MAX_AGE_SEC", "--max-age", _seconds(1.0), "21600",
             "seconds after which a message whose requests keep failing (network errors, "
             "5xx) is given up; until then an outage is waited out"),
@@ -206,6 +209,7 @@ class Config:
     journal: Path | None = None
     global_rate: int = 45
     channel_period: float = 60.0
+    request_deadline: float = 20.0
     max_age: float = 21600.0
     curve_secret_key: Path | None = None
     curve_clients: Path | None = None

@@ -223,6 +223,7 @@ class Outbox:
             ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
              "errors", "retries", "rate_limited", "requests", "notices", "restored",
              "restored_in_flight"), 0)
+        self.counts["delivered_unconfirmed"] = 0  # 2xx answers whose body broke off
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -556,6 +557,10 @@ class Outbox:
             kind = outcome.kind
             if kind == "delivered":
                 lane.failing_since = None
+                if outcome.unconfirmed:
+                    counts["delivered_unconfirmed"] += 1
+                    self._say(logging.WARNING, "delivered unconfirmed webhook=%s: %s (counted "
+                              "delivered, not posted again)", lane.id, outcome.reason)
                 self._part_delivered(job, outcome)
             elif kind == "rate_limited":
                 counts["rate_limited"] += 1

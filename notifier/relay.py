@@ -428,7 +428,7 @@ class Relay:
     # ------------------------------------------------------------------ senders
 
     def _send_loop(self) -> None:
-        sender = Sender()
+        sender = Sender(self.settings.request_deadline)
         try:
             while (job := self.outbox.next_job()) is not None:
                 if self.journal is not None and job.items:

@@ -29,11 +29,15 @@ trickles its answer a byte at a time holds a sender no longer than this."""
 
 class Watchdog:
     """Shuts the socket of a request still unanswered at its deadline (`requests` has
-    timeouts per socket read only). One per sender thread, idle between requests."""
+    timeouts per socket read only). One per sender thread, idle between requests.
+
+    It holds the socket itself, taken as the connection connects or is reused: once an
+    answer says ``Connection: close``, http.client hands the socket to the response and
+    the connection no longer has one, yet the body is still read from it."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self.connection: HTTPConnection | None = None  # the one carrying the request
+        self.sock: socket.socket | None = None  # the one carrying the request
         self.fired = False
         self._deadline: float | None = None
         self._closed = False
@@ -43,6 +47,7 @@ class Watchdog:
     def __enter__(self) -> "Watchdog":
         with self._changed:
             self._deadline, self.fired = time.monotonic() + self.seconds, False
+            self.sock = None
             self._changed.notify()
         return self
 
@@ -56,12 +61,17 @@ class Watchdog:
             self._changed.notify()
 
     def adapter(self) -> HTTPAdapter:
-        """An adapter whose connections tell this watchdog when they carry a request."""
+        """An adapter whose connections tell this watchdog the socket of each request."""
         watchdog = self
 
         class Watched:
+            def connect(self):
+                super().connect()
+                watchdog.sock = self.sock
+
             def request(self, *args, **kwargs):
-                watchdog.connection = self
+                if self.sock is not None:  # a kept-alive connection: no connect()
+                    watchdog.sock = self.sock
                 return super().request(*args, **kwargs)
 
         adapter = HTTPAdapter()
@@ -80,10 +90,9 @@ class Watchdog:
                     self._changed.wait(left)
                     continue
                 self._deadline, self.fired = None, True
-                sock = getattr(self.connection, "sock", None)
-                if sock is not None:
+                if self.sock is not None:
                     try:
-                        sock.shutdown(socket.SHUT_RDWR)
+                        self.sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
 
@@ -122,7 +131,9 @@ class Sender:
         return template
 
     def post(self, job: Job) -> Outcome:
-        """One request to Discord, read as an `Outcome`."""
+        """One request to Discord, read as an `Outcome`. The status line and the headers
+        are read first, then the body, all within the deadline: a body that breaks off
+        after a 2xx status still means delivered (see `classify`)."""
         template, proxies, verify = self._template(job.webhook)
         request = template.copy()
         request.body = json.dumps(job.payload, ensure_ascii=False,
@@ -131,13 +142,24 @@ class Sender:
         with self.watchdog:
             try:
                 response = self.session.send(request, timeout=TIMEOUT, allow_redirects=False,
-                                             proxies=proxies, verify=verify)
+                                             proxies=proxies, verify=verify, stream=True)
             except requests.RequestException as exc:
                 if self.watchdog.fired:
-                    return Outcome("retry", reason=f"no whole answer within "
-                                                   f"{self.watchdog.seconds:g} s")
+                    return Outcome("retry", reason=self._late())
                 return network_error(exc)
-        return classify(response.status_code, response.headers, response.content)
+            broken = None
+            try:
+                body = response.content
+            except requests.RequestException as exc:
+                body, broken = b"", f"the answer broke off ({type(exc).__name__})"
+            finally:
+                response.close()
+            if self.watchdog.fired:  # a body without a length ends at the shut socket
+                broken = self._late()
+        return classify(response.status_code, response.headers, body, broken)
+
+    def _late(self) -> str:
+        return f"no whole answer within {self.watchdog.seconds:g} s"
 
     def close(self) -> None:
         self.session.close()
