@@ -104,6 +104,7 @@ class RecordedRequest:
     method: str = "POST"
     path: str = ""
     response: object = None  # JSON (or text) body answered, None for 204
+    mode: str = "ok"  # the scripted mode it was answered in
 
 
 def validate(payload):
@@ -516,7 +517,7 @@ class DiscordStandIn:
             else:
                 status, out, response = self._decide(webhook_id, payload, query, mode, params)
             record = RecordedRequest(webhook_id, token, payload, status, received, headers, query,
-                                     method, url.path, response)
+                                     method, url.path, response, mode)
             self._records.append(record)
             self._cond.notify_all()
         if response is None:
