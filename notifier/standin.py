@@ -65,13 +65,14 @@ MODES = {
 }
 """Answers a message is saved with but whose body does not come whole: "trickle" writes
 it a byte every `interval` seconds, framed by a Content-Length, as chunks ("chunked") or
-by closing the connection ("close", with ``Connection: close``); "reset" writes the
+by closing the connection ("close", with ``Connection: close``; "none", with no header
+at all); "reset" writes the
 status line, the headers and half the body, then resets the connection. "route_429"
 answers a 429 of scope user with ``Retry-After`` and ``X-RateLimit-Reset-After``
 headers and a body whose ``retry_after`` is whatever is given (None leaves it out,
 NaN is written as ``NaN``)."""
 
-FRAMINGS = ("length", "chunked", "close")
+FRAMINGS = ("length", "chunked", "close", "none")
 
 _STATUS_BODIES = {
     401: {"message": "Invalid Webhook Token", "code": 50027},
@@ -239,7 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif framing == "chunked":
                 self.send_header("Transfer-Encoding", "chunked")
             else:  # the body ends where the connection does
-                self.send_header("Connection", "close")
+                if framing == "close":
+                    self.send_header("Connection", "close")
                 self.close_connection = True
             self.end_headers()
             if mode == "trickle":

@@ -29,7 +29,7 @@ def job(discord, hook=1):
     return Job(Lane(discord.webhook_url(hook)), [], [{"content": "slow"}])
 
 
-@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+@pytest.mark.parametrize("framing", ["length", "chunked", "close", "none"])
 def test_a_2xx_trickled_past_the_deadline_is_delivered_unconfirmed_and_cut_off(
         discord, sender, framing):
     """With Connection: close the watchdog had no socket to shut (http.client hands it
