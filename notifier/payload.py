@@ -321,7 +321,9 @@ def _joined(text, at):
     """Whether text[at - 1] and text[at] are parts of one visible character (or of one
     run of backticks)."""
     before, after = text[at - 1], text[at]
-    if "\u200d" in (before, after) or before == after == "`":  # zero-width joiner
+    if "\u200d" in (before, after):  # zero-width joiner
+        return True
+    if before == after == "`":  # cut in two, a run of backticks opens or closes another
         return True
     if (unicodedata.category(after) in ("Mn", "Mc", "Me")  # accents, variation selectors, keycaps
             or "\U0001f3fb" <= after <= "\U0001f3ff"  # skin tones
