@@ -166,6 +166,12 @@ SETTINGS = (
     Setting("global_rate", "SWIMMY_NOTIFIER_GLOBAL_RATE", "--global-rate", _whole(1, 10_000),
             "45", "most requests per second to Discord, all webhooks together (Discord "
             "allows an IP 50)"),
+    Setting("channel_period", "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC", "--channel-period",
+            _seconds(1.0), "60", "the window of Discord's hidden per-channel limit (about 30 "
+            "messages per 60 s), over which a channel's pace is learned"),
+    Setting("request_deadline", "SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC", "--request-deadline",
+            _seconds(0.5), "20", "the longest one request to Discord may take, connect and "
+            "the whole answer"),
     Setting("max_age", "SWIMMY_NOTIFIER_MAX_AGE_SEC", "--max-age", _seconds(1.0), "21600",
             "seconds after which a message whose requests keep failing (network errors, "
             "5xx) is given up; until then an outage is waited out"),
@@ -204,6 +210,8 @@ class Config:
     durable: bool = False
     journal: Path | None = None
     global_rate: int = 45
+    channel_period: float = 60.0
+    request_deadline: float = 20.0
     max_age: float = 21600.0
     curve_secret_key: Path | None = None
     curve_clients: Path | None = None

@@ -10,7 +10,14 @@ Facts relied on (Discord's rate-limit documentation): every response carries
 ``X-RateLimit-Limit/Remaining/Reset/Reset-After/Bucket`` with fractional seconds;
 a 429 body is ``{"message", "retry_after", "global"}`` with ``X-RateLimit-Scope`` user,
 global or shared; 401, 403 and 429 count toward 10,000 invalid requests per 10 minutes
-(except 429s of scope shared), past which Cloudflare bans the IP for hours.
+(except 429s of scope shared), past which Cloudflare bans the IP for hours. With
+``?wait=true`` a 2xx status means the message was saved, whatever happens to the body
+after the status line.
+
+`classify` is the table of answers (the README shows it row by row): the status line
+says what happened, the headers and the body add what they can, and only a 429 that
+carries no rate-limit evidence at all (no JSON body, no ``X-RateLimit-*`` header: a
+Cloudflare page) is taken for a ban.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ MAX_WAIT_SEC = 900.0
 webhook for days."""
 
 BAN_COOLDOWN_SEC = 120.0
-"""Pause of every webhook after a 429 without a usable body (a Cloudflare ban page)."""
+"""Pause of every webhook after a 429 without any rate-limit evidence (a Cloudflare ban
+page)."""
+
+UNKNOWN_WAIT_SEC = 5.0
+"""Wait after a 429 from Discord (JSON or rate-limit headers) that gives no usable wait
+anywhere: a few seconds, as for a network error."""
 
 UNAUTHORIZED_PAUSE_SEC = 600.0
 """Quarantine after 401/403: the token may be restored, so try again after this."""
@@ -56,7 +68,8 @@ class RateLimit:
 class Outcome:
     """What one request came to.
 
-    kind: ``delivered``; ``retry`` (network error, timeout, 5xx: back off and retry);
+    kind: ``delivered`` (`unconfirmed` when only the status line came whole);
+    ``retry`` (network error, timeout, 5xx: back off and retry);
     ``rate_limited`` (wait `wait` seconds; `scope` ``route`` for this webhook, ``shared``
     for its channel, ``global`` or ``ban`` for every webhook); ``dead`` (401/403/404:
     quarantine the webhook, `gone` when Discord says it no longer exists);
@@ -73,6 +86,7 @@ class Outcome:
     rate: RateLimit = RateLimit()
     status: int | None = None  # HTTP status; None when no response came
     channel: str | None = None  # delivered: the channel_id of the message Discord saved
+    unconfirmed: bool = False  # delivered on the status line's word: the body broke off
 
 
 def _float(text: str | None) -> float | None:
@@ -134,14 +148,23 @@ def _first_field_error(errors: object, path: str = "") -> str:
     return ""
 
 
-def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
+def classify(status: int, headers: Mapping[str, str], body: bytes,
+             broken: str | None = None) -> Outcome:
     """Read one response. `headers` must look names up case-insensitively (as
-    `requests`' headers do)."""
+    `requests`' headers do). `broken` says why the body did not come whole (the
+    connection reset or the deadline passed after the status line): a 2xx is then
+    delivered all the same (Discord saved the message; posting it again would post it
+    twice), and any other status is read without its body."""
     rate = read_rate_limit(headers)
     if 200 <= status < 300:
+        if broken is not None:
+            return Outcome("delivered", reason=f"HTTP {status}, then {broken}", rate=rate,
+                           status=status, unconfirmed=True)
         channel = (_json_object(body) or {}).get("channel_id") if body else None
         return Outcome("delivered", rate=rate, status=status,
                        channel=channel if isinstance(channel, str) else None)
+    if broken is not None:
+        body = b""
     if status == 429:
         return _rate_limited(headers, body, rate)
     if status in (401, 403, 404):
@@ -154,22 +177,38 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
 
 
 def _rate_limited(headers: Mapping[str, str], body: bytes, rate: RateLimit) -> Outcome:
+    """A 429: its wait from the best evidence present (the body's ``retry_after``, then
+    ``X-RateLimit-Reset-After``, then ``Retry-After``), its scope from
+    ``X-RateLimit-Scope`` and ``global``. Without any rate-limit evidence it is a ban."""
     error = _json_object(body)
-    retry_after = _capped(_float(str(error.get("retry_after")))) if error else None
-    if retry_after is None:  # a ban page or a broken body: long, capped, for everyone
-        header = _capped(_float(headers.get("Retry-After")))
-        return Outcome("rate_limited", reason="HTTP 429 without a JSON body (blocked?)",
-                       wait=max(header or 0.0, BAN_COOLDOWN_SEC), scope="ban",
-                       invalid=True, rate=rate, status=429)
+    evidence = error is not None or any(name.lower().startswith("x-ratelimit-")
+                                        for name in headers)
+    header_wait = _capped(_float(headers.get("Retry-After")))
+    if not evidence:  # a ban page: long, capped, for everyone
+        return Outcome("rate_limited", reason="HTTP 429 without rate-limit headers or a "
+                       "JSON body (banned?)", wait=max(header_wait or 0.0, BAN_COOLDOWN_SEC),
+                       scope="ban", invalid=True, rate=rate, status=429)
+    body_wait = _capped(_seconds(error.get("retry_after"))) if error else None
+    wait = next((w for w in (body_wait, rate.reset_after, header_wait) if w is not None),
+                None)
     scope = (headers.get("X-RateLimit-Scope") or "").lower()
-    if error.get("global") is True or scope == "global" or \
+    if (error or {}).get("global") is True or scope == "global" or \
             (headers.get("X-RateLimit-Global") or "").lower() == "true":
         scope = "global"
     elif scope != "shared":
         scope = "route"
-    return Outcome("rate_limited", reason=f"HTTP 429 ({scope}), retry after {retry_after:g} s",
-                   wait=retry_after, scope=scope, invalid=scope != "shared", rate=rate,
-                   status=429)
+    said = f"retry after {wait:g} s" if wait is not None else \
+        f"no usable wait, waiting {UNKNOWN_WAIT_SEC:g} s"
+    return Outcome("rate_limited", reason=f"HTTP 429 ({scope}), {said}",
+                   wait=UNKNOWN_WAIT_SEC if wait is None else wait, scope=scope,
+                   invalid=scope != "shared", rate=rate, status=429)
+
+
+def _seconds(value: object) -> float | None:
+    """A JSON number of seconds (or a numeric string), None unless finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    return _float(str(value))
 
 
 def network_error(exc: BaseException) -> Outcome:

@@ -10,10 +10,10 @@ chosen times. What it knows:
 - The global pace: at most `global_rate` requests in any second, all webhooks together
   (Discord allows an IP 50), spread over the second, so the relay never waits for a
   global 429 to slow down.
-- Channel paces: a ``shared`` 429 reveals a channel's hidden limit (about 30 per 60 s);
-  the requests its channel delivered in the CHANNEL_PERIOD_SEC before it become the
-  pace of every webhook Discord reports in that channel (the ``channel_id`` of the
-  messages it returns), until the channel has been calm for PACE_DECAY_SEC.
+- Channel paces: a ``shared`` 429 reveals that a channel's hidden limit (about 30 per
+  60 s) is met; from then on every webhook Discord reports in that channel (the
+  ``channel_id`` of the messages it returns) follows the channel's pace, a sliding
+  estimate that falls and rises again (see `Channel`).
 - Pauses: a global or ban 429 pauses everyone; 1,000 invalid requests in 10 minutes
   pause everyone until they age out; 401/403/404 quarantine one webhook.
 - Outages: errors back off per webhook, capped at a few seconds (`RetryPolicy`); a
@@ -42,9 +42,9 @@ milliseconds late, would meet the next second's worth in Discord's window."""
 CHANNEL_PERIOD_SEC = 60.0
 """The window of a channel's hidden limit (Discord: about 30 messages per 60 s)."""
 
-PACE_DECAY_SEC = 600.0
-"""A learned channel pace is forgotten after this long without the channel using half
-of it: under sustained traffic it is kept, so the hidden limit is met once."""
+PROBE_MAX_PERIODS = 16
+"""A channel's pace probes upward after a period without a shared 429; each probe that
+finds no more room doubles that wait, up to this many periods."""
 
 SAME_WINDOW_SEC = 0.25
 """Without X-RateLimit-Reset, answers whose reset times differ by less than this are
@@ -67,14 +67,106 @@ class Bucket:
     in_flight: int = 0  # requests sent on it and not answered yet
 
 
-@dataclass
 class Channel:
-    """Deliveries to one Discord channel in the last CHANNEL_PERIOD_SEC, and its pace."""
+    """One Discord channel's hidden limit as this relay learns it: a sliding estimate
+    of how many of its messages fit in a period (`pace`), from what the channel's
+    shared 429s say.
 
-    delivered: deque
-    in_flight: int = 0
-    pace: int | None = None  # requests per CHANNEL_PERIOD_SEC, once learned
-    busy_at: float = 0.0  # last time it used half its pace or more
+    - A shared 429 at `now` saying "retry after R" means the channel is full until
+      now + R, and (the limit being a sliding window of `period`) that its oldest
+      message was posted at now + R - period: everything since filled it. What this
+      relay delivered since then is the pace (another poster's share is not ours to
+      take). Met again at that pace without probing, the pace was too high: one less.
+    - After a period without a shared 429 the pace probes upward: one message more may
+      go, and the pace rises to what got through in a period, until a shared 429 says
+      where the limit is now. A probe that found no more room doubles the wait before
+      the next one (up to PROBE_MAX_PERIODS).
+    - Once the channel has been quiet for a period (nothing sent, delivered or limited)
+      the pace is forgotten: nothing of ours is in the window, and the next burst finds
+      the limit again.
+    """
+
+    __slots__ = ("period", "delivered", "in_flight", "pace", "full_until", "limited_at",
+                 "probe_every", "rose", "active_at")
+
+    def __init__(self, period: float):
+        self.period = period
+        self.delivered: deque[float] = deque()  # our deliveries in the last period
+        self.in_flight = 0
+        self.pace: int | None = None  # our messages per period, once learned
+        self.full_until = 0.0  # a shared 429's wait: nothing fits before
+        self.limited_at = 0.0  # the last shared 429
+        self.probe_every = period
+        self.rose = False  # the pace rose since the last shared 429
+        self.active_at = 0.0  # the last request sent, delivered or limited
+
+    def ready_at(self, now: float) -> float | None:
+        """When the channel takes one more of ours (None: not before answers come)."""
+        pace = self.allowed(now)
+        if pace is None:
+            return self.full_until
+        free = pace - self.in_flight
+        if free <= 0:
+            return None
+        delivered = self.delivered
+        at = delivered[len(delivered) - free] + self.period if len(delivered) >= free else 0.0
+        if at > now and pace == self.pace:  # a probe may send sooner
+            at = min(at, self._probe_at)
+        return max(self.full_until, at)
+
+    def allowed(self, now: float) -> int | None:
+        """Our messages the channel takes per period now (the pace, one more while
+        probing), or None when it is not paced."""
+        if self.pace is None or self._quiet(now):
+            return None
+        return self.pace + 1 if now >= self._probe_at else self.pace
+
+    @property
+    def _probe_at(self) -> float:
+        return self.limited_at + self.probe_every
+
+    def sent(self, now: float) -> None:
+        self._forget_if_quiet(now)
+        self.in_flight += 1
+        self.active_at = now
+
+    def answered(self, now: float) -> None:
+        self.in_flight -= 1
+        self.active_at = now
+
+    def delivered_at(self, now: float) -> None:
+        delivered = self.delivered
+        delivered.append(now)
+        while delivered[0] <= now - self.period:
+            delivered.popleft()
+        if self.pace is not None and now >= self._probe_at and len(delivered) > self.pace:
+            self.pace, self.rose = len(delivered), True
+
+    def limited(self, now: float, wait: float) -> None:
+        """A shared 429 asking to wait `wait` seconds."""
+        self._forget_if_quiet(now)
+        start = now + min(wait, self.period) - self.period  # its oldest message's time
+        ours = sum(1 for t in self.delivered if t >= start)
+        if self.pace is not None:
+            if now >= self._probe_at:  # a probe ends
+                self.probe_every = self.period if self.rose else \
+                    min(2 * self.probe_every, PROBE_MAX_PERIODS * self.period)
+            else:
+                ours = min(ours, self.pace - 1)
+        if ours > 0 or self.pace is not None:
+            self.pace = max(1, ours)
+        self.full_until = max(self.full_until, now + wait)
+        self.limited_at = self.active_at = now
+        self.rose = False
+
+    def _quiet(self, now: float) -> bool:
+        """Nothing of ours in flight or in the window for a period (a wait Discord
+        asked for is not quiet of our own)."""
+        return self.in_flight == 0 and now - max(self.active_at, self.full_until) >= self.period
+
+    def _forget_if_quiet(self, now: float) -> None:
+        if self.pace is not None and self._quiet(now):
+            self.pace, self.probe_every = None, self.period
 
 
 class Hook:
@@ -116,8 +208,10 @@ class Limits:
     """See the module docstring. `wall` is only for X-RateLimit-Reset (epoch seconds)."""
 
     def __init__(self, global_rate: int = 45, retry: RetryPolicy = RetryPolicy(), *,
-                 rng: random.Random | None = None, wall=None):
+                 rng: random.Random | None = None, wall=None,
+                 channel_period: float = CHANNEL_PERIOD_SEC):
         self.global_rate = global_rate
+        self.channel_period = channel_period
         self.retry = retry
         self._rng = rng or random.Random()
         self._wall = wall
@@ -150,13 +244,11 @@ class Limits:
             elif bucket.limit is not None and bucket.in_flight >= bucket.limit:
                 return None
         channel = self._channels.get(hook.channel)
-        if channel is not None and self._paced(channel, now):
-            free = channel.pace - channel.in_flight
-            if free <= 0:
+        if channel is not None:
+            channel_at = channel.ready_at(now)
+            if channel_at is None:
                 return None
-            delivered = channel.delivered
-            if len(delivered) >= free:
-                at = max(at, delivered[len(delivered) - free] + CHANNEL_PERIOD_SEC)
+            at = max(at, channel_at)
         return at
 
     def waiting(self, webhook: str, now: float) -> bool:
@@ -173,13 +265,10 @@ class Limits:
         return sum(1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC)
 
     def pace_of(self, webhook: str, now: float) -> int | None:
-        """The learned pace of `webhook`'s channel, per CHANNEL_PERIOD_SEC."""
+        """The learned pace of `webhook`'s channel, per `channel_period`."""
         hook = self._hooks.get(webhook)
         channel = self._channels.get(hook.channel) if hook else None
-        return channel.pace if channel is not None and self._paced(channel, now) else None
-
-    def _paced(self, channel: Channel, now: float) -> bool:
-        return channel.pace is not None and now - channel.busy_at <= PACE_DECAY_SEC
+        return None if channel is None or channel.allowed(now) is None else channel.pace
 
     def _global_slot(self) -> float:
         return max(sent[0] + seconds if len(sent) == sent.maxlen else 0.0
@@ -201,17 +290,19 @@ class Limits:
         for sent, _ in self._sent:
             sent.append(now)
         bucket = self._buckets.get((hook.bucket_hash, hook.base))
+        if bucket is not None:
+            bucket.in_flight += 1
         channel = self._channels.get(hook.channel)
-        for counted in (bucket, channel):
-            if counted is not None:
-                counted.in_flight += 1
+        if channel is not None:
+            channel.sent(now)
         return Ticket(webhook, bucket, channel)
 
     def answered(self, ticket: Ticket, outcome: Outcome, now: float) -> Answer:
         """Learn from Discord's answer to the request of `ticket`."""
-        for counted in (ticket.bucket, ticket.channel):
-            if counted is not None:
-                counted.in_flight -= 1
+        if ticket.bucket is not None:
+            ticket.bucket.in_flight -= 1
+        if ticket.channel is not None:
+            ticket.channel.answered(now)
         hook = self._hook(ticket.webhook)
         self._learn_bucket(hook, outcome, now)
         if outcome.invalid:
@@ -229,7 +320,7 @@ class Limits:
             else:
                 hook.wait_until = max(hook.wait_until, now + outcome.wait)
                 if outcome.scope == "shared":
-                    self._learn_pace(hook, now)
+                    self._channel(hook).limited(now, outcome.wait)
         elif outcome.kind == "retry":
             hook.failures += 1
             delay = self.retry.backoff(hook.failures, self._rng)
@@ -277,29 +368,13 @@ class Limits:
             old, hook.channel = hook.channel, outcome.channel  # forum posts: a new thread each
             if all(other.channel != old for other in self._hooks.values()):
                 self._channels.pop(old, None)
+        self._channel(hook).delivered_at(now)
+
+    def _channel(self, hook: Hook) -> Channel:
         channel = self._channels.get(hook.channel)
         if channel is None:
-            channel = self._channels[hook.channel] = Channel(deque())
-        delivered = channel.delivered
-        delivered.append(now)
-        while delivered[0] <= now - CHANNEL_PERIOD_SEC:
-            delivered.popleft()
-        if channel.pace is not None and 2 * len(delivered) >= channel.pace:
-            channel.busy_at = now
-
-    def _learn_pace(self, hook: Hook, now: float) -> None:
-        """A shared 429: the channel took what it delivered in the last period. Met
-        again while paced, the pace was too high: one less than what got through. With
-        nothing delivered to learn from, its retry_after alone is honoured."""
-        channel = self._channels.get(hook.channel)
-        observed = 0 if channel is None else sum(
-            1 for t in channel.delivered if t > now - CHANNEL_PERIOD_SEC)
-        if channel is not None and self._paced(channel, now):
-            observed = min(observed, channel.pace - 1)
-        elif observed == 0:
-            return
-        channel.pace = max(1, observed)
-        channel.busy_at = now
+            channel = self._channels[hook.channel] = Channel(self.channel_period)
+        return channel
 
     def _learn_bucket(self, hook: Hook, outcome: Outcome, now: float) -> None:
         """Answers may come back out of order (senders run in parallel): within one

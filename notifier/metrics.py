@@ -47,6 +47,7 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
     if saved is not None:
         entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
+    entries["delivered_unconfirmed"] = snapshot.get("delivered_unconfirmed", 0)
     entries.update(journal_state=snapshot.get("journal_state", "off"),
                    journal_corrupt_records=snapshot.get("journal_corrupt_records", 0),
                    dead_letters=snapshot.get("dead_letters", 0),

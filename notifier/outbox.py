@@ -223,6 +223,7 @@ class Outbox:
             ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
              "errors", "retries", "rate_limited", "requests", "notices", "restored",
              "restored_in_flight"), 0)
+        self.counts["delivered_unconfirmed"] = 0  # 2xx answers whose body broke off
         self.last_delivery_at: float | None = None
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -559,6 +560,10 @@ class Outbox:
             kind = outcome.kind
             if kind == "delivered":
                 lane.failing_since = None
+                if outcome.unconfirmed:
+                    counts["delivered_unconfirmed"] += 1
+                    self._say(logging.WARNING, "delivered unconfirmed webhook=%s: %s (counted "
+                              "delivered, not posted again)", lane.id, outcome.reason)
                 self._part_delivered(job, outcome)
             elif kind == "rate_limited":
                 counts["rate_limited"] += 1
@@ -582,7 +587,8 @@ class Outbox:
 
     def _pace_note(self, lane: Lane, outcome: Outcome, now: float) -> str:
         pace = self._limits.pace_of(lane.webhook, now) if outcome.scope == "shared" else None
-        return "" if pace is None else f"; channel paced to {pace} per 60 s"
+        return "" if pace is None else \
+            f"; channel paced to {pace} per {self._limits.channel_period:g} s"
 
     def _part_delivered(self, job: Job, outcome: Outcome) -> None:
         """Retries count per request: the next part starts with none used. The first

@@ -13,7 +13,8 @@ characters as code points:
 and a message needs non-empty content, an embed or a poll.
 
 `fit` turns one payload into the messages to post, in order, losing as little as it
-can: long content is split (code blocks closed and reopened around each cut), an embed
+can: long content is split (code blocks and inline code closed and reopened around each
+cut, so a mention they quote never pings), an embed
 with too many fields or too much text is continued in further embeds, embeds beyond one
 message go in further messages, and only a single text over its own limit is cut, with
 a visible "…". `combine` merges the front of one webhook's backlog into one request
@@ -71,6 +72,11 @@ _SOFT_WINDOW = 500
 _CLOSING = "\n```"
 _FENCE_INFO = re.compile(r"([\w+#.-]{0,20})\n")
 _SPACE = re.compile(r"\s*")
+_TICKS = re.compile(r"`+")
+_ATOM = re.compile(r"\\?(?:<[^<>\s]{1,100}>|@everyone|@here)|\\[^0-9A-Za-z\s]")
+"""What a cut must not split: a mention, emoji, channel or timestamp tag (``<...>``),
+@everyone and @here, and a backslash with the character it escapes (split, a mention
+it disarmed would ping)."""
 
 
 # Limits
@@ -173,22 +179,26 @@ def fit(payload: dict) -> list[dict]:
 def _split(text):
     """Content as chunks of at most 2000 characters, cut after the last line in the
     last 500 characters before the limit, else after the last word there, else anywhere
-    that splits neither a code fence nor, if a few characters back avoid it, an emoji
-    or an accented letter.
+    that splits neither a code fence, a mention or an escape nor, if a few characters
+    back avoid it, an emoji or an accented letter. A cut inside inline code is the last
+    resort of each kind.
 
     Joined back, the chunks give the original text but for whitespace at the cuts,
     which is dropped: Discord trims it from each message anyway, and a chunk of
     whitespace alone would be refused. (Indentation opening a chunk inside a code
     block stays.) A code block cut in two is closed at the end of one chunk ("\\n```")
-    and reopened with its language at the start of the next ("```py\\n"), so fences
-    stay balanced. Other markdown that spans a cut (bold, spoilers, a ">>> " quote) is
-    not carried over: it ends with its message.
+    and reopened with its language at the start of the next ("```py\\n"), and inline
+    code likewise with its backticks, so what they quote (a mention above all) stays
+    quoted. Other markdown that spans a cut (bold, spoilers, a ">>> " quote) is not
+    carried over: it ends with its message.
     """
     limit = LIMITS["content"]
     if len(text) <= limit:
         return [text]
     fences = [match.start() for match in re.finditer("```", text)]
-    reserve = len(_CLOSING) if fences else 0  # room kept for closing a code block
+    spans = _code_spans(text, fences)
+    marks = _Marks(text, fences, spans)
+    reserve = len(_CLOSING) if fences or spans else 0  # room kept for closing a block
     chunks, pos = [], 0
     while True:
         language = _open_block(text, fences, pos)
@@ -196,14 +206,76 @@ def _split(text):
             pos = _SPACE.match(text, pos).end()
         if pos == len(text):
             return chunks
-        opening = "" if language is None else f"```{language}\n"
+        opening = marks.ticks(pos) if language is None else f"```{language}\n"
         room = limit - len(opening)
         if len(text) - pos <= room:
             return chunks + [opening + text[pos:]]
-        cut, drop = _cut(text, fences, pos, pos + room - reserve)
-        closing = "" if _open_block(text, fences, cut) is None else _CLOSING
+        cut, drop = _cut(text, marks, pos, pos + room - reserve)
+        closing = marks.ticks(cut) if _open_block(text, fences, cut) is None else _CLOSING
         chunks.append(opening + text[pos:cut].rstrip() + closing)
         pos = cut + drop
+
+
+def _code_spans(text, fences):
+    """(start, end) of each inline code span outside code blocks: a run of one or two
+    backticks up to the next run of as many, with no fence between (longer runs are
+    fences)."""
+    runs = [(m.start(), m.end()) for m in _TICKS.finditer(text)
+            if m.end() - m.start() < 3 and _open_block(text, fences, m.start()) is None]
+    spans, i = [], 0
+    while i < len(runs):
+        start, end = runs[i]
+        fence = bisect_left(fences, end)
+        limit = fences[fence] if fence < len(fences) else len(text)
+        closing = next((j for j in range(i + 1, len(runs)) if runs[j][0] >= limit
+                        or runs[j][1] - runs[j][0] == end - start), None)
+        if closing is not None and runs[closing][0] < limit:
+            spans.append((start, runs[closing][1]))
+            i = closing + 1
+        else:
+            i += 1
+    return spans
+
+
+class _Marks:
+    """Where a cut in `text` falls: inside which inline code span, inside which atom."""
+
+    def __init__(self, text, fences, spans):
+        self.text, self.fences, self.spans = text, fences, spans
+        self.starts = [start for start, _ in spans]
+        self.atoms = [(m.start(), m.end()) for m in _ATOM.finditer(text)]
+        self.atom_starts = [start for start, _ in self.atoms]
+
+    def span(self, at):
+        """The inline code span a cut at `at` would split, or None."""
+        index = bisect_right(self.starts, at - 1) - 1
+        if index >= 0 and at < self.spans[index][1]:
+            return self.spans[index]
+        return None
+
+    def ticks(self, at):
+        """The backticks that close (before `at`) or reopen (after it) its span."""
+        span = self.span(at)
+        if span is None:
+            return ""
+        start, _ = span
+        return _TICKS.match(self.text, start).group()
+
+    def in_span_badly(self, at, drop):
+        """Whether a cut at `at` (dropping `drop` characters) splits a span where one
+        side would keep none of its text (closed and reopened around nothing), or its
+        backticks."""
+        span = self.span(at)
+        if span is None:
+            return False
+        start, end = span
+        ticks = len(self.ticks(at))
+        return (not self.text[start + ticks:at].strip()
+                or not self.text[at + drop:end - ticks].strip())
+
+    def splits_atom(self, at):
+        index = bisect_right(self.atom_starts, at - 1) - 1
+        return index >= 0 and at < self.atoms[index][1]
 
 
 def _open_block(text, fences, index):
@@ -216,16 +288,25 @@ def _open_block(text, fences, index):
     return info.group(1) if info else ""
 
 
-def _cut(text, fences, start, end):
+def _cut(text, marks, start, end):
     """(cut, characters dropped there) to end a chunk text[start:cut], cut <= end."""
     low = max(start + 1, end - _SOFT_WINDOW)
-    for separator in ("\n", " "):
-        at = text.rfind(separator, low, end + 1)
-        if at != -1:
-            return at, 1
-    for at in range(end, max(start, end - 32), -1):
-        if _fence_around(fences, at) is None and not _joined(text, at):
-            return at, 0
+    for inside_code in (False, True):
+        for separator in ("\n", " "):
+            at = text.rfind(separator, low, end + 1)
+            while at != -1:
+                if (marks.span(at) is not None) == inside_code and \
+                        not marks.in_span_badly(at, 1):
+                    return at, 1
+                at = text.rfind(separator, low, at)
+    fences = marks.fences
+    for inside_code in (False, True):
+        for at in range(end, max(start, end - 32), -1):
+            if (_fence_around(fences, at) is None and not _joined(text, at)
+                    and not marks.splits_atom(at)
+                    and (marks.span(at) is not None) == inside_code
+                    and not marks.in_span_badly(at, 0)):
+                return at, 0
     fence = _fence_around(fences, end)
     return end if fence is None else fence, 0
 
@@ -237,9 +318,12 @@ def _fence_around(fences, at):
 
 
 def _joined(text, at):
-    """Whether text[at - 1] and text[at] are parts of one visible character."""
+    """Whether text[at - 1] and text[at] are parts of one visible character (or of one
+    run of backticks)."""
     before, after = text[at - 1], text[at]
     if "\u200d" in (before, after):  # zero-width joiner
+        return True
+    if before == after == "`":  # cut in two, a run of backticks opens or closes another
         return True
     if (unicodedata.category(after) in ("Mn", "Mc", "Me")  # accents, variation selectors, keycaps
             or "\U0001f3fb" <= after <= "\U0001f3ff"  # skin tones
@@ -351,8 +435,8 @@ def combine(payloads: list[dict]) -> tuple[int, dict]:
     * reading order is kept: Discord shows a message's content above its embeds, so no
       content may follow an embed. A run reads as content-only messages, then at most
       one with both, then embed-only messages;
-    * content is not appended after content that leaves a code block or a ">>> " quote
-      open, which would swallow it;
+    * content is not appended after content that leaves a code block, inline code or a
+      ">>> " quote open, which would swallow it;
     * the joined content (each message's on its own line) stays within 2000
       characters, and the embeds within 10 and 6000 characters.
     """
@@ -400,8 +484,17 @@ def _parts(message):
 
 
 def _closed(content):
-    """Whether text on a new line after `content` reads as it would on its own."""
-    return content.count("```") % 2 == 0 and ">>> " not in content
+    """Whether text on a new line after `content` reads as it would on its own: no
+    code block or ">>> " quote left open, and no lone backtick that would make inline
+    code of it (quoting a mention it has, or setting one free)."""
+    if content.count("```") % 2 or ">>> " in content:
+        return False
+    if "`" not in content:
+        return True
+    fences = [match.start() for match in re.finditer("```", content)]
+    ticks = sum(1 for m in _TICKS.finditer(content)
+                if m.end() - m.start() < 3 and _open_block(content, fences, m.start()) is None)
+    return ticks == 2 * len(_code_spans(content, fences))
 
 
 # Reporting loss

@@ -62,6 +62,9 @@ def families(entries: dict[str, Any]) -> list[Metric]:
                 ("scope",)),
         _family(counter, "notifier_retries_total", "Requests scheduled again after an error",
                 [((), entries["retries"])]),
+        _family(counter, "notifier_delivered_unconfirmed_total", "2xx answers whose body "
+                "broke off or outlasted the deadline: delivered, not posted again",
+                [((), entries.get("delivered_unconfirmed", 0))]),
         _family(gauge, "notifier_invalid_requests", "401/403/429 responses in the last 10 "
                 "minutes (Discord bans an IP at 10,000)", [((), entries["invalid_requests_10m"])]),
         _family(gauge, "notifier_running", "1 while the relay runs, 0 once it has stopped",

@@ -25,40 +25,27 @@ the clients directory, and each envelope is counted under its producer's name.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 
-import requests
 import zmq
 import zmq.utils.monitor
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from notifier import PROJECT_URL, __version__, curve, envelope, files, logs, metrics, pending
-from notifier import validate
+from notifier import curve, envelope, files, logs, metrics, pending, validate
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
-from notifier.discord import Outcome, RetryPolicy, classify, network_error
+from notifier.discord import Outcome, RetryPolicy
 from notifier.journal import Journal, Notices, Saved
 from notifier.limits import Limits
 from notifier.logs import Throttle
-from notifier.outbox import RESTORED_PRODUCER, Job, Outbox, dedupe_key, raw_webhook_id
+from notifier.outbox import RESTORED_PRODUCER, Outbox, dedupe_key, raw_webhook_id
+from notifier.sender import Sender
 
 log = logging.getLogger("notifier.relay")
-
-USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
-TIMEOUT = (5.0, 15.0)
-"""Connect and read timeouts of one request (the read timeout is per socket read)."""
-DEADLINE_SEC = 20.0
-"""The longest one request may take, connect and the whole answer: a server that
-trickles its answer a byte at a time holds a sender no longer than this."""
 
 RECEIVE_BATCH = 512  # envelopes taken off the socket per lock acquisition
 PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
@@ -79,123 +66,6 @@ class RelayError(RuntimeError):
         self.code = code
 
 
-class Watchdog:
-    """Shuts the socket of a request still unanswered at its deadline (`requests` has
-    timeouts per socket read only). One per sender thread, idle between requests."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.connection: HTTPConnection | None = None  # the one carrying the request
-        self.fired = False
-        self._deadline: float | None = None
-        self._closed = False
-        self._changed = threading.Condition()
-        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
-
-    def __enter__(self) -> "Watchdog":
-        with self._changed:
-            self._deadline, self.fired = time.monotonic() + self.seconds, False
-            self._changed.notify()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        with self._changed:
-            self._deadline = None
-
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
-
-    def adapter(self) -> HTTPAdapter:
-        """An adapter whose connections tell this watchdog when they carry a request."""
-        watchdog = self
-
-        class Watched:
-            def request(self, *args, **kwargs):
-                watchdog.connection = self
-                return super().request(*args, **kwargs)
-
-        adapter = HTTPAdapter()
-        adapter.poolmanager.pool_classes_by_scheme = {
-            "http": type("Pool", (HTTPConnectionPool,), {
-                "ConnectionCls": type("Connection", (Watched, HTTPConnection), {})}),
-            "https": type("Pool", (HTTPSConnectionPool,), {
-                "ConnectionCls": type("Connection", (Watched, HTTPSConnection), {})})}
-        return adapter
-
-    def _run(self) -> None:
-        with self._changed:
-            while not self._closed:
-                left = None if self._deadline is None else self._deadline - time.monotonic()
-                if left is None or left > 0:
-                    self._changed.wait(left)
-                    continue
-                self._deadline, self.fired = None, True
-                sock = getattr(self.connection, "sock", None)
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-
-class Sender:
-    """One sender thread's HTTP side: a keep-alive session, and per webhook the request
-    prepared once. Preparing it anew costs about a third of a millisecond per
-    notification in requests, and a session left to read the environment (proxies,
-    CA bundle, ~/.netrc) does that on every request; both are done once per webhook here
-    (HTTPS_PROXY, NO_PROXY and REQUESTS_CA_BUNDLE still apply, as read at first use)."""
-
-    MAX_TEMPLATES = 256
-
-    def __init__(self, deadline: float = DEADLINE_SEC):
-        self.watchdog = Watchdog(deadline)
-        self.session = requests.Session()
-        for prefix in ("http://", "https://"):
-            self.session.mount(prefix, self.watchdog.adapter())
-        self.session.trust_env = False
-        self.session.headers.update({"Content-Type": "application/json",
-                                     "User-Agent": USER_AGENT})
-        self._templates: dict[str, tuple[requests.PreparedRequest, dict, bool | str]] = {}
-
-    def _template(self, webhook: str) -> tuple[requests.PreparedRequest, dict, bool | str]:
-        template = self._templates.get(webhook)
-        if template is None:
-            if len(self._templates) >= self.MAX_TEMPLATES:
-                self._templates.clear()
-            # wait=true: Discord confirms the message was saved (without it, a message
-            # Discord drops still answers 204).
-            url = webhook + ("&" if "?" in webhook else "?") + "wait=true"
-            verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            template = self._templates[webhook] = (
-                self.session.prepare_request(requests.Request("POST", url)),
-                requests.utils.get_environ_proxies(url), verify or True)
-        return template
-
-    def post(self, job: Job) -> Outcome:
-        """One request to Discord, read as an `Outcome`."""
-        template, proxies, verify = self._template(job.webhook)
-        request = template.copy()
-        request.body = json.dumps(job.payload, ensure_ascii=False,
-                                  separators=(",", ":")).encode("utf-8")
-        request.headers["Content-Length"] = str(len(request.body))
-        with self.watchdog:
-            try:
-                response = self.session.send(request, timeout=TIMEOUT, allow_redirects=False,
-                                             proxies=proxies, verify=verify)
-            except requests.RequestException as exc:
-                if self.watchdog.fired:
-                    return Outcome("retry", reason=f"no whole answer within "
-                                                   f"{self.watchdog.seconds:g} s")
-                return network_error(exc)
-        return classify(response.status_code, response.headers, response.content)
-
-    def close(self) -> None:
-        self.session.close()
-        self.watchdog.close()
-
-
 def preview(data: bytes) -> str:
     """The start of a refused envelope for the log: one line, token-free."""
     text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
@@ -210,7 +80,8 @@ class Relay:
         self.journal = Journal(settings.journal) if settings.durable else None
         self.dead_letters = DeadLetters(settings.dead_letter_file)
         self.outbox = Outbox(settings.queue_max, settings.dedupe_window,
-                             limits=Limits(settings.global_rate, retry, wall=time.time),
+                             limits=Limits(settings.global_rate, retry, wall=time.time,
+                                           channel_period=settings.channel_period),
                              max_age=settings.max_age, journal=self.journal,
                              dead_letters=self.dead_letters)
         self._context = zmq.Context()
@@ -567,7 +438,7 @@ class Relay:
     # ------------------------------------------------------------------ senders
 
     def _send_loop(self) -> None:
-        sender = Sender()
+        sender = Sender(self.settings.request_deadline)
         try:
             while (job := self.outbox.next_job()) is not None:
                 if self.journal is not None and job.items:

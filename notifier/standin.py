@@ -8,10 +8,14 @@ every webhook reports the same bucket hash and is counted on its own. Optional, 
 Discord: a global limit per second with global 429s (``global_limit=50``), a hidden
 per-channel limit with ``shared`` 429s while Remaining is above 0
 (``channel_limit=(30, 60.0)``, ``channels={"900": ["1", "2"]}`` to put webhooks in one
-channel), and forum channels (``forums={"7"}``), where a message needs ``thread_name``
-(which creates a thread) or ``?thread_id=``. Tests script faults per webhook (error
-statuses, hangs, global, shared and Cloudflare 429s) and simulate an outage by
-stopping it and starting a new one on the same port::
+channel; ``use_channel`` fills part of it as another poster would), and forum channels
+(``forums={"7"}``), where a message needs ``thread_name`` (which creates a thread) or
+``?thread_id=``. A webhook is one webhook whatever the URL says after its id and token:
+its thread URLs (``webhook_url(1, thread=5)``) and its API-versioned paths share its
+bucket. Tests script faults per webhook (error statuses, hangs, answers trickled or
+broken off after the status line, route 429s with bad bodies, global, shared and
+Cloudflare 429s) and simulate an outage by stopping it and starting a new one on the
+same port::
 
     with DiscordStandIn(rate_limit=(5, 2.0)) as discord:
         url = discord.webhook_url(1)       # http://127.0.0.1:PORT/api/webhooks/1/tok
@@ -31,6 +35,7 @@ import math
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -51,11 +56,23 @@ MODES = {
     "ok": {},
     "status": {"status": 500, "body": None},
     "hang": {},
-    "trickle": {"interval": 0.5},
+    "trickle": {"interval": 0.5, "framing": "length"},
+    "reset": {},
+    "route_429": {"retry_after": 1.0, "reset_after": 0.5, "retry_after_header": 1},
     "global_429": {"retry_after": 1.0},
     "channel_429": {"retry_after": 40.0},
     "html_429": {},
 }
+"""Answers a message is saved with but whose body does not come whole: "trickle" writes
+it a byte every `interval` seconds, framed by a Content-Length, as chunks ("chunked") or
+by closing the connection ("close", with ``Connection: close``; "none", with no header
+at all); "reset" writes the
+status line, the headers and half the body, then resets the connection. "route_429"
+answers a 429 of scope user with ``Retry-After`` and ``X-RateLimit-Reset-After``
+headers and a body whose ``retry_after`` is whatever is given (None leaves it out,
+NaN is written as ``NaN``)."""
+
+FRAMINGS = ("length", "chunked", "close", "none")
 
 _STATUS_BODIES = {
     401: {"message": "Invalid Webhook Token", "code": 50027},
@@ -88,6 +105,7 @@ class RecordedRequest:
     method: str = "POST"
     path: str = ""
     response: object = None  # JSON (or text) body answered, None for 204
+    mode: str = "ok"  # the scripted mode it was answered in
 
 
 def validate(payload):
@@ -209,24 +227,43 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             headers = {k.lower(): v for k, v in self.headers.items()}
-            record, extra_headers, data, trickle = standin._answer(
+            record, extra_headers, data, mode, params = standin._answer(
                 self.command, self.path, headers, body, self.arrived)
+            framing = params["framing"] if mode == "trickle" else "length"
             self.send_response(record.status)
             for name, value in extra_headers.items():
                 self.send_header(name, value)
-            if record.status != 204:  # a 204 must carry neither body nor Content-Length
+            if record.status == 204:  # a 204 carries neither body nor Content-Length
+                pass
+            elif framing == "length":
                 self.send_header("Content-Length", str(len(data)))
+            elif framing == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+            else:  # the body ends where the connection does
+                if framing == "close":
+                    self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
-            if trickle is None:
-                self.wfile.write(data)
+            if mode == "trickle":
+                standin._trickle(self.wfile, data, params["interval"], framing == "chunked")
+            elif mode == "reset":
+                self.wfile.write(data[:len(data) // 2])
+                self.close_connection = True
+                _reset(self.connection)
             else:
-                standin._trickle(self.wfile, data, trickle)
+                self.wfile.write(data)
         finally:
             standin._busy(-1)
         if standin.on_request is not None:
             standin.on_request(record)
 
     do_GET = do_PUT = do_PATCH = do_DELETE = do_POST  # answered 405, but recorded
+
+
+def _reset(conn):
+    """Close with a TCP reset (RST) instead of an orderly FIN: "connection reset by peer"."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
 
 
 class DiscordStandIn:
@@ -317,8 +354,12 @@ class DiscordStandIn:
     def url(self):
         return f"http://{self.host}:{self.port}"
 
-    def webhook_url(self, id=1, token="tok"):
-        return f"{self.url}/api/webhooks/{id}/{token}"
+    def webhook_url(self, id=1, token="tok", *, thread=None, version=None):
+        """A webhook's URL; `thread` adds ``?thread_id=``, `version` an API version
+        (``/api/v10/...``): every such URL addresses the same webhook."""
+        api = "/api" if version is None else f"/api/v{version}"
+        query = "" if thread is None else f"?thread_id={thread}"
+        return f"{self.url}{api}/webhooks/{id}/{token}{query}"
 
     # Scripting
 
@@ -337,12 +378,20 @@ class DiscordStandIn:
             raise ValueError("times must be at least 1")
         if mode == "status" and not 200 <= params.get("status", 500) <= 599:
             raise ValueError("status must be between 200 and 599")
+        if mode == "trickle" and params.get("framing", "length") not in FRAMINGS:
+            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}")
         with self._lock:
             if webhook_id is None:
                 self._modes.clear()
             else:
                 webhook_id = str(webhook_id)
             self._modes[webhook_id] = [mode, {**MODES[mode], **params}, times]
+
+    def use_channel(self, channel, count):
+        """Count `count` messages as posted into `channel` now by someone else (another
+        poster, or this relay before a restart): they take part of its hidden limit."""
+        with self._lock:
+            self._accepted.setdefault(str(channel), []).extend([time.monotonic()] * count)
 
     def release_hangs(self):
         """Let every request held by "hang" answer; later "hang" requests hang again."""
@@ -418,15 +467,22 @@ class DiscordStandIn:
             self._active += delta
             self._cond.notify_all()
 
-    def _trickle(self, out, data, interval):
-        """Write `data` a byte every `interval` seconds, until done, released or stopped."""
+    def _trickle(self, out, data, interval, chunked=False):
+        """Write `data` a byte every `interval` seconds (each byte a chunk of its own
+        when `chunked`), until done, released or stopped."""
+        def write(piece):
+            out.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+
         release = self._release
         for i in range(len(data)):
-            out.write(data[i:i + 1])
+            write(data[i:i + 1])
             out.flush()
             if release.wait(interval) or self._stopping:
-                out.write(data[i + 1:])
-                return
+                if i + 1 < len(data):
+                    write(data[i + 1:])
+                break
+        if chunked:
+            out.write(b"0\r\n\r\n")
 
     def _release_all(self):
         self._release.set()
@@ -442,12 +498,10 @@ class DiscordStandIn:
             payload = json.loads(body) if body else None
         except ValueError:
             payload = None
-        mode, params, hold, trickle = "ok", {}, None, None
+        mode, params, hold = "ok", {}, None
         if method == "POST" and match:
             with self._cond:
                 mode, params = self._take_mode(webhook_id)
-                if mode == "trickle":
-                    trickle = params["interval"]
                 if mode == "hang" and not self._stopping:
                     hold = self._release
                     self._hanging += 1
@@ -465,7 +519,7 @@ class DiscordStandIn:
             else:
                 status, out, response = self._decide(webhook_id, payload, query, mode, params)
             record = RecordedRequest(webhook_id, token, payload, status, received, headers, query,
-                                     method, url.path, response)
+                                     method, url.path, response, mode)
             self._records.append(record)
             self._cond.notify_all()
         if response is None:
@@ -476,7 +530,7 @@ class DiscordStandIn:
         else:
             data = json.dumps(response).encode()
             out["Content-Type"] = "application/json"
-        return record, out, data, trickle
+        return record, out, data, mode, params
 
     def _take_mode(self, webhook_id):
         """The mode for this request, counting it against a times=N limit."""
@@ -510,9 +564,17 @@ class DiscordStandIn:
             headers = self._count(webhook_id, consume=False)[1]
             headers.update({"Retry-After": str(math.ceil(retry)), "X-RateLimit-Scope": "shared"})
             return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": False}
+        if mode == "route_429":
+            headers = {"Retry-After": str(params["retry_after_header"]),
+                       "X-RateLimit-Reset-After": str(params["reset_after"]),
+                       "X-RateLimit-Scope": "user"}
+            body = {"message": _RATE_LIMITED, "global": False}
+            if params["retry_after"] is not None:
+                body["retry_after"] = params["retry_after"]
+            return 429, headers, body
         if mode == "html_429":
             return 429, {"Content-Type": "text/html; charset=UTF-8"}, _CLOUDFLARE_BAN_PAGE
-        # "ok", "trickle", and "hang" once released: the global limit, then the webhook's, then the
+        # "ok", "trickle", "reset", and "hang" once released: the global limit, then the webhook's, then the
         # channel's, as Discord counts invalid requests too.
         wait = self._global_wait()
         if wait is not None:

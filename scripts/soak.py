@@ -77,6 +77,22 @@ REJECTED_LINE = re.compile(r" rejected (?:\w+=\S+ )*reason=(.*?) preview=.*?"
                            r"(?: \((\d+) rejection lines left out\))?$", re.M)
 DROPPED_LINE = re.compile(r" dropped (\d+) oldest messages", re.M)
 
+# Discord's answers read for what they mean (issue 19): a 200 whose body is reset, or
+# trickled past the relay's deadline (saved once: the run that posted it never posts it
+# again), a route 429 whose retry_after is NaN beside valid headers (its webhook waits,
+# no run ever counts a ban), and a hidden channel limit that another poster fills now and
+# then (its pace learned, probed and forgotten under the chaos). Windows are ten times
+# shorter than Discord's, for the stand-in and the relay alike.
+ANSWER_WEATHER = {"reset": 1, "trickle": 1, "route_429": 1, "neighbour": 1}
+ANSWER_PARAMS = {"trickle": {"interval": 0.5, "framing": "close"},
+                 "route_429": {"retry_after": float("nan")}}
+ANSWER_HOLD_SEC = (0.2, 8.0)  # a trickle held past 4 s outlasts the relay's deadline
+ANSWER_SETTINGS = {"SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC": "4",  # over the longest hang
+                   "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC": "6"}
+CHANNEL = {"channel_limit": (30, 6.0), "channels": {"900": WEBHOOKS}}
+NEIGHBOUR_POSTS = 25  # another poster's share of the channel, posted at once
+BROKEN_ANSWERS = ("reset", "trickle")
+
 
 class SoakError(Exception):
     """The soak cannot go on (a relay that does not start)."""
@@ -103,6 +119,7 @@ class Run:
     process: subprocess.Popen | None = None
     end: str = ""  # SIGKILL, SIGTERM, SIGHUP (it stopped the relay), exit (by itself)
     last: dict | None = None  # its last snapshot
+    ended_at: float | None = None  # time.monotonic() when it was seen to end
     log: str = ""  # all of it, the pieces a SIGHUP rotated too
     rotated: int = 0
 
@@ -147,17 +164,22 @@ class Weather(threading.Thread):
         self.down = False
 
     def run(self) -> None:
+        weathers = {**WEATHER, **ANSWER_WEATHER}
         while not self.stopping.is_set():
-            mode = self.rng.choices(list(WEATHER), list(WEATHER.values()))[0]
+            mode = self.rng.choices(list(weathers), list(weathers.values()))[0]
             target = self.rng.choice(WEBHOOKS) if self.rng.random() < 0.3 else None
             self.counts[mode] += 1
             self.calm()
             if mode == "down":
                 self.down = True
                 self.standin.stop()
+            elif mode == "neighbour":
+                self.standin.use_channel("900", NEIGHBOUR_POSTS)
             else:
-                self.standin.set_mode(target, mode, **MODE_PARAMS.get(mode, {}))
-            self.stopping.wait(self.rng.uniform(0.2, 3.0))
+                params = MODE_PARAMS.get(mode) or ANSWER_PARAMS.get(mode, {})
+                self.standin.set_mode(target, mode, **params)
+            hold = ANSWER_HOLD_SEC if mode in ANSWER_WEATHER else (0.2, 3.0)
+            self.stopping.wait(self.rng.uniform(*hold))
 
     def calm(self) -> None:
         """Back to normal: up, every webhook ok, hung requests answered."""
@@ -181,7 +203,7 @@ class Soak:
         home.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(seed)
         self.result = Result()
-        self.standin = DiscordStandIn(rate_limit=(5, 2.0)).start()
+        self.standin = DiscordStandIn(rate_limit=(5, 2.0), **CHANNEL).start()
         self.refused_webhook = "http://127.0.0.1:1/api/webhooks/9/tok"  # port not allowed
         self.port = free_port()
         self.context = zmq.Context()
@@ -230,7 +252,8 @@ class Soak:
                "SWIMMY_NOTIFIER_DRAIN_SEC": "1",
                "SWIMMY_NOTIFIER_QUEUE_MAX": "5000",
                "SWIMMY_NOTIFIER_DURABLE": "1" if self.durable else "0",
-               "SWIMMY_NOTIFIER_LOG_FILE": str(self.home / f"relay-{run.number}.log")}
+               "SWIMMY_NOTIFIER_LOG_FILE": str(self.home / f"relay-{run.number}.log"),
+               **ANSWER_SETTINGS}
         with open(self.home / f"relay-{run.number}.log", "ab") as log:  # a traceback too
             run.process = subprocess.Popen([sys.executable, "-m", "notifier"], env=env,
                                            stdout=subprocess.DEVNULL, stderr=log)
@@ -259,7 +282,7 @@ class Soak:
             self.fail(f"run {run.number}: still running {START_SEC} s after {how}")
             run.process.kill()
             code = run.process.wait()
-        run.end = how
+        run.end, run.ended_at = how, time.monotonic()
         self.result.kills[how] += 1
         run.socket.close()
         run.last = self.snapshot(run)
@@ -407,6 +430,30 @@ class Soak:
                 self.fail(f"{result.lost} tags lost, more than the {held} held at the "
                           f"kills")
 
+    def check_answers(self) -> None:
+        """No run counted a ban (the stand-in never bans), and no tag saved under a
+        broken answer was posted again before a run ended."""
+        bans = sum(run.last["rate_limited_by_scope"]["ban"] for run in self.runs if run.last)
+        if bans:
+            self.fail(f"{bans} 429s counted as bans; the stand-in sent none")
+        ends = [run.ended_at for run in self.runs if run.ended_at is not None]
+        saved: dict[int, list] = {}
+        for record in self.standin.requests:
+            if 200 <= record.status < 300 and isinstance(record.json, dict):
+                for tag in TAG.findall(record.json.get("content") or ""):
+                    saved.setdefault(int(tag), []).append(record)
+        again = [tag for tag, records in saved.items()
+                 for first, later in zip(records, records[1:])
+                 if first.mode in BROKEN_ANSWERS
+                 and not any(first.time < end < later.time for end in ends)]
+        if again:
+            self.fail(f"{len(again)} tags saved under a broken answer were posted again by "
+                      f"the same run, e.g. soak-{min(again)}")
+        unconfirmed = sum(run.last.get("delivered_unconfirmed", 0) for run in self.runs
+                          if run.last)
+        self.out(f"broken 2xx answers counted delivered_unconfirmed: {unconfirmed}; "
+                 f"bans counted: {bans}")
+
     def close(self) -> None:
         for run in self.runs:
             if run.process and run.process.poll() is None:
@@ -432,6 +479,7 @@ def run(seconds: float = 60, messages: int = 1_000_000, cycles: int | None = Non
             weather.finish()
         soak.drain(last)
         soak.check()
+        soak.check_answers()
     except SoakError as exc:
         soak.fail(f"{exc}; soak abandoned")
     finally:

@@ -11,8 +11,8 @@ import random
 import pytest
 from requests.structures import CaseInsensitiveDict
 
-from notifier.discord import (BAN_COOLDOWN_SEC, MAX_WAIT_SEC, RateLimit, RetryPolicy, classify,
-                              network_error, read_rate_limit)
+from notifier.discord import (BAN_COOLDOWN_SEC, MAX_WAIT_SEC, UNKNOWN_WAIT_SEC, RateLimit,
+                              RetryPolicy, classify, network_error, read_rate_limit)
 
 RATE_HEADERS = {"X-RateLimit-Limit": "5", "X-RateLimit-Remaining": "3",
                 "X-RateLimit-Reset": "1470173023.123", "X-RateLimit-Reset-After": "1.234",
@@ -41,6 +41,28 @@ def rate_limited(retry_after=1.5, is_global=False, **headers):
 def test_success_is_delivered_and_keeps_the_rate_limit(status):
     outcome = classify(status, CaseInsensitiveDict(RATE_HEADERS), b"")
     assert (outcome.kind, outcome.invalid, outcome.rate) == ("delivered", False, RATE)
+    assert not outcome.unconfirmed
+
+
+def test_a_saved_message_names_its_channel():
+    outcome = answer(200, {"id": "1", "channel_id": "900"})
+    assert (outcome.kind, outcome.channel) == ("delivered", "900")
+
+
+@pytest.mark.parametrize("broken", ["the answer broke off (ChunkedEncodingError)",
+                                    "no whole answer within 20 s"])
+def test_a_2xx_whose_body_broke_off_is_delivered_unconfirmed(broken):
+    """With ?wait=true a 2xx status line means Discord saved the message: posting it
+    again would post it twice."""
+    outcome = classify(200, CaseInsensitiveDict(RATE_HEADERS), b'{"id": "1", "chan', broken)
+    assert (outcome.kind, outcome.unconfirmed, outcome.channel) == ("delivered", True, None)
+    assert outcome.reason == f"HTTP 200, then {broken}" and outcome.rate == RATE
+
+
+@pytest.mark.parametrize("status, kind", [(400, "refused"), (404, "dead"), (500, "retry")])
+def test_another_status_whose_body_broke_off_is_read_from_its_status(status, kind):
+    outcome = classify(status, CaseInsensitiveDict(), b'{"message": "Unknown', "reset")
+    assert outcome.kind == kind and not outcome.unconfirmed
 
 
 def test_400_is_a_bad_payload_with_discords_reason_and_first_field():
@@ -58,6 +80,12 @@ def test_400_without_a_json_body_still_says_what_came_back():
     assert (outcome.kind, outcome.reason) == ("refused", "HTTP 400: no JSON error body")
 
 
+@pytest.mark.parametrize("status", [301, 405, 413])
+def test_redirects_and_other_client_errors_are_refused(status):
+    outcome = answer(status, {"message": "no", "code": 0})
+    assert (outcome.kind, outcome.reason) == ("refused", f"HTTP {status}: no (code 0)")
+
+
 @pytest.mark.parametrize("status, code", [(401, 50027), (403, 50001)])
 def test_401_and_403_mean_a_dead_webhook_that_may_come_back(status, code):
     outcome = answer(status, {"message": "Invalid Webhook Token", "code": code})
@@ -72,8 +100,8 @@ def test_404_unknown_webhook_is_gone_and_not_an_invalid_request():
     assert "Unknown Webhook (code 10015)" in outcome.reason
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 504])
-def test_server_errors_are_retried(status):
+@pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
+def test_server_errors_and_timeouts_are_retried(status):
     outcome = answer(status, b"error code: 502")
     assert (outcome.kind, outcome.reason, outcome.invalid) == ("retry", f"HTTP {status}", False)
 
@@ -118,23 +146,50 @@ def test_a_shared_429_is_honoured_even_when_long_but_not_counted_as_invalid():
     b"<!DOCTYPE html><html><h1>Error 1015</h1>You are being rate limited</html>",
     b"",
     b"[1, 2]",
-    {"message": "You are being rate limited."},  # no retry_after
-    {"retry_after": "soon"},
-    {"retry_after": None},
-    {"retry_after": -1},
-    {"retry_after": [1]},
 ])
-def test_a_429_without_a_usable_retry_after_is_a_long_pause_for_everyone(body):
-    outcome = answer(429, body)
+def test_a_429_without_any_rate_limit_evidence_is_a_long_pause_for_everyone(body):
+    """Cloudflare's ban page: no JSON, no X-RateLimit-* header (Retry-After alone is
+    no evidence of Discord's limits: Cloudflare sends it too)."""
+    outcome = answer(429, body, Retry_After="30")
     assert (outcome.kind, outcome.scope, outcome.wait) == ("rate_limited", "ban", BAN_COOLDOWN_SEC)
     assert outcome.invalid
 
 
-def test_a_ban_honours_a_longer_retry_after_header_up_to_the_cap():
-    assert answer(429, b"<html>", Retry_After="600").wait == 600.0
-    assert answer(429, b"<html>", Retry_After="5").wait == BAN_COOLDOWN_SEC
-    assert answer(429, b"<html>", Retry_After="86400").wait == MAX_WAIT_SEC
-    assert answer(429, b"<html>", Retry_After="tomorrow").wait == BAN_COOLDOWN_SEC
+BAD_RETRY_AFTER = [{"retry_after": bad} for bad in ("soon", None, -1, [1], True, float("nan"))] + [{}]
+
+
+@pytest.mark.parametrize("extra", BAD_RETRY_AFTER)
+def test_a_bad_retry_after_falls_back_to_reset_after_and_keeps_the_scope(extra):
+    """The issue's case: a JSON 429 with valid headers but retry_after missing,
+    negative or NaN was taken for a ban that paused every webhook for 120 s."""
+    body = json.dumps({"message": "You are being rate limited.", "global": False, **extra})
+    outcome = answer(429, body.encode(), X_RateLimit_Scope="user", Retry_After="1",
+                     X_RateLimit_Reset_After="0.5")
+    assert (outcome.kind, outcome.scope, outcome.wait) == ("rate_limited", "route", 0.5)
+    assert outcome.reason == "HTTP 429 (route), retry after 0.5 s"
+
+
+def test_without_reset_after_the_retry_after_header_gives_the_wait():
+    outcome = answer(429, {"message": "You are being rate limited."},
+                     X_RateLimit_Scope="shared", Retry_After="41")
+    assert (outcome.scope, outcome.wait, outcome.invalid) == ("shared", 41.0, False)
+
+
+def test_the_body_s_retry_after_is_the_best_evidence():
+    outcome = rate_limited(0.25, X_RateLimit_Reset_After="0.5", Retry_After="1")
+    assert outcome.wait == 0.25
+
+
+def test_headers_without_a_json_body_are_evidence_enough():
+    outcome = answer(429, b"", X_RateLimit_Scope="global", Retry_After="2")
+    assert (outcome.scope, outcome.wait) == ("global", 2.0)
+
+
+def test_a_429_from_discord_with_no_usable_wait_anywhere_waits_a_few_seconds():
+    outcome = answer(429, {"message": "You are being rate limited.", "retry_after": "NaN"},
+                     Retry_After="soon")
+    assert (outcome.scope, outcome.wait) == ("route", UNKNOWN_WAIT_SEC)
+    assert "no usable wait" in outcome.reason
 
 
 @pytest.mark.parametrize("retry_after", [86400, 1e300])

@@ -1,6 +1,9 @@
 """Discord as it really behaves, seen from outside: the relay as a real process against
 the stand-in with one bucket hash for every webhook, the global limit, hidden channel
-limits and forum channels; messages it gives up on kept in the dead-letter file."""
+limits (partly used by someone else too) and forum channels; messages it gives up on
+kept in the dead-letter file; answers read for what they mean (a 2xx whose body breaks
+off is delivered once, the deadline holds whatever the framing, a bad retry_after is
+no ban)."""
 
 import json
 import os
@@ -14,7 +17,7 @@ import pytest
 from notifier import deadletter, sexp
 from notifier.payload import LOSS_THREAD_NAME, fit
 from notifier.standin import DiscordStandIn
-from tests.harness import assert_balanced
+from tests.harness import assert_balanced, contents
 
 DEADLINE = 30.0  # generous: the machine may be loaded
 LONG = " ".join(f"w{i}" for i in range(1000))  # three requests
@@ -42,9 +45,13 @@ def run(relays, pushers):
     return start
 
 
-def delivered(relay, count):
-    snapshot = relay.wait_metrics(lambda m: m["delivered"] == count and m["pending"] == 0,
-                                  timeout=DEADLINE, what=f"{count} delivered")
+def delivered(relay, count, **more):
+    """The snapshot once `count` are delivered, nothing is pending and the counters in
+    `more` have their values."""
+    snapshot = relay.wait_metrics(
+        lambda m: m["delivered"] == count and m["pending"] == 0
+        and all(m[key] == value for key, value in more.items()),
+        timeout=DEADLINE, what=f"{count} delivered, {more}")
     assert_balanced(snapshot)
     return snapshot
 
@@ -85,6 +92,23 @@ def test_a_hidden_channel_limit_is_met_at_most_once_per_webhook(run):
         # so the pace learned is at most six (erring on the slow side).
         paces = [int(n) for n in re.findall(r"channel paced to (\d+) per 60 s", relay.log())]
         assert paces and all(1 <= pace <= 6 for pace in paces)
+
+
+def test_a_channel_partly_used_by_someone_else_is_used_again_once_it_has_room(run):
+    """The issue's case, ten times faster (a 6 s window, 5 requests per 0.5 s): 28 of
+    the channel's 30 are used by another poster. The first shared 429 teaches a pace
+    of 2; the pace probes upward after a window and finds the room again, so the 40
+    go out in three windows, not at 2 a window (two minutes)."""
+    with DiscordStandIn(rate_limit=(5, 0.5), channel_limit=(30, 6.0),
+                        channels={"900": ["1"]}) as discord:
+        relay, push = run(discord, channel_period_sec="6")
+        discord.use_channel("900", 28)
+        for i in range(40):
+            push(1, alone(i))
+        snapshot = delivered(relay, 40)
+        assert 1 <= snapshot["rate_limited_by_scope"]["shared"] <= 2, relay.log()
+        paces = [int(n) for n in re.findall(r"channel paced to (\d+) per 6 s", relay.log())]
+        assert paces[0] <= 2  # learned from the first 429: all the relay had delivered
 
 
 def test_a_split_message_to_a_forum_makes_one_thread_and_a_loss_notice_its_own(run):
@@ -141,3 +165,55 @@ def test_a_failed_message_is_kept_in_the_dead_letter_file_and_replayed_once(run,
         replayed, notice = [m["content"] for m in discord.messages()]
         assert replayed == "lost in the outage" and notice.startswith("⚠️ Notifications lost")
         assert os.stat(deadletter.replayed_file(path)).st_mode & 0o077 == 0
+
+
+# Answers read for what they mean
+
+
+def test_a_200_whose_connection_resets_mid_body_is_delivered_once_and_counted(run):
+    with DiscordStandIn() as discord:
+        discord.set_mode("1", "reset", times=1)
+        relay, push = run(discord)
+        push(1, {"content": "once"})
+        snapshot = delivered(relay, 1, delivered_unconfirmed=1)
+        assert (snapshot["errors"], snapshot["retries"], snapshot["requests"]) == (0, 0, 1)
+        assert contents(discord, 1) == ["once"]
+        assert "delivered unconfirmed webhook=1: HTTP 200, then the answer broke off" in relay.log()
+
+
+@pytest.mark.parametrize("framing", ["length", "close"])
+def test_a_200_trickled_past_the_deadline_is_delivered_once_and_frees_its_sender(run, framing):
+    """One sender thread: the other webhook's message goes out once the deadline cut
+    the trickle (a minute and more), not after it."""
+    with DiscordStandIn() as discord:
+        discord.set_mode("1", "trickle", interval=0.2, framing=framing, times=1)
+        relay, push = run(discord, senders="1", request_deadline_sec="1")
+        push(1, {"content": "slow"})
+        assert discord.wait_for(1, DEADLINE)
+        push(2, {"content": "next"})
+        snapshot = delivered(relay, 2, delivered_unconfirmed=1)
+        assert (snapshot["errors"], snapshot["requests"]) == (0, 2)
+        assert (contents(discord, 1), contents(discord, 2)) == (["slow"], ["next"])
+        assert "HTTP 200, then no whole answer within 1 s" in relay.log()
+
+
+def test_bad_retry_after_values_hold_their_webhook_only_and_are_no_ban(run):
+    with DiscordStandIn() as discord:
+        discord.set_mode("1", "route_429", retry_after=None, times=1)
+        relay, push = run(discord)
+        push(1, {"content": "limited"})
+        relay.wait_metrics(lambda m: m["rate_limited"] == 1, timeout=DEADLINE, what="a 429")
+        for count, bad in enumerate((-1, float("nan")), 2):
+            relay.wait_metrics(lambda m: m["pending"] == 0, timeout=DEADLINE, what="idle")
+            discord.set_mode("1", "route_429", retry_after=bad, times=1)
+            push(1, {"content": f"limited {bad}"})
+            push(2, {"content": f"free {bad}"})
+            relay.wait_metrics(lambda m: m["rate_limited"] == count, timeout=DEADLINE,
+                               what=f"429 number {count}")
+        snapshot = delivered(relay, 5, rate_limited=3)
+        assert snapshot["rate_limited_by_scope"] == {"route": 3, "shared": 0, "global": 0,
+                                                     "ban": 0}
+        assert "limited" in contents(discord, 1) and len(contents(discord, 2)) == 2
+        log = relay.log()
+        assert log.count("scope=route wait_s=0.500 reason=HTTP 429 (route), retry after 0.5 s") == 3
+        assert "banned" not in log

@@ -3,7 +3,7 @@
 import random
 
 from notifier.discord import Outcome, RateLimit, RetryPolicy
-from notifier.limits import CHANNEL_PERIOD_SEC, PACE_DECAY_SEC, Limits
+from notifier.limits import CHANNEL_PERIOD_SEC, Limits
 
 A, B, C = (f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3))
 
@@ -13,8 +13,6 @@ def ok(channel=None, remaining=None, reset_after=None):
                    channel=channel)
 
 
-SHARED = Outcome("rate_limited", reason="HTTP 429 (shared)", wait=40.0, scope="shared",
-                 rate=RateLimit("hash", 5, 3, 1.0))
 RETRY = Outcome("retry", reason="HTTP 500")
 
 
@@ -39,42 +37,123 @@ def test_the_global_pace_spreads_a_seconds_requests_over_its_tenths():
     assert limits.ready_at(B, 0.0) == 0.1
 
 
-def test_a_shared_429_paces_the_channel_to_what_it_delivered_in_the_period():
+def shared(wait):
+    return Outcome("rate_limited", reason="HTTP 429 (shared)", wait=wait, scope="shared",
+                   rate=RateLimit("hash", 5, 3, 1.0))
+
+
+class HiddenLimit:
+    """A channel's hidden limit as the stand-in keeps it: `count` messages in any
+    `period`, whoever posts them; a shared 429 says when the oldest leaves."""
+
+    def __init__(self, count, period=CHANNEL_PERIOD_SEC):
+        self.count, self.period, self.accepted = count, period, []
+
+    def post(self, now):
+        window = sorted(t for t in self.accepted if t > now - self.period)
+        if len(window) >= self.count:
+            return shared(window[-self.count] + self.period - now)
+        self.accepted.append(now)
+        return ok(channel="chan")
+
+
+def drive(limits, channel, messages, *, hooks=(A,), now=0.0, latency=0.05, until=3600.0):
+    """Post `messages` through `hooks` in turn, each as soon as the policy allows, one
+    request at a time; returns (time of the last delivery, shared 429s)."""
+    left, limited = messages, 0
+    while left and now < until:
+        ready = [(limits.ready_at(hook, now), hook) for hook in hooks]
+        at, hook = min((at, hook) for at, hook in ready if at is not None)
+        now = max(now, at)
+        ticket = limits.sent(hook, now)
+        outcome = channel.post(now + latency / 2)
+        now += latency
+        limits.answered(ticket, outcome, now)
+        if outcome.kind == "delivered":
+            left -= 1
+        else:
+            limited += 1
+    return now, limited
+
+
+def test_a_shared_429_paces_the_channel_to_what_it_delivered_since_the_window_began():
     limits = Limits(global_rate=1000)
-    for i in range(30):  # three webhooks in one channel, 30 messages in 30 s
+    for i in range(30):  # two webhooks in one channel, 30 messages in 30 s
         post(limits, (A, B)[i % 2], float(i), ok(channel="chan"))
     post(limits, C, 30.0, ok(channel="chan"))  # C is learned to be in the channel too
-    assert post(limits, A, 31.0, SHARED).wait == 40.0
+    # "retry after 29 s": the oldest message in the channel (ours, at 0) leaves at 60
+    assert post(limits, A, 31.0, shared(29.0)).wait == 29.0
     assert limits.pace_of(B, 31.0) == 31
-    # B and C need no 429 of their own: the channel has used its 31 in the last 60 s
-    assert limits.ready_at(B, 31.0) == 0.0 + CHANNEL_PERIOD_SEC
-    assert limits.ready_at(C, 31.0) == 0.0 + CHANNEL_PERIOD_SEC
-    assert limits.ready_at(A, 31.0) == 71.0  # its own retry_after is longer
+    # B and C need no 429 of their own: the channel is full until its oldest leaves
+    assert limits.ready_at(B, 31.0) == limits.ready_at(C, 31.0) == 0.0 + CHANNEL_PERIOD_SEC
 
 
-def test_a_channel_met_again_while_paced_is_paced_lower():
+def test_what_went_before_the_window_began_is_not_counted():
+    """The 429's wait dates the channel's oldest message: ours before it have left."""
     limits = Limits(global_rate=1000)
     for i in range(10):
         post(limits, A, float(i), ok(channel="chan"))
-    post(limits, A, 10.0, SHARED)
+    post(limits, A, 10.0, shared(55.0))  # the window began at 5
+    assert limits.pace_of(A, 10.0) == 5
+
+
+def test_a_shared_429_holds_every_webhook_of_the_channel_for_its_wait():
+    limits = Limits(global_rate=1000)
+    post(limits, A, 0.0, ok(channel="chan"))
+    post(limits, B, 0.5, ok(channel="chan"))
+    post(limits, A, 1.0, shared(90.0))  # a window that has just begun: nothing to pace by
+    assert limits.pace_of(B, 1.0) is None and limits.ready_at(B, 1.0) == 91.0
+
+
+def test_a_channel_partly_used_by_someone_else_recovers_its_room():
+    """The issue's case: 28 of a channel's 30 per 60 s used by another poster. The
+    relay learns a pace of 2 from its first 429, probes upward after a quiet period,
+    finds the 30 and delivers 40 within about two minutes, with two shared 429s."""
+    channel = HiddenLimit(30)
+    channel.accepted = [0.0] * 28
+    limits = Limits(global_rate=1000)
+    last, limited = drive(limits, channel, 40, now=0.1)
+    assert limited == 2 and last < 130.0
+    assert limits.pace_of(A, last) == 30
+
+
+def test_a_channel_met_by_webhooks_not_yet_known_in_it_recovers_too():
+    channel = HiddenLimit(30)
+    channel.accepted = [0.0] * 28
+    limits = Limits(global_rate=1000)
+    last, limited = drive(limits, channel, 39, hooks=(A, B, C), now=0.1)
+    assert limited <= 4 and last < 130.0  # B and C learn their channel by a 429 each
+
+
+def test_a_probe_that_finds_no_room_waits_twice_as_long_for_the_next():
+    """The relay alone fills a 30-per-60 s channel from a backlog: its pace is exact,
+    and each probe costs one shared 429, further and further apart."""
+    limits = Limits(global_rate=1000)
+    last, limited = drive(limits, HiddenLimit(30), 300)
+    assert limits.pace_of(A, last) == 30
+    assert 540.0 < last < 620.0  # 30 per 60 s
+    assert limited == 4  # the limit found at 0 s, probes at 1, 2 and 4 periods on
+
+
+def test_a_channel_met_again_at_its_pace_without_probing_is_paced_lower():
+    limits = Limits(global_rate=1000)
+    for i in range(10):
+        post(limits, A, float(i), ok(channel="chan"))
+    post(limits, A, 10.0, shared(50.0))
     assert limits.pace_of(A, 10.0) == 10
-    post(limits, A, 60.0, ok(channel="chan"))
-    post(limits, A, 61.0, SHARED)
-    assert limits.pace_of(A, 61.0) == 9
+    post(limits, A, 60.0, ok(channel="chan"))  # 1-9 and this one: 10 in the window
+    post(limits, A, 60.5, shared(0.5))  # someone else posts there too
+    assert limits.pace_of(A, 60.5) == 9
 
 
-def test_the_pace_is_kept_under_sustained_traffic_and_forgotten_once_calm():
+def test_the_pace_is_forgotten_once_the_channel_has_been_quiet_for_a_period():
     limits = Limits(global_rate=1000)
     for i in range(4):
         post(limits, A, float(i), ok(channel="chan"))
-    post(limits, A, 4.0, SHARED)
-    now = 4.0
-    while now < 3 * PACE_DECAY_SEC:  # as fast as the pace allows
-        now = max(now, limits.ready_at(A, now))
-        post(limits, A, now, ok(channel="chan"))
-    assert limits.pace_of(A, now) == 4
-    calm = now + PACE_DECAY_SEC + 1.0
-    assert limits.pace_of(A, calm) is None and limits.ready_at(A, calm) <= calm
+    post(limits, A, 4.0, shared(30.0))
+    assert limits.pace_of(A, 33.0) == 4  # waiting for Discord is not being quiet
+    quiet = 34.0 + CHANNEL_PERIOD_SEC
+    assert limits.pace_of(A, quiet) is None and limits.ready_at(A, quiet) <= quiet
 
 
 def test_buckets_are_per_webhook_whatever_hash_they_report():
@@ -122,7 +201,7 @@ def test_a_route_429_is_not_ended_by_a_delivery_elsewhere():
 
 def test_a_shared_429_with_nothing_delivered_teaches_no_pace():
     limits = Limits()
-    post(limits, A, 0.0, SHARED)
+    post(limits, A, 0.0, shared(40.0))
     assert limits.pace_of(A, 0.0) is None and limits.ready_at(A, 0.0) == 40.0
 
 

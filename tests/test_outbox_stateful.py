@@ -66,12 +66,12 @@ def posted_markers(job):
     return Counter(re.findall(r"\bm\d+\b", contents))
 
 
-def answer(status, body=None, **headers):
+def answer(status, body=None, broken=None, **headers):
     """Discord's answer as notifier/discord.py reads it."""
     headers = CaseInsensitiveDict({name.replace("_", "-"): value
                                    for name, value in headers.items()})
     data = body if isinstance(body, bytes) else json.dumps(body).encode() if body else b""
-    return classify(status, headers, data)
+    return classify(status, headers, data, broken)
 
 
 RATE = {"X_RateLimit_Limit": "5", "X_RateLimit_Reset_After": "2.0"}
@@ -79,6 +79,7 @@ RATE_LIMITED = "You are being rate limited."
 ANSWERS = {
     "200": lambda wall: answer(200, X_RateLimit_Remaining="4", **RATE),
     "200, bucket spent": lambda wall: answer(200, X_RateLimit_Remaining="0", **RATE),
+    "200, body broken off": lambda wall: answer(200, broken="the answer broke off", **RATE),
     "200, shared bucket spent": lambda wall: answer(
         200, X_RateLimit_Remaining="0", X_RateLimit_Bucket="b1",
         X_RateLimit_Reset=f"{wall + 1.5:.3f}", **RATE),

@@ -48,15 +48,16 @@ def clip(text, limit):
 
 def rejoins(original, chunks, pos=0):
     """Whether the chunks, in order, are the original text with only whitespace left out
-    between them, plus a closing fence added at a chunk's end and an opening fence
-    repeated at the next chunk's start."""
+    between them, plus a closing fence (or inline code's backticks) added at a chunk's
+    end and an opening one repeated at the next chunk's start."""
     if not chunks:
         return not original[pos:].strip()
     chunk, rest = chunks[0], chunks[1:]
-    reopened = re.match(r"```[\w+#.-]*\n", chunk) if pos else None
+    reopened = re.match(r"```[\w+#.-]*\n|``?", chunk) if pos else None
     bodies = {chunk, chunk[reopened.end():] if reopened else chunk}
-    if rest and chunk.endswith("\n```"):
-        bodies |= {body[:-4] for body in bodies}
+    if rest:
+        closed = re.search(r"\n```$|``?$", chunk)
+        bodies |= {body[:-len(closed.group())] for body in bodies} if closed else set()
     for body in bodies:
         at = pos
         while True:
@@ -176,6 +177,77 @@ def test_indentation_survives_a_cut_inside_a_code_block():
 def test_a_hard_cut_in_a_run_of_backticks_falls_between_fences():
     chunks = content_of(fit({"content": "word" * 365 + "`" * 546}))
     assert len(chunks) == 2 and all(c.count("```") % 2 == 0 for c in chunks)
+
+
+# fit: mentions survive splitting
+
+MENTION = re.compile(r"<@[!&]?\d+>|@everyone|@here")
+
+
+def pings(content):
+    """The mentions Discord would ping in `content`: those outside code blocks, inline
+    code (a run of one or two backticks up to the next run of as many, within a block's
+    bounds) and backslash escapes. Written apart from payload.py, as a reader would."""
+    found, i = set(), 0
+    while i < len(content):
+        if content.startswith("```", i):
+            close = content.find("```", i + 3)
+            i = len(content) if close == -1 else close + 3
+            continue
+        ticks = re.match(r"`+", content[i:])
+        if ticks:
+            n, fence = len(ticks.group()), content.find("```", i)
+            bound = len(content) if fence == -1 else fence
+            closing = next((m for m in re.finditer(r"`+", content[i + n:bound])
+                            if len(m.group()) == n), None)
+            i += n if closing is None else n + closing.end()
+            continue
+        if content[i] == "\\" and i + 1 < len(content) and not content[i + 1].isalnum() \
+                and not content[i + 1].isspace():
+            i += 2
+            continue
+        mention = MENTION.match(content, i)
+        if mention:
+            found.add(mention.group())
+            i = mention.end()
+        else:
+            i += 1
+    return found
+
+
+def test_a_mention_quoted_in_inline_code_is_not_cut_loose():
+    """The issue's case: the cut fell inside `note: @everyone` and the second part
+    began with a live @everyone."""
+    text = ("word " * 397)[:-1] + " `note: @everyone` end"
+    assert text.index("`note:") < 2000 < text.index("` end")
+    chunks = content_of(fit({"content": text}))
+    assert len(chunks) == 2 and all(pings(chunk) == set() for chunk in chunks)
+    assert chunks[1] == "`note: @everyone` end"
+
+
+def test_inline_code_longer_than_a_chunk_is_closed_and_reopened():
+    text = "Log: `" + " ".join(f"<@{i}> x{i:04d}" for i in range(400)) + "` done <@7>"
+    chunks = content_of(fit({"content": text}))
+    assert len(chunks) >= 3 and all(len(chunk) <= 2000 for chunk in chunks)
+    assert all(chunk.count("`") == 2 for chunk in chunks)
+    assert chunks[0].endswith("`") and chunks[1].startswith("`")
+    assert set().union(*map(pings, chunks)) == pings(text) == {"<@7>"}
+
+
+@pytest.mark.parametrize("atom", ["\\@everyone", "<@123456789012345678>", "@here"])
+def test_a_hard_cut_splits_neither_a_mention_nor_an_escape(atom):
+    for shift in range(len(atom) + 1):
+        text = "a" * (2000 - shift) + atom + "b" * 100
+        chunks = content_of(fit({"content": text}))
+        assert any(atom in chunk for chunk in chunks), (shift, chunks)
+        assert set().union(*map(pings, chunks)) == pings(text)
+
+
+def test_text_after_a_lone_backtick_is_not_combined_into_inline_code():
+    """Joined, a lone backtick would quote the next message's text up to its first
+    backtick, and set free what that one quoted."""
+    assert combine([{"content": "price `x"}, {"content": "`@everyone` test"}])[0] == 1
+    assert combine([{"content": "price `x`"}, {"content": "`@everyone` test"}])[0] == 2
 
 
 def test_whitespace_at_a_cut_is_dropped_and_never_makes_a_blank_message():
@@ -342,6 +414,26 @@ def test_fit_gives_sendable_messages_that_lose_nothing_and_keep_order(payload):
             assert [m.get(key) for m in messages] == [None] * (len(messages) - 1) + [value]
         else:
             assert all(m[key] == value for m in messages)
+
+
+WORDS = ["alert", "price", "USDJPY", "x" * 40, "\n", "@everyone", "@here", "<@123>",
+         "<@!456>", "<@&789>", "\\@everyone", "\\<@123>"]
+words = st.lists(st.sampled_from(WORDS), max_size=12).map(" ".join)
+spans = st.builds(lambda ticks, inner: ticks + inner + ticks, st.sampled_from(["`", "``"]),
+                  words.filter(str.strip) | st.builds(operator.mul, st.just("<@42> x "),
+                                                      st.integers(1, 400)))
+blocks = words.map(lambda inner: f"```\n{inner}\n```")
+fillers = st.builds(operator.mul, st.sampled_from(["word ", "line\n", "x"]), st.integers(1, 900))
+mentioning = st.lists(st.one_of(words, spans, blocks, fillers), min_size=1, max_size=40).map(
+    " ".join)
+
+
+@FAST
+@given(mentioning)
+def test_the_mentions_that_would_ping_are_the_same_for_the_parts_as_for_the_whole(text):
+    chunks = content_of(fit({"content": text}))
+    assert set().union(*map(pings, chunks)) == pings(text)
+    assert rejoins(text, chunks)
 
 
 # combine

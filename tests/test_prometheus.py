@@ -36,6 +36,7 @@ def check_against(series, entries):
     assert sum(one("notifier_requests_total", result=result)
                for result in ("ok", "error", "rate_limited")) == entries["requests"]
     assert one("notifier_snapshot_timestamp_seconds") == entries["timestamp"]
+    assert one("notifier_delivered_unconfirmed_total") == entries.get("delivered_unconfirmed", 0)
     for hook in entries["webhooks"]:
         assert one("notifier_webhook_messages_total", webhook=str(hook["id"]),
                    outcome="delivered") == hook["delivered"]
@@ -51,7 +52,7 @@ def exposition(entries):
 def test_the_series_follow_the_snapshot_and_its_identity():
     entries = dict(snapshot(received=20, delivered=12, drops=3, rejected=2, deduplicated=1,
                             failed=1, pending=1, queue_len=1, requests=15, errors=2,
-                            rate_limited=1, state="running"),
+                            rate_limited=1, state="running", delivered_unconfirmed=1),
                    rate_limited_by_scope={"route": 1, "shared": 0, "global": 0, "ban": 0})
     entries["webhooks"][0]["failing_since"] = None
     one = check_against(samples(exposition(entries)), entries)

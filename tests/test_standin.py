@@ -169,6 +169,69 @@ def test_the_hidden_channel_limit_answers_shared_429s_with_remaining_above_zero(
         assert post(http, discord.webhook_url(3)).status_code == 200  # another channel
 
 
+def test_thread_urls_and_api_versions_of_one_webhook_share_its_bucket(http):
+    """One webhook is one webhook, whatever follows its id and token in the URL."""
+    with DiscordStandIn(rate_limit=(5, 10.0)) as discord:
+        urls = [discord.webhook_url(1, thread=100 + i) for i in range(4)] + \
+               [discord.webhook_url(1, version=10), discord.webhook_url(1, thread=7, version=9)]
+        assert urls[0].endswith("/api/webhooks/1/tok?thread_id=100")
+        assert urls[4].endswith("/api/v10/webhooks/1/tok")
+        answers = [http.post(url, params={"wait": "true"}, json={"content": "hi"}, timeout=DEADLINE)
+                   for url in urls]
+        assert [r.status_code for r in answers] == [200] * 5 + [429]
+        assert [r.headers["X-RateLimit-Remaining"] for r in answers[:5]] == ["4", "3", "2", "1", "0"]
+        assert answers[0].json()["channel_id"] == "100"  # a thread's messages are in the thread
+        assert post(http, discord.webhook_url(2)).status_code == 200
+
+
+def test_use_channel_takes_part_of_a_hidden_limit_as_another_poster_would(http):
+    with DiscordStandIn(channel_limit=(3, 60.0), channels={"900": ["1"]}) as discord:
+        discord.use_channel("900", 2)
+        assert post(http, discord.webhook_url(1)).status_code == 200
+        refused = post(http, discord.webhook_url(1))
+        assert refused.status_code == 429 and refused.headers["X-RateLimit-Scope"] == "shared"
+        assert 55 < refused.json()["retry_after"] <= 60
+
+
+@pytest.mark.parametrize("retry_after, text", [(None, None), (-1, "-1"), (float("nan"), "NaN"),
+                                               (0.75, "0.75")])
+def test_route_429_writes_any_retry_after_beside_valid_headers(discord, http, retry_after, text):
+    discord.set_mode("1", "route_429", retry_after=retry_after, times=1)
+    r = post(http, discord.webhook_url(1))
+    assert r.status_code == 429 and r.headers["X-RateLimit-Scope"] == "user"
+    assert (r.headers["Retry-After"], r.headers["X-RateLimit-Reset-After"]) == ("1", "0.5")
+    assert '"global": false' in r.text
+    if text is None:
+        assert "retry_after" not in r.text
+    else:
+        assert f'"retry_after": {text}' in r.text
+    assert post(http, discord.webhook_url(1)).status_code == 200
+
+
+@pytest.mark.parametrize("framing, header, value", [
+    ("length", "Content-Length", None), ("chunked", "Transfer-Encoding", "chunked"),
+    ("close", "Connection", "close"), ("none", None, None)])
+def test_trickle_frames_the_body_as_asked(discord, http, framing, header, value):
+    discord.set_mode("1", "trickle", interval=0.001, framing=framing, times=1)
+    r = post(http, discord.webhook_url(1))
+    assert r.status_code == 200 and r.json()["content"] == "hi"
+    assert header is None or header in r.headers and value in (None, r.headers[header])
+    if framing != "length":
+        assert "Content-Length" not in r.headers
+    with pytest.raises(ValueError):
+        discord.set_mode("1", "trickle", framing="gzip")
+
+
+def test_reset_breaks_the_body_off_after_a_200_and_the_message_is_saved(discord, http):
+    discord.set_mode("1", "reset", times=1)
+    r = http.post(discord.webhook_url(1), params={"wait": "true"}, json={"content": "hi"},
+                  timeout=DEADLINE, stream=True)
+    assert r.status_code == 200 and int(r.headers["Content-Length"]) > 0
+    with pytest.raises(requests.RequestException):
+        r.content
+    assert discord.messages("1") == [{"content": "hi"}]
+
+
 def test_a_forum_needs_a_thread_and_thread_name_creates_one(http):
     with DiscordStandIn(forums={"7"}) as discord:
         refused = post(http, discord.webhook_url(7), {"content": "hi"})
