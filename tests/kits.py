@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import shutil
 import subprocess
@@ -147,6 +148,13 @@ class LispKit:
         return LispProducer(command, environ, self.scratch / f"sbcl-{self.started}.log", "SBCL")
 
 
+MISSING_LISP_PARTS = (  # what SBCL says when a Debian package is missing, and which
+    (r"Component \S*CFFI\S* not found", "cl-cffi"),
+    (r"zmq\.h|Unable to load foreign library", "libzmq3-dev"),
+    (r'execute "?cc\b', "gcc"),
+)
+
+
 def build_lisp(scratch: Path) -> LispKit:
     """Compile pzmq and the kit once into `scratch`; an SBCL that evaluates (+ 1 2)."""
     sbcl = shutil.which("sbcl")
@@ -156,18 +164,17 @@ def build_lisp(scratch: Path) -> LispKit:
     if pzmq is None:
         raise Unavailable("pzmq not found: set PZMQ_DIR or put it at ../shared/vendor/pzmq "
                           "(see shared/vendor/VENDOR.md)")
+    scratch.mkdir(parents=True, exist_ok=True)
     kit = LispKit(sbcl, pzmq, scratch / "asdf-cache", scratch)
     with kit.start() as lisp:
         try:
             assert lisp.eval("(+ 1 2)", timeout=600) == 3
         except AssertionError as exc:
-            stderr = lisp.stderr()
-            if 'Component "cffi' in stderr or "cffi-grovel" in stderr and "not found" in stderr:
-                raise Unavailable("cl-cffi is not installed (apt-get install cl-cffi)") from None
-            if "zmq.h" in stderr:
-                raise Unavailable("libzmq3-dev is not installed (zmq.h)") from None
-            if "not found" in stderr and ("cc" in stderr or "gcc" in stderr):
-                raise Unavailable("no C compiler for cffi-grovel (apt-get install gcc)") from None
+            missing = next((package for pattern, package in MISSING_LISP_PARTS
+                            if re.search(pattern, lisp.stderr(), re.IGNORECASE)), None)
+            if missing:
+                raise Unavailable(f"the Lisp kit needs {missing} (apt-get install "
+                                  f"{missing})") from None
             raise BuildError(f"the Lisp kit did not load: {exc}") from None
     return kit
 
