@@ -76,8 +76,8 @@ to ENDPOINT or the default one. Any failure closes it at once and signals."
   (let ((socket (pzmq:socket *context* :push)))
     (handler-bind ((error (lambda (condition)
                             (declare (ignore condition))
-                            (pzmq:setsockopt socket :linger 0)
-                            (pzmq:close socket))))
+                            (ignore-errors (pzmq:setsockopt socket :linger 0))
+                            (ignore-errors (pzmq:close socket)))))
       (pzmq:setsockopt socket :sndhwm *notifier-sndhwm*)
       (pzmq:setsockopt socket :linger *notifier-linger-ms*)
       (let ((keys (list *notifier-curve-server-key* *notifier-curve-public-key*
@@ -130,11 +130,15 @@ Safe from any number of threads."
                       note (format nil "the relay is not taking notifications (high-water ~
                                         mark of ~d reached): dropping them" *notifier-sndhwm*)))
               nil)
-            (error (condition)
+            (pzmq:libzmq-error (condition)
               (incf *notifier-zmq-error-count*)
               (forget-socket 0)
               (setf note (format nil "sending failed (~a); reconnecting on the next call"
                                  (one-line (princ-to-string condition))))
+              nil)
+            (error (condition) ; not the socket's fault (a setting, an unencodable string)
+              (incf *notifier-zmq-error-count*)
+              (setf note (format nil "sending failed (~a)" (one-line (princ-to-string condition))))
               nil)))
       (when note ; outside the lock: the output stream may block
         (ignore-errors

@@ -135,5 +135,11 @@ package, so that they print like the caller's other keys. Never signals."
     (loop for (key . value) in (append entries
                                        (list (cons "notifier_zmq_drops" *notifier-zmq-drop-count*)
                                              (cons "notifier_zmq_errors" *notifier-zmq-error-count*)))
-          collect (cons (intern (string-upcase key) *package*)
+          collect (cons (key-symbol key)
                         (if (stringp value) (coerce value '(simple-array character (*))) value)))))
+
+(defun key-symbol (key)
+  "KEY interned in the current package, or in this one if that one refuses (locked)."
+  (let ((name (string-upcase key)))
+    (handler-case (intern name *package*)
+      (error () (intern name '#:swimmy-notifier-producer)))))
