@@ -5,6 +5,7 @@ scenarios with the relay go through a small driver (tests/kit_drivers/rust). Ski
 why, where cargo or the Debian crates are missing. Built once per session."""
 
 import json
+import re
 
 import pytest
 import zmq
@@ -46,7 +47,8 @@ def tricky(i: int) -> str:
 def test_the_crates_own_tests_pass_under_cargo_test_offline(rust_kit):
     done = rust_kit.cargo_run("test", "--offline", "--quiet", cwd=rust_kit.crate)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "test result: ok. 9 passed" in done.stdout, done.stdout
+    passed = re.search(r"test result: ok\. (\d+) passed; 0 failed", done.stdout)
+    assert passed and int(passed[1]) >= 9, done.stdout  # the unit tests ran, and passed
 
 
 def test_a_hundred_notifications_from_rust_arrive_with_their_payloads_unchanged(

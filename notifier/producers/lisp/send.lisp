@@ -102,8 +102,9 @@ to ENDPOINT or the default one. Any failure closes it at once and signals."
 (defun notifier-send (webhook payload-json &key endpoint)
   "Hand one notification to the relay; T when ZeroMQ took it, NIL when it was dropped
 (EAGAIN: the high-water mark is full, *NOTIFIER-ZMQ-DROP-COUNT* + 1) or failed (any other
-error, *NOTIFIER-ZMQ-ERROR-COUNT* + 1, the socket closed with linger 0 so that the next
-call reconnects). It never blocks (pzmq:send with :dontwait t) and never signals, except
+error, *NOTIFIER-ZMQ-ERROR-COUNT* + 1; after a ZeroMQ error the socket is closed with
+linger 0, so that the next call reconnects). It never blocks (pzmq:send with :dontwait t)
+and never signals, except
 a TYPE-ERROR at once when WEBHOOK or PAYLOAD-JSON is not a string: the caller's bug.
 ENDPOINT defaults to tcp://$SWIMMY_ZMQ_HOST:$SWIMMY_PORT_NOTIFIER (127.0.0.1:5562).
 Safe from any number of threads."
