@@ -10,6 +10,7 @@ that fails to compile on a complete toolchain raises `BuildError` (tests fail wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import zmq
+
 from notifier import sexp
+from tests.test_client import bind_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 KITS = ROOT / "notifier" / "producers"
@@ -34,6 +39,25 @@ class Unavailable(Exception):
 
 class BuildError(Exception):
     """A kit that did not compile although everything it needs is here."""
+
+
+def built(build, scratch: Path, **options):
+    """`build(scratch)`, or the test skipped with what this machine lacks."""
+    try:
+        return build(scratch, **options)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@contextlib.contextmanager
+def pull_socket():
+    """A PULL socket on a loopback port of its own, standing in for the relay:
+    (socket, endpoint)."""
+    context = zmq.Context()
+    try:
+        yield bind_relay(context)
+    finally:
+        context.destroy(linger=0)
 
 
 def pzmq_directory() -> Path | None:

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import zmq
 
 from notifier import curve, envelope, sexp
 from notifier.client import build_envelope
@@ -29,10 +28,7 @@ PAYLOAD = '{"content":"hello from Lisp"}'
 
 @pytest.fixture(scope="session")
 def lisp_kit(tmp_path_factory):
-    try:
-        return kits.build_lisp(tmp_path_factory.mktemp("lisp-kit"))
-    except kits.Unavailable as exc:
-        pytest.skip(str(exc))
+    return kits.built(kits.build_lisp, tmp_path_factory.mktemp("lisp-kit"))
 
 
 @pytest.fixture
@@ -145,18 +141,12 @@ def test_a_webhook_or_payload_that_is_not_a_string_is_a_type_error_at_once(lisp)
 
 
 def test_two_sbcl_threads_sending_at_once_lose_and_garble_nothing(lisp):
-    context = zmq.Context()
-    try:
-        pull = context.socket(zmq.PULL)
-        pull.linger = 0
-        endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
-        lists = [[compact({"content": f"thread {t} #{i} {tricky(i % 5)}"}) for i in range(500)]
-                 for t in range(2)]
-        form = "'(" + " ".join("(" + " ".join(map(q, texts)) + ")" for texts in lists) + ")"
+    lists = [[compact({"content": f"thread {t} #{i} {tricky(i % 5)}"}) for i in range(500)]
+             for t in range(2)]
+    form = "'(" + " ".join("(" + " ".join(map(q, texts)) + ")" for texts in lists) + ")"
+    with kits.pull_socket() as (pull, endpoint):
         assert lisp.eval(f"(send-from-threads {q(HOOK)} {form} {q(endpoint)})") == 1000
         received = receive(pull, 1000)
-    finally:
-        context.destroy(linger=0)
     expected = [build_envelope(HOOK, json.loads(text)) for texts in lists for text in texts]
     assert sorted(received) == sorted(expected)
     assert counters(lisp) == [0, 0]
@@ -185,17 +175,11 @@ def test_with_curve_keys_the_kit_reaches_a_curve_relay_and_is_named(lisp, discor
 
 
 def test_close_notifier_lets_the_queue_leave_and_the_next_send_opens_anew(lisp):
-    context = zmq.Context()
-    try:
-        pull = context.socket(zmq.PULL)
-        pull.linger = 0
-        endpoint = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    with kits.pull_socket() as (pull, endpoint):
         send = f"(notifier-send {q(HOOK)} {q(PAYLOAD)} :endpoint {q(endpoint)})"
         assert lisp.eval(f"(list {send} (close-notifier) {send} (close-notifier))") == [
             True, True, True, True]
         assert len(receive(pull, 2)) == 2
-    finally:
-        context.destroy(linger=0)
     assert lisp.close() == 0  # and the process exits at once
 
 
