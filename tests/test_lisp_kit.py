@@ -266,6 +266,9 @@ SNAPSHOT_FILES = {
     "key_spellings": content_file(
         "((SCHEMA-VERSION . 1) (:timestamp . 1764201597) (|queue_len| . 1) "
         "(drops . 2) (errors . 3) (Delivered . 4) (drops . 99))"),
+    "unknown_packages": content_file(
+        "((zz-nopkg::schema_version . 1) (zz-nopkg:timestamp . 1764201597) (queue_len . 1) "
+        "(drops . 2) (errors . zz-other:three))"),
     "minimal": content_file(
         "((schema_version . 1) (timestamp . 1764201597) (queue_len . 2) (drops . 1) "
         "(errors . 0))"),
@@ -336,14 +339,15 @@ def test_telemetry_entries_default_to_the_relays_file_and_keep_the_callers_packa
 def test_reading_a_snapshot_interns_nothing_that_outlives_the_read(telemetry_lisp, tmp_path):
     path = tmp_path / "notifier_metrics.sexp"
     path.write_text("((schema_version . 1) (:kw-zz-probe . zz-probe-symbol) "
-                    "(cl-user::zz-probe-user . 1))", encoding="utf-8")
+                    "(zz-probe-package::zz-probe-qualified . 1))", encoding="utf-8")
     read = f"(notifier-telemetry-entries :metrics-file {q(str(path))})"
     before = telemetry_lisp.eval("(length (list-all-packages))")
     status = telemetry_lisp.eval(f"(progn {read} {read} (cdr (first {read})))")
     assert status == "invalid"  # read, then judged: no timestamp nor counters
     assert telemetry_lisp.eval("(length (list-all-packages))") == before
     assert telemetry_lisp.eval('(list (find-symbol "KW-ZZ-PROBE" "KEYWORD") '
-                               '(find-all-symbols "ZZ-PROBE-SYMBOL"))') == [None, None]
+                               '(find-all-symbols "ZZ-PROBE-SYMBOL") '
+                               '(find-all-symbols "ZZ-PROBE-QUALIFIED"))') == [None, None, None]
 
 
 def test_what_sbcl_writes_with_the_entries_reads_back_in_show_and_merges_in_place(

@@ -257,6 +257,9 @@ the symbols of a snapshot are interned nowhere that outlives the read."
                (*depth* 0)
                (*open* nil))
            (handler-bind ((error (lambda (condition)
+                                   ;; A package this image lacks: the symbol, uninterned.
+                                   (let ((unintern (find-restart 'unintern condition)))
+                                     (when unintern (invoke-restart unintern)))
                                    (unless (typep condition 'syntax-problem)
                                      (reader-failure condition stream)))))
              (when (null (skip-blank stream))
