@@ -42,28 +42,52 @@ start from a file only this user can read.")
     (format nil "tcp://~a:~a" (env "SWIMMY_ZMQ_HOST" "127.0.0.1")
             (env "SWIMMY_PORT_NOTIFIER" "5562"))))
 
-(defun write-escaped (string out)
-  "STRING as ~S prints it: between double quotes, only \" and \\ escaped."
-  (write-char #\" out)
-  (loop for char across string
-        do (when (or (char= char #\") (char= char #\\))
-             (write-char #\\ out))
-           (write-char char out))
-  (write-char #\" out))
+(defun escaped-length (text)
+  "TEXT's length once \" and \\ are escaped (compiled apart for SBCL's usual strings)."
+  (flet ((escapes (text)
+           (count-if (lambda (char) (or (char= char #\") (char= char #\\))) text)))
+    (+ (length text) (typecase text
+                       ((simple-array character (*)) (escapes text))
+                       (t (escapes text))))))
+
+(defun put-text (text envelope start escape)
+  "Copy TEXT into ENVELOPE from START, with \" and \\ escaped when ESCAPE; the new end.
+Compiled apart for the strings SBCL makes, (simple-array character (*)), which keeps an
+envelope a fraction of a microsecond."
+  (declare (type (simple-array character (*)) envelope) (type fixnum start))
+  (macrolet ((copy ()
+               `(loop for char across text
+                      do (when (and escape (or (char= char #\") (char= char #\\)))
+                           (setf (schar envelope start) #\\)
+                           (incf start))
+                         (setf (schar envelope start) char)
+                         (incf start))))
+    (typecase text
+      ((simple-array character (*)) (copy))
+      (t (copy))))
+  start)
 
 (defun notifier-envelope (webhook payload-json)
   "The canonical envelope, exactly as the Lisp core prints it with ~S and *PRINT-CASE*
 :DOWNCASE: ((type . \"NOTIFIER\") (schema_version . 1) (action . \"SEND\") (webhook . W)
-(payload_json . P)). Written directly rather than through the printer, so that no
-printer setting of the caller (*PRINT-PRETTY*, *PRINT-READABLY*, ...) can change it."
+(payload_json . P)), strings between double quotes with only \" and \\ escaped. Written
+directly, in one allocation, so that no printer setting of the caller (*PRINT-PRETTY*,
+*PRINT-READABLY*...) can change it."
   (check-type webhook string)
   (check-type payload-json string)
-  (with-output-to-string (out)
-    (write-string "((type . \"NOTIFIER\") (schema_version . 1) (action . \"SEND\") (webhook . " out)
-    (write-escaped webhook out)
-    (write-string ") (payload_json . " out)
-    (write-escaped payload-json out)
-    (write-string "))" out)))
+  (let* ((head "((type . \"NOTIFIER\") (schema_version . 1) (action . \"SEND\") (webhook . \"")
+         (middle "\") (payload_json . \"")
+         (tail "\"))")
+         (envelope (make-string (+ (length head) (escaped-length webhook) (length middle)
+                                   (escaped-length payload-json) (length tail)))))
+    (put-text tail envelope
+              (put-text payload-json envelope
+                        (put-text middle envelope
+                                  (put-text webhook envelope (put-text head envelope 0 nil) t)
+                                  nil)
+                        t)
+              nil)
+    envelope))
 
 (defun open-socket (endpoint)
   "A PUSH socket connected (in the background: connecting does not wait for the relay)
