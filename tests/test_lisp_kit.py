@@ -322,6 +322,19 @@ def test_telemetry_entries_are_the_merges_for_the_same_file(telemetry_lisp, tmp_
     assert list(found) == list(expected)
 
 
+@pytest.mark.parametrize("stale_after, age", [(0.5, 3), (59.99, 61), (1e-05, 3),
+                                              (1234567.8, 2_000_000), (123456.5, 200_000)])
+def test_a_stale_snapshot_gives_the_merges_reason_for_any_stale_after(
+        telemetry_lisp, tmp_path, stale_after, age):
+    path = tmp_path / "notifier_metrics.sexp"
+    snapshot_file(timestamp=int(NOW) - age)(path)
+    expected = python_view(path, NOW, stale_after)
+    found = lisp_view(telemetry_lisp, path, NOW, stale_after)
+    assert expected["notifier_status"] == "stale"
+    assert found["notifier_status_reason"] == expected["notifier_status_reason"]
+    assert found["notifier_age_sec"] == expected["notifier_age_sec"] == age
+
+
 def test_telemetry_entries_default_to_the_relays_file_and_keep_the_callers_package(
         lisp_kit, tmp_path):
     cfg = settings(tmp_path)
