@@ -319,7 +319,9 @@ def test_telemetry_entries_are_the_merges_for_the_same_file(telemetry_lisp, tmp_
         assert " at line 1, column " in found["notifier_status_reason"]
         found["notifier_status_reason"] = expected["notifier_status_reason"]
     assert found == expected
-    assert list(found) == list(expected)
+    # In the merge's order, wherever issue 15 puts `lost` among its counters.
+    assert [key for key in found if key != "notifier_lost"] == [
+        key for key in expected if key != "notifier_lost"]
 
 
 @pytest.mark.parametrize("stale_after, age", [(0.5, 3), (59.99, 61), (1e-05, 3),
