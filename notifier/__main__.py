@@ -169,6 +169,23 @@ For the relay: set SWIMMY_NOTIFIER_CURVE_SECRET_KEY={secret} on it, and copy
     return 0
 
 
+PRODUCER_KITS = {"lisp": "swimmy-notifier-producer.asd", "rust": "Cargo.toml"}
+"""Each producer kit shipped as package data, by the file that marks its directory."""
+
+
+def producer_kit(args: argparse.Namespace) -> int:
+    """Print the absolute directory of a producer kit shipped with this package."""
+    from pathlib import Path
+
+    directory = Path(__file__).resolve().parent / "producers" / args.kind
+    if not (directory / PRODUCER_KITS[args.kind]).is_file():
+        print(f"notifier producer-kit: {directory / PRODUCER_KITS[args.kind]} is missing "
+              "(an install without the package data?)", file=sys.stderr)
+        return 1
+    print(directory)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=program_name(sys.argv[0], "notifier"),
@@ -242,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "for the relay, then one line per message it receives.")
     discord_standin.add_arguments(standin_parser)
     standin_parser.set_defaults(run=standin)
+
+    kit_parser = commands.add_parser(
+        "producer-kit", help="print the directory of the Lisp or Rust producer kit",
+        description="Print the absolute directory of a producer kit shipped with this "
+                    "package: lisp (the ASDF system swimmy-notifier-producer) or rust (the "
+                    "crate swimmy-notifier-producer). See the README, 'Producers: Lisp and "
+                    "Rust'.")
+    kit_parser.add_argument("kind", choices=sorted(PRODUCER_KITS))
+    kit_parser.set_defaults(run=producer_kit)
     return parser
 
 
