@@ -467,6 +467,9 @@ class Relay:
                         dead_letters_rotated_out=self.dead_letters.rotated_out,
                         dead_letters_state=self.dead_letters.state,
                         dead_letters_reason=self.dead_letters.reason)
+        log_file = logs.file_state()
+        if log_file is not None:
+            snapshot.update(log_state=log_file[0], log_reason=log_file[1])
         if self.journal is not None:
             snapshot.update(journal_state=self.journal.state,
                             journal_corrupt_records=self.journal.corrupt_records)
