@@ -21,6 +21,26 @@ COUNTERS = ("received", "delivered", "drops", "rejected", "deduplicated", "faile
             "restored", "restored_in_flight", "invalid_requests_10m")
 
 
+MAX_WEBHOOKS = 100
+"""Webhooks listed in a snapshot, the most relevant first (`relevant`); the others are
+only counted, in `webhooks_left_out`: 9,000 webhooks holding messages in an outage would
+otherwise grow the file past what its readers accept. Every field of an entry is
+bounded (an id has at most 25 digits), so the whole file stays under `MAX_BYTES`."""
+
+MAX_BYTES = 512 * 1024
+"""The most a snapshot may take: half of the 1 MiB (`sexp.MAX_BYTES`) its readers accept."""
+
+
+def relevant(webhooks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `MAX_WEBHOOKS` webhooks an operator most needs to see: failing (or
+    quarantined) first, then those holding messages, then the most recently active."""
+    def rank(hook: dict[str, Any]) -> tuple:
+        failing = hook["failing_since"] is not None or hook["state"] == "quarantined"
+        active = max(hook["last_success_at"] or 0, hook["failing_since"] or 0)
+        return not failing, not hook["pending"], -active
+    return sorted(webhooks, key=rank)[:MAX_WEBHOOKS]
+
+
 def _unix(value: float | None) -> int | None:
     return None if value is None else int(value)
 
@@ -64,7 +84,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         rate_limited_by_scope=snapshot["rate_limited_by_scope"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}
-                  for hook in snapshot["webhooks"]],
+                  for hook in relevant(snapshot["webhooks"])],
+        webhooks_left_out=max(0, len(snapshot["webhooks"]) - MAX_WEBHOOKS),
         curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"])
     return entries
 

@@ -10,7 +10,8 @@ Exposed as a text file for node_exporter's textfile collector (rewritten atomica
 interval) and/or on ``/metrics`` over HTTP. `prometheus_client` does the formatting and
 the serving. Names follow Prometheus conventions: ``_total`` counters, base units
 (seconds, messages), and labels with bounded values; per-webhook series are labelled by
-webhook id (never the token), for at most `MAX_WEBHOOKS` webhooks.
+webhook id (never the token), for the webhooks the snapshot lists (at most
+`metrics.MAX_WEBHOOKS`, the most relevant).
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-
-MAX_WEBHOOKS = 100
-"""Webhooks with series of their own (in the snapshot's order), so that a producer that
-cycles through webhook URLs cannot grow the number of series without bound."""
 
 OUTCOMES = (("delivered", "delivered"), ("drops", "dropped"), ("rejected", "rejected"),
             ("deduplicated", "deduplicated"), ("failed", "failed"), ("lost", "lost"))
@@ -42,7 +39,7 @@ def _family(kind: type, name: str, doc: str, samples, labels: tuple[str, ...] = 
 def families(entries: dict[str, Any]) -> list[Metric]:
     """The metric families of one snapshot (`metrics.entries`)."""
     counter, gauge = CounterMetricFamily, GaugeMetricFamily
-    hooks = entries["webhooks"][:MAX_WEBHOOKS]
+    hooks = entries["webhooks"]  # capped by the snapshot: series cannot grow without bound
     requests_ok = entries["requests"] - entries["errors"] - entries["rate_limited"]
     return [
         _family(counter, "notifier_received_total", "Envelopes taken off the socket, and "
@@ -83,6 +80,8 @@ def families(entries: dict[str, Any]) -> list[Metric]:
         _family(counter, "notifier_webhook_messages_total", "Messages per webhook, by outcome",
                 [((str(hook["id"]), outcome), hook[key]) for hook in hooks
                  for key, outcome in WEBHOOK_OUTCOMES], ("webhook", "outcome")),
+        _family(gauge, "notifier_webhooks_left_out", "Webhooks without series of their own "
+                "(beyond the 100 most relevant)", [((), entries.get("webhooks_left_out", 0))]),
         _family(gauge, "notifier_webhook_queue_messages", "Messages held per webhook",
                 [((str(hook["id"]),), hook["pending"]) for hook in hooks], ("webhook",)),
         _family(gauge, "notifier_webhook_last_success_timestamp_seconds", "When a webhook last "

@@ -39,7 +39,7 @@ FUTURE_TOLERANCE_SEC = 300.0
 
 TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at")
 NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
-           "lost", *metrics.COUNTERS)
+           "lost", "webhooks_left_out", *metrics.COUNTERS)
 WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
                    "failing_since")
 
@@ -229,6 +229,9 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
             f"webhook {hook.get('id')}: {hook.get('state')}, delivered {hook.get('delivered')}, "
             f"pending {hook.get('pending')}, dropped {hook.get('dropped')}, failed "
             f"{hook.get('failed')}, last success {when(hook.get('last_success_at'), now)}")
+    if count("webhooks_left_out"):
+        report.lines.append(f"webhooks:  {count('webhooks_left_out')} more webhooks not listed "
+                            "(the snapshot lists the 100 most relevant)")
     for producer in get("producers") or []:
         report.lines.append(
             f"producer {producer.get('name')}: received {producer.get('received')}, "

@@ -6,10 +6,11 @@ import requests
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from notifier import prometheus
+from notifier import metrics, prometheus
 from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
 from tests.harness import assert_balanced, envelope_text, wait_until
+from tests.test_metrics import outbox_snapshot
 from tests.test_status import NOW, snapshot
 
 OUTCOMES = {"delivered": "delivered", "dropped": "drops", "rejected": "rejected",
@@ -75,15 +76,14 @@ def test_files_the_relay_writes_and_messages_lost_have_series():
     assert series[("notifier_messages_total", (("outcome", "lost"),))] == 2
 
 
-def test_per_webhook_series_are_bounded():
-    hooks = [{"id": str(n), "state": "ok", "pending": 0, "delivered": n, "dropped": 0,
-              "failed": 0, "last_success_at": None, "failing_since": None} for n in range(150)]
-    entries = dict(snapshot(state="running"), webhooks=hooks,
-                   rate_limited_by_scope={"route": 0, "shared": 0, "global": 0, "ban": 0})
-    text = exposition(entries)
-    webhooks = {labels for (name, labels) in samples(text)
+def test_per_webhook_series_are_those_of_the_snapshot_with_a_count_of_the_rest():
+    entries = metrics.entries(outbox_snapshot(150), now=NOW, started_at=NOW - 60, pid=1,
+                              interval=5.0)
+    series = samples(exposition(entries))
+    webhooks = {labels for (name, labels) in series
                 if name == "notifier_webhook_queue_messages"}
-    assert len(webhooks) == prometheus.MAX_WEBHOOKS
+    assert len(webhooks) == metrics.MAX_WEBHOOKS
+    assert series[("notifier_webhooks_left_out", ())] == 50
 
 
 def test_the_relay_serves_metrics_and_writes_the_textfile_with_the_snapshots_numbers(
