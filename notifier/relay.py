@@ -106,6 +106,8 @@ class Relay:
         self._summarized: dict = {}  # the counters when the last summary line was logged
         self._summarized_at = time.monotonic()
         self._exporter = None  # notifier.prometheus.Exporter, when asked for
+        self._listener = None  # notifier.prometheus.Listener, with a /metrics address
+        self._metrics_file = files.WriteState("metrics file", settings.metrics_file)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,14 +121,16 @@ class Relay:
                              validate.exit_code(found))
         try:
             for path in (settings.metrics_file, settings.pending_file,
-                         settings.dead_letter_file):
+                         settings.dead_letter_file, settings.prometheus_file):
+                if path is None:
+                    continue
                 path.parent.mkdir(parents=True, exist_ok=True)
                 files.remove_stale_temps(path)
         except OSError as exc:
             raise RelayError(f"cannot use the data directory: {exc}", validate.code_for(exc)) \
                 from None
         if settings.prometheus_file or settings.metrics_listen:
-            self._exporter = _exporter(settings)
+            self._exporter, self._listener = _exporter(settings)
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.IPV6, settings.ipv6)
@@ -153,6 +157,8 @@ class Relay:
         for number in range(settings.senders):
             self._spawn(f"sender-{number + 1}", self._send_loop)
         self._background.append(self._spawn("metrics", self._metrics_loop))
+        if self._listener is not None:
+            self._background.append(self._spawn("metrics-http", self._listen_loop))
         if self.journal is not None:
             self._background.append(self._spawn("journal", self.journal.run, self._stopping))
         log.info("relay started endpoint=%s curve=%s durable=%s queue_max=%d senders=%d "
@@ -238,8 +244,8 @@ class Relay:
         self._write_metrics(saved=len(held) if saved else 0)
         for thread in self._threads[1:]:
             thread.join(timeout=1.0)
-        if self._exporter is not None:
-            self._exporter.close()
+        if self._listener is not None:
+            self._listener.close()
         self._wake.close()
         if self._clients is not None:
             self._clients.stop()
@@ -460,9 +466,18 @@ class Relay:
             if self._clients is not None and not self._clients.alive():
                 raise RelayError("the CURVE authenticator thread died: no producer can connect")
 
+    def _listen_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._listener.loop(0.5)
+
     def _write_metrics(self, saved: int | None = None) -> None:
         now = time.time()
         snapshot = self.outbox.snapshot()
+        snapshot.update(metrics_state=self._metrics_file.state,
+                        metrics_reason=self._metrics_file.reason)
+        if self.settings.prometheus_file is not None:
+            snapshot.update(prometheus_state=self._exporter.file.state,
+                            prometheus_reason=self._exporter.file.reason)
         snapshot.update(dead_letters=self.dead_letters.written,
                         dead_letters_rotated_out=self.dead_letters.rotated_out,
                         dead_letters_state=self.dead_letters.state,
@@ -478,16 +493,10 @@ class Relay:
                                   pid=os.getpid(), interval=self.settings.metrics_interval,
                                   saved=saved, curve=self._clients is not None,
                                   insecure_bind=self._insecure)
-        try:
+        with self._metrics_file:
             metrics.write(self.settings.metrics_file, metrics.render(entries))
-        except OSError as exc:
-            log.error("cannot write metrics to %s: %s", self.settings.metrics_file, exc)
         if self._exporter is not None:
-            try:
-                self._exporter.update(entries)
-            except OSError as exc:
-                log.error("cannot write Prometheus metrics to %s: %s",
-                          self.settings.prometheus_file, exc)
+            self._exporter.update(entries)
 
     def _summarize(self, snapshot: dict, final: bool) -> None:
         elapsed = time.monotonic() - self._summarized_at
@@ -549,14 +558,18 @@ class Relay:
 
 
 def _exporter(settings: Config):
-    """The Prometheus exposition the settings ask for; RelayError if it cannot be had."""
+    """The Prometheus exposition the settings ask for, and its /metrics listener when
+    asked; RelayError if they cannot be had."""
     try:
-        from notifier.prometheus import Exporter
+        from notifier.prometheus import Exporter, Listener
     except ImportError:
         raise RelayError("Prometheus metrics need prometheus_client: pip install "
                          "'swimmy-notifier[prometheus]'", validate.OPERATOR) from None
+    exporter = Exporter(settings.prometheus_file)
+    if settings.metrics_listen is None:
+        return exporter, None
     try:
-        return Exporter(settings.prometheus_file, settings.metrics_listen)
+        return exporter, Listener(settings.metrics_listen, exporter.exposition)
     except OSError as exc:
         host, port = settings.metrics_listen
         raise RelayError(f"cannot serve metrics on {host}:{port}: {exc.strerror}",

@@ -75,6 +75,7 @@ class RelayProcess:
                     "SWIMMY_NOTIFIER_LOG_LEVEL": "debug",  # tests read per-message lines
                     **{f"SWIMMY_NOTIFIER_{key.upper()}": value for key, value in settings.items()}}
         self.command = [sys.executable, "-m", "notifier"]  # tests may prefix it
+        self.preexec_fn: Callable[[], None] | None = None  # in the child: resource limits
         self.process: subprocess.Popen | None = None
 
     @property
@@ -82,7 +83,7 @@ class RelayProcess:
         return f"tcp://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> "RelayProcess":
-        self.process = subprocess.Popen(self.command, env=self.env,
+        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=self.preexec_fn,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         pid = self.process.pid
         wait_until(lambda: self._alive_or_fail() and (self.metrics() or {}).get("pid") == pid,

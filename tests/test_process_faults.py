@@ -1,0 +1,131 @@
+"""The relay never dies, hangs or stops delivering because of its own log, threads,
+signals or listeners: each case as an operator met it, with the relay as a real process,
+real signals, the stand-in for Discord."""
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from notifier.standin import DiscordStandIn
+from tests.harness import RelayProcess, contents, envelope_text, free_port, wait_until
+
+
+@pytest.fixture
+def discord():
+    with DiscordStandIn() as standin:
+        yield standin
+
+
+def status(relay: RelayProcess) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "notifier", "status", "--home",
+                           str(relay.home)], capture_output=True, text=True, timeout=60)
+
+
+def with_log_directory(relay: RelayProcess):
+    """Its log in a directory of its own, ``logs/``, that a test can remove."""
+    relay.log_file = relay.home / "logs" / "relay.log"
+    relay.env["SWIMMY_NOTIFIER_LOG_FILE"] = str(relay.log_file)
+    return relay
+
+
+def threads(relay: RelayProcess) -> int:
+    return len(os.listdir(f"/proc/{relay.process.pid}/task"))
+
+
+def scrape(port: int) -> str | None:
+    try:
+        answer = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    except requests.RequestException:
+        return None
+    return answer.text if answer.status_code == 200 else None
+
+
+# ---------------------------------------------------------------------- /metrics
+
+def test_300_idle_metrics_connections_under_a_low_descriptor_limit_starve_nothing(
+        tmp_path, discord, pushers):
+    """247 connections that sent a request line and nothing more used to exhaust
+    ``ulimit -n 256``: no scrape, no send, no metrics file."""
+    port = free_port()
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}",
+                         metrics_listen=f"127.0.0.1:{port}", log_level="info")
+    relay.preexec_fn = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    idle: list[socket.socket] = []
+    try:
+        relay.start()
+        before = threads(relay)
+        for n in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            if n % 2:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request
+            idle.append(sock)
+        assert threads(relay) == before  # no thread per connection
+        pusher = pushers(relay.endpoint)
+        for i in range(20):
+            pusher.send(envelope_text(discord.webhook_url(1), f"m{i}"))
+        first = relay.wait_metrics(lambda m: m["delivered"] == 20, what="20 delivered")
+        relay.wait_metrics(lambda m: m["timestamp"] > first["timestamp"], what="fresh metrics")
+        served = wait_until(lambda: scrape(port), 30, what="a normal scrape answered")
+        assert 'notifier_messages_total{outcome="delivered"} 20.0' in served
+        sent = subprocess.run([sys.executable, "-m", "notifier", "send", "--webhook",
+                               discord.webhook_url(1), "--port", str(relay.port), "via send"],
+                              env=relay.env, timeout=60,
+                              capture_output=True, text=True)
+        assert sent.returncode == 0, sent.stderr
+        relay.wait_metrics(lambda m: m["delivered"] == 21, what="send delivered")
+        assert contents(discord, 1)[-1] == "via send"
+        assert relay.stop() == 0
+    finally:
+        for sock in idle:
+            sock.close()
+        relay.kill()
+    assert "Too many open files" not in relay.log()
+
+
+# ---------------------------------------------------------------------- the log
+
+@pytest.mark.parametrize("hangup", [False, True], ids=["removed", "removed-then-sighup"])
+def test_a_removed_log_directory_stops_nothing(tmp_path, discord, pushers, hangup):
+    """Every log call used to raise: all senders died, 0 of 60 delivered, and SIGTERM
+    (or SIGHUP's reopen) exited 1 without a save."""
+    relay = with_log_directory(RelayProcess(tmp_path, f"127.0.0.1:{discord.port}"))
+    relay.start()
+    pusher = pushers(relay.endpoint)
+    for i in range(30):
+        pusher.send(envelope_text(discord.webhook_url(1), f"m{i}"))
+    relay.wait_metrics(lambda m: m["delivered"] >= 1, what="delivering")
+    shutil.rmtree(relay.log_file.parent)
+    for i in range(30, 60):
+        pusher.send(envelope_text(discord.webhook_url(1 + i % 3), f"m{i}"))
+    if hangup:
+        relay.process.send_signal(signal.SIGHUP)  # the reopen fails: the relay runs on
+    snapshot = relay.wait_metrics(lambda m: m["delivered"] == 60 and m["log_state"] == "failed",
+                                  what="60 delivered without a log")
+    assert snapshot["log_reason"] == "No such file or directory"
+    told = status(relay)
+    assert told.returncode == 1, told.stdout
+    assert "the log file cannot be written: No such file or directory" in told.stdout
+    if hangup:
+        relay.log_file.parent.mkdir()
+        relay.process.send_signal(signal.SIGHUP)
+        relay.wait_metrics(lambda m: m["log_state"] == "ok", what="the log back on SIGHUP")
+        assert "writable again" in relay.log()
+    relay.process.send_signal(signal.SIGTERM)
+    _, stderr = relay.process.communicate(timeout=30)
+    assert relay.process.returncode == 0
+    final = relay.metrics()
+    assert (final["state"], final["delivered"], final["pending"]) == ("stopped", 60, 0)
+    assert sorted(contents(discord, 1) + contents(discord, 2) + contents(discord, 3),
+                  key=lambda text: int(text[1:])) == [f"m{i}" for i in range(60)]
+    said = stderr.decode()
+    assert said.count("cannot write the log file") == 1  # once, then the lines themselves
+    assert "delivered webhook=" in said and ("writable again" in said) == hangup
+    if not hangup:
+        assert "stopped: all delivered" in said
