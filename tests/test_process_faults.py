@@ -129,3 +129,18 @@ def test_a_removed_log_directory_stops_nothing(tmp_path, discord, pushers, hangu
     assert "delivered webhook=" in said and ("writable again" in said) == hangup
     if not hangup:
         assert "stopped: all delivered" in said
+
+
+# ---------------------------------------------------------------------- settings
+
+@pytest.mark.parametrize("value", ["1e10", "1e300"])
+def test_a_huge_metrics_interval_is_a_bad_setting_at_start_and_in_validate(tmp_path, value):
+    """It used to pass both, then kill the metrics thread (OverflowError): exit 1."""
+    relay = RelayProcess(tmp_path, "", metrics_interval_sec=value)
+    for command in (relay.command, relay.command + ["validate"]):
+        ran = subprocess.run(command, env=relay.env, capture_output=True, text=True,
+                             timeout=60)
+        assert ran.returncode == 2, ran.stderr
+        assert (f"SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC: must be a finite number of seconds "
+                f"from 0.05 to 3600, got '{value}'") in ran.stderr
+    assert not relay.metrics_file.exists()
