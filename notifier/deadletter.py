@@ -162,6 +162,11 @@ class DeadLetters:
             self._thread.join(timeout)
         return done
 
+    def alive(self) -> bool:
+        """False if the writer thread died (the relay's supervisor watches it)."""
+        with self._changed:
+            return self._closed or self._thread is None or self._thread.is_alive()
+
     # ------------------------------------------------------------------ the writer thread
 
     def _run(self) -> None:

@@ -42,7 +42,8 @@ class Watchdog:
         self._deadline: float | None = None
         self._closed = False
         self._changed = threading.Condition()
-        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
 
     def __enter__(self) -> "Watchdog":
         with self._changed:
@@ -59,6 +60,11 @@ class Watchdog:
         with self._changed:
             self._closed = True
             self._changed.notify()
+
+    def alive(self) -> bool:
+        """False if its thread died (the relay's supervisor watches it): its sender's
+        requests would have no deadline."""
+        return self._closed or self._thread.is_alive()
 
     def adapter(self) -> HTTPAdapter:
         """An adapter whose connections tell this watchdog the socket of each request."""
