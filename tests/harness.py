@@ -32,6 +32,16 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
         time.sleep(interval)
 
 
+class Clock:
+    """A clock a test moves by hand: ``clock.now += 5``."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def assert_balanced(snapshot: Alist) -> None:
     """Every message the relay received is in exactly one place."""
     parts = {key: snapshot[key] for key in BALANCE}

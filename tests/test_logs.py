@@ -12,7 +12,7 @@ import pytest
 
 from notifier import logs, metrics
 from notifier.standin import DiscordStandIn
-from tests.harness import envelope_text
+from tests.harness import Clock, envelope_text
 
 BEFORE = dict.fromkeys(("received", "delivered", "rejected", "deduplicated", "drops", "failed",
                         "retries", "rate_limited", "pending"), 0)
@@ -61,13 +61,6 @@ def test_the_relay_at_info_in_json_logs_events_and_a_summary_not_every_message(r
 
 
 # ---------------------------------------------------------------------- a log that cannot stop anything
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

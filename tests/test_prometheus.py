@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from notifier import metrics, prometheus
 from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
-from tests.harness import assert_balanced, envelope_text, wait_until
+from tests.harness import Clock, assert_balanced, envelope_text, wait_until
 from tests.test_metrics import outbox_snapshot
 from tests.test_status import NOW, snapshot
 
@@ -121,13 +121,6 @@ def test_the_relay_serves_metrics_and_writes_the_textfile_with_the_snapshots_num
 
 
 # ---------------------------------------------------------------------- the /metrics listener
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -11,15 +11,8 @@ import pytest
 
 from notifier import signals, supervisor
 from notifier.supervisor import CannotGoOn, Supervisor
-from tests.harness import wait_until
+from tests.harness import Clock, wait_until
 
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Steps:
