@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -35,7 +34,7 @@ import time
 import zmq
 import zmq.utils.monitor
 
-from notifier import curve, envelope, files, logs, metrics, pending, validate
+from notifier import curve, envelope, files, logs, metrics, pending, signals, validate
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy
@@ -54,6 +53,8 @@ PREVIEW_CHARS = 80
 GRACE_SEC = 3.0
 """After the drain, how long requests still in flight get to come back: what Discord
 answers in that time is recorded, so a delivered message is not saved and posted again."""
+TICK_SEC = 1.0
+"""How long the main thread waits for a signal before it looks at the threads again."""
 SUMMARY_EVERY_SEC = 60.0  # the INFO line of what the relay did, instead of a line per message
 
 
@@ -86,8 +87,6 @@ class Relay:
                              dead_letters=self.dead_letters)
         self._context = zmq.Context()
         self._wake: zmq.Socket | None = None
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # for the main thread:
-        # a signal number, or "stop" from a failed thread
         self._clients: curve.Clients | None = None  # with CURVE
         self._monitor: zmq.Socket | None = None  # the PULL socket's failed handshakes
         self._refusal_log = Throttle(burst=10, interval=60.0)
@@ -202,7 +201,6 @@ class Relay:
             log.exception("%s thread failed; stopping the relay",
                           threading.current_thread().name)
             self.failed = True
-            self._requests.put("stop")
 
     def stop(self) -> bool:
         """Stop receiving; deliver for up to ``drain_sec``; give requests in flight
@@ -258,20 +256,19 @@ class Relay:
                      "all delivered" if delivered else "drain time over", len(held), where)
         return saved or not held
 
-    def serve(self) -> bool:
-        """Run until SIGTERM or SIGINT, then stop gracefully (returns what `stop` does);
-        on SIGHUP, reload. The handlers only queue the signal: the work happens here, on
-        the main thread, outside signal context."""
-        previous = {sig: signal.signal(sig, lambda signum, _: self._requests.put(signum))
-                    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        try:
-            self.start()
-            while self._requests.get() == signal.SIGHUP:
+    def serve(self, caught: signals.Signals) -> bool:
+        """Run until SIGTERM or SIGINT (or a thread that failed), then stop gracefully
+        (returns what `stop` does); on SIGHUP, reload. The signals come through `caught`,
+        whichever thread the kernel gave them to; the work happens here, on the main
+        thread, outside signal context, and it never waits without a timeout."""
+        self.start()
+        while not self.failed:
+            received = caught.wait(TICK_SEC)
+            if any(signum in signals.STOP for signum in received):
+                break
+            if signal.SIGHUP in received:
                 self._hangup()
-            return self.stop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return self.stop()
 
     def _hangup(self) -> None:
         """SIGHUP: reopen the log file (logrotate's postrotate) and re-read the CURVE
@@ -576,12 +573,14 @@ def _exporter(settings: Config):
                          validate.code_for(exc)) from None
 
 
-def run(settings: Config) -> int:
+def run(settings: Config, caught: signals.Signals) -> int:
     """``python -m notifier``: serve until signalled. Returns the exit code."""
     relay = Relay(settings)
     try:
-        saved = relay.serve()
+        saved = relay.serve(caught)
     except RelayError as exc:
         log.error("cannot start: %s", exc)
         return exc.code
+    finally:
+        caught.ignore()
     return 1 if relay.failed or not saved else 0

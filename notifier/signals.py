@@ -70,6 +70,13 @@ class Signals:
             os.kill(os.getpid(), signum)
 
 
+    def ignore(self) -> None:
+        """The relay has stopped: from now on the signals are ignored, so that none can
+        kill it while the interpreter finalizes (which resets handlers, not SIG_IGN)."""
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def _noted(signum: int, frame) -> None:
     """The Python-level handler: nothing to do, the C-level one wrote to the pipe (a
     handler must be set for it to), and the main thread reads it."""

@@ -92,9 +92,15 @@ class RelayProcess:
     def endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> "RelayProcess":
+    def launch(self) -> "RelayProcess":
+        """Start the process and return at once (`start` waits for its first metrics)."""
         self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=self.preexec_fn,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    def start(self, timeout: float = 30) -> "RelayProcess":
+        if self.process is None:
+            self.launch()
         pid = self.process.pid
         wait_until(lambda: self._alive_or_fail() and (self.metrics() or {}).get("pid") == pid,
                    timeout, what="the relay's first metrics")

@@ -2,6 +2,7 @@
 signals or listeners: each case as an operator met it, with the relay as a real process,
 real signals, the stand-in for Discord."""
 
+import ctypes
 import os
 import resource
 import shutil
@@ -9,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 import requests
@@ -144,3 +147,91 @@ def test_a_huge_metrics_interval_is_a_bad_setting_at_start_and_in_validate(tmp_p
         assert (f"SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC: must be a finite number of seconds "
                 f"from 0.05 to 3600, got '{value}'") in ran.stderr
     assert not relay.metrics_file.exists()
+
+
+# ---------------------------------------------------------------------- signals
+
+def block_sighup() -> None:
+    """In the child, before the exec: what the unit's ``env --block-signal=HUP`` does
+    (without env's own first half-millisecond), so that a SIGHUP sent while the Python
+    interpreter itself starts waits for the relay's handler."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+@pytest.mark.parametrize("delay_ms", [0, 10, 50, 100])
+def test_sighup_from_the_first_millisecond_never_stops_the_relay(tmp_path, discord, pushers,
+                                                                 delay_ms):
+    """At 50 or 100 ms after start, SIGHUP used to kill 2 tries in 8: its handler came
+    after all the imports."""
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}", log_level="info")
+    relay.preexec_fn = block_sighup
+    relay.launch()
+    threading.Event().wait(delay_ms / 1000)  # the moment chosen, not a wait for something
+    relay.process.send_signal(signal.SIGHUP)
+    relay.start()
+    wait_until(lambda: "SIGHUP: log reopened" in relay.log(), 30, what="the SIGHUP handled")
+    pushers(relay.endpoint).send(envelope_text(discord.webhook_url(1), "after"))
+    relay.wait_metrics(lambda m: m["delivered"] == 1, what="delivered")
+    assert relay.stop() == 0
+
+
+def test_the_handlers_come_before_any_other_import(tmp_path):
+    """`python -m notifier` installs them before importing anything but the standard
+    library's signal, select and os, so the window for a SIGHUP nobody catches is the
+    interpreter's own start-up."""
+    ran = subprocess.run([sys.executable, "-X", "importtime", "-m", "notifier", "--version"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    imported = [line.rsplit("|", 1)[1].strip() for line in ran.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line]
+    first = imported.index("notifier.signals")
+    assert not {"argparse", "zmq", "requests", "notifier.config", "notifier.envelope",
+                "notifier.logs"} & {name.strip() for name in imported[:first]}
+    assert {"argparse", "notifier.config"} <= {name.strip() for name in imported[first:]}
+
+
+def tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send `signum` to one thread of another process (as the kernel may choose it)."""
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def other_threads_taking(pid: int, signum: int) -> list[int]:
+    """The threads of `pid` but its main one that do not block `signum` (ZeroMQ's own
+    threads block every signal: the kernel never gives them one)."""
+    found = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        blocked = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("SigBlk:")), 16)
+        if int(task) != pid and not blocked & (1 << (signum - 1)):
+            found.append(int(task))
+    return found
+
+
+def test_sigterm_ends_the_relay_whichever_thread_takes_it_with_idle_scrapers(
+        tmp_path, discord, pushers):
+    """With one idle /metrics connection, about 1 SIGTERM in 10 was ignored: the kernel
+    gave it to another thread, and the main thread waited without a timeout. Here each
+    SIGTERM goes to a thread other than the main one, a different one each time."""
+    for attempt in range(10):
+        home = tmp_path / str(attempt)
+        home.mkdir()
+        port = free_port()
+        relay = RelayProcess(home, f"127.0.0.1:{discord.port}", metrics_listen=f"127.0.0.1:{port}")
+        scrapers: list[socket.socket] = []
+        try:
+            relay.start()
+            scrapers = [socket.create_connection(("127.0.0.1", port), timeout=30)
+                        for _ in range(2)]
+            scrapers[1].sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request
+            pushers(relay.endpoint).send(envelope_text(discord.webhook_url(1), f"m{attempt}"))
+            relay.wait_metrics(lambda m: m["delivered"] == 1, what="delivered")
+            others = other_threads_taking(relay.process.pid, signal.SIGTERM)
+            tgkill(relay.process.pid, others[attempt * 7 % len(others)], signal.SIGTERM)
+            assert relay.process.wait(1 + 3 + 10) == 0  # drain, grace, and a margin
+            assert relay.metrics()["state"] == "stopped"
+        finally:
+            for sock in scrapers:
+                sock.close()
+            relay.kill()
