@@ -99,8 +99,10 @@ class RelayProcess:
         return self
 
     def start(self, timeout: float = 30) -> "RelayProcess":
-        if self.process is None:
-            self.launch()
+        return self.launch().wait_started(timeout)
+
+    def wait_started(self, timeout: float = 30) -> "RelayProcess":
+        """Wait for the launched process's first metrics (failing if it exits)."""
         pid = self.process.pid
         wait_until(lambda: self._alive_or_fail() and (self.metrics() or {}).get("pid") == pid,
                    timeout, what="the relay's first metrics")

@@ -168,7 +168,7 @@ def test_sighup_from_the_first_millisecond_never_stops_the_relay(tmp_path, disco
     relay.launch()
     threading.Event().wait(delay_ms / 1000)  # the moment chosen, not a wait for something
     relay.process.send_signal(signal.SIGHUP)
-    relay.start()
+    relay.wait_started()
     wait_until(lambda: "SIGHUP: log reopened" in relay.log(), 30, what="the SIGHUP handled")
     pushers(relay.endpoint).send(envelope_text(discord.webhook_url(1), "after"))
     relay.wait_metrics(lambda m: m["delivered"] == 1, what="delivered")
