@@ -27,9 +27,11 @@ written by Lisp can be rewritten with the untouched entries byte for byte as the
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 import re
+import sys
 from fractions import Fraction
 from typing import Any, NamedTuple
 
@@ -295,9 +297,11 @@ def _symbol_parts(token: str) -> tuple[str | None, str]:
     makes them: bars and backslashes escape, every unescaped run goes through
     `sbcl_tokens.name_case`, and one package marker (``:`` or ``::``) at most, with
     something after it. ``:x`` and ``::x`` are keywords; ``||:x`` names the package
-    ``""``."""
+    ``""``. A colon right after a sign and a dot is part of the name (``+.:x``): SBCL's
+    reader has no package marker in that state."""
     package, parts, barred = None, [], False
     i, n = 0, len(token)
+    plain_colon = 2 if token[:3] in ("+.:", "-.:") else -1
     while i < n:
         c = token[i]
         if c == "\\":
@@ -310,7 +314,7 @@ def _symbol_parts(token: str) -> tuple[str | None, str]:
             parts.append(_unescape(token[i + 1:end]))
             barred = True
             i = end + 1
-        elif c == ":":
+        elif c == ":" and i != plain_colon:
             if package is not None:
                 raise SexpError(f"bad package marker in symbol {quote(token)}: more than one")
             package = "".join(parts) if parts or barred else "KEYWORD"
@@ -320,7 +324,7 @@ def _symbol_parts(token: str) -> tuple[str | None, str]:
                 raise SexpError(f"bad package marker in symbol {quote(token)}: nothing after it")
         else:
             end = i
-            while end < n and token[end] not in "\\|:":
+            while end < n and (token[end] not in "\\|:" or end == plain_colon):
                 end += 1
             parts.append(sbcl_tokens.name_case(token[i:end]))
             i = end
@@ -691,13 +695,32 @@ def _key_token(key: Any) -> str:
     return _bars(key)
 
 
-def _float_token(value: float) -> str:
-    if not math.isfinite(value):
-        raise SexpError(f"{value!r} cannot be written: Lisp has no readable NaN or infinity")
-    mantissa, _, exponent = repr(value).partition("e")
+def _double_token(decimal: str) -> str:
+    """``1.5e-7`` -> ``1.5d-7``, ``2e+20`` -> ``2.0d20``."""
+    mantissa, _, exponent = decimal.partition("e")
     if "." not in mantissa:
         mantissa += ".0"
     return f"{mantissa}d{int(exponent or 0)}"
+
+
+def _float_token(value: float) -> str:
+    if not math.isfinite(value):
+        raise SexpError(f"{value!r} cannot be written: Lisp has no readable NaN or infinity")
+    if value != 0 and abs(value) < sys.float_info.min:
+        return _subnormal_token(value)
+    return _double_token(repr(value))
+
+
+def _subnormal_token(value: float) -> str:
+    """The shortest token SBCL reads back as subnormal `value`: SBCL truncates subnormals
+    where Python rounds, so Python's shortest digits may read one step lower there."""
+    exact = decimal.Decimal(abs(value))
+    for digits in range(1, 18):
+        for rounding in (decimal.ROUND_HALF_EVEN, decimal.ROUND_CEILING):
+            token = _double_token(f"{decimal.Context(digits, rounding=rounding).plus(exact):e}")
+            if sbcl_tokens.number(token) == abs(value):
+                return ("-" if value < 0 else "") + token
+    raise AssertionError(f"no token for {value!r}")  # not reached: 17 digits rounded up do
 
 
 def _write(value: Any, out: list[str]) -> None:

@@ -68,7 +68,8 @@ def find_sbcl() -> str | None:
 # single float), D bits (a double), Y package name (a symbol: package - for CL-USER and
 # CL, : for KEYWORD, p and its name's code points; the name as hex code points), O (any
 # other datum, such as (quote 1)). The reader's judgement of a token alone: a package
-# the token names is made when missing, a symbol not external is taken anyway.
+# the token names is made when missing, a symbol not external is taken anyway, and
+# package locks (CL's) are off, so that cl:x is read, not refused by a lock.
 _TOKEN_LISP = r"""
 (defun read-whole (text)
   (loop
@@ -78,9 +79,10 @@ _TOKEN_LISP = r"""
                            (lambda (e) (when (packagep (package-error-package e)) (continue e)))))
             (with-standard-io-syntax
               (let ((*read-eval* nil))
-                (with-input-from-string (in text)
-                  (let ((datum (read in)))
-                    (if (eq (read in nil in) in) datum :error)))))))
+                (sb-ext:without-package-locks
+                  (with-input-from-string (in text)
+                    (let ((datum (read in)))
+                      (if (eq (read in nil in) in) datum :error))))))))
       (sb-int:simple-reader-package-error (e)
         (let ((name (package-error-package e)))
           (if (and (stringp name) (not (find-package name)))

@@ -214,11 +214,10 @@ def key_strategy():
     return st.text(min_size=0, max_size=12).filter(lambda k: sbcl_tokens.printed_case(k) == k)
 
 
-def nested_data(allow_subnormal=True):
+def nested_data():
     """Nested dicts and lists of what the writer prints and the reader gives back."""
     scalars = (st.none() | st.just(True) | st.integers() | st.text(max_size=40)
-               | st.floats(allow_nan=False, allow_infinity=False,
-                           allow_subnormal=allow_subnormal))
+               | st.floats(allow_nan=False, allow_infinity=False))
     return st.recursive(
         scalars,
         lambda children: (
