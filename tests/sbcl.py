@@ -2,6 +2,7 @@
 them back with the Lisp side's printer settings: the judge of what our writer prints."""
 
 import io
+import re
 import shutil
 import struct
 import subprocess
@@ -219,6 +220,14 @@ def describe(value, x: int | None = None) -> str:
                    else "p" + codes(value.package))
         return f"Y {package} {codes(value.name, x)}"
     return "O"
+
+
+def refused_on_purpose(token: str, ours: str, theirs: str) -> bool:
+    """Data SBCL reads that our reader refuses by design: quote and backquote forms
+    (``'x``), and a package prefix before a separate datum (``pkg:: x``, read by SBCL in
+    that package)."""
+    return ours == "E" and theirs != "E" and (
+        token[:1] in ("'", "`") or re.search(r"::[ \t\n\r\f]", token) is not None)
 
 
 def read_or_error(text: str):
