@@ -55,7 +55,7 @@ _UNASSIGNED = re.compile("([" + "".join(f"{chr(first)}-{chr(last)}"
 
 # The number syntax of SBCL's reader, with any script's digits already made ASCII.
 _NUMBER_START = frozenset("0123456789+-.")
-_EXPONENT_AS_E = str.maketrans("sfSF", "eeee")
+_EXPONENT_AS_E = str.maketrans("sfdlSFDL", "eeeeeeee")
 _INTEGER = re.compile(r"[+-]?[0-9]+\.?\Z")
 _RATIO = re.compile(r"([+-]?[0-9]+)/([0-9]+)\Z")
 _FLOAT = re.compile(r"([+-]?)([0-9]*)(?:\.([0-9]*))?(?:([esfdlrESFDLR])([+-]?[0-9]+))?\Z")
@@ -66,16 +66,25 @@ time); SBCL would read a longer number, the reader refuses it."""
 
 
 class _Format:
-    """An IEEE binary format as SBCL's float code sees it."""
+    """An IEEE binary format as SBCL's float code sees it.
 
-    def __init__(self, digits: int, bias: int, max_field: int):
+    `fast_digits` and `fast_scale`: for a decimal of fewer digits (as an integer) times
+    a power of ten in that range, SBCL rounds correctly, as Python's float() does, and
+    nothing overflows or is subnormal: the integer stays below 2**(digits + 64), where
+    ``bignum-to-float`` judges ties right, and ``float-ratio`` shifts no set bit out of
+    the numerator."""
+
+    def __init__(self, digits: int, bias: int, max_field: int, fast_digits: int,
+                 fast_scale: range):
         self.digits = digits        # significand bits, hidden bit included
         self.bias = bias            # SBCL's bias: a significand read as [0.5, 1)
         self.max_field = max_field  # the largest exponent field of a finite number
+        self.fast_digits = fast_digits
+        self.fast_scale = fast_scale
 
 
-_SINGLE = _Format(24, 126, 254)
-_DOUBLE = _Format(53, 1022, 2046)
+_SINGLE = _Format(24, 126, 254, 1 << 25, range(-22, 11))
+_DOUBLE = _Format(53, 1022, 2046, 1 << 53, range(-22, 20))
 _FORMATS = {"e": _SINGLE, "s": _SINGLE, "f": _SINGLE, "d": _DOUBLE, "l": _DOUBLE, "r": None}
 _MOST_POSITIVE_FIXNUM = (1 << 62) - 1
 _WORD = 64  # SBCL's bignum digit size on x86-64
@@ -151,10 +160,22 @@ def number(token: str):
         return NOT_A_NUMBER
     if ascii_token is not token and not token[len(sign) + len(whole):].isascii():
         return NOT_A_NUMBER  # a digit of another script after the point or in the exponent
-    value = _float(_digits(whole + fraction), 10 ** len(fraction),
-                   _digits(exponent) if marker else None, (marker or "e").lower(),
-                   ascii_token[len(sign):])
+    digits, marker = _digits(whole + fraction), (marker or "e").lower()
+    scale = (_digits(exponent) if exponent else 0) - len(fraction)
+    form = _FORMATS[marker]
+    if form is not None and digits < form.fast_digits and scale in form.fast_scale:
+        value = float(ascii_token.translate(_EXPONENT_AS_E))
+        if form is _DOUBLE or not _between_singles(value):
+            return value
+    value = _float(digits, 10 ** len(fraction), _digits(exponent) if exponent else None,
+                   marker, ascii_token[len(sign):])
     return -value if sign == "-" else value
+
+
+def _between_singles(value: float) -> bool:
+    """Whether double `value` lies exactly halfway between two single floats (normal
+    ones): rounding it again may then not be what rounding the decimal once gives."""
+    return struct.unpack("<Q", struct.pack("<d", value))[0] & 0x1FFFFFFF == 0x10000000
 
 
 def _truncate_exponent(exponent: int, number: int, divisor: int) -> int:
