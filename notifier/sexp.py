@@ -5,12 +5,15 @@ numbers, symbols and a few ``#`` forms SBCL prints (``#A((n) base-char . "...")`
 ``#t``/``#f``), and refuses everything else (``#.`` above all) with a `SexpError` that
 carries the line and column. It is iterative, so nesting is limited by `max_depth`, not
 by Python's recursion limit, and input over `max_bytes` is refused before any work.
+Each token means what it means to SBCL 2.2.9's reader, number or symbol, value, case
+and all (`notifier.sbcl_tokens`); whitespace and invalid characters are SBCL's too.
 
 Two views of what was read:
 
 * the Lisp view (`read`): ``nil``/``()`` -> None, ``t``/``#t`` -> True, ``#f`` -> False,
-  integers, `Fraction` for ratios, floats, strings, `Symbol`, proper lists -> `list`,
-  improper lists -> `DottedList`;
+  integers, `Fraction` for ratios, floats (`WrittenFloat`, keeping the token, with
+  ``written_floats=True``), strings, `Symbol`, proper lists -> `list`, improper lists ->
+  `DottedList`;
 * the Python view (`loads` or `to_python`): the same, except that an alist (a non-empty
   proper list whose every element is a cons with a symbol car) becomes an `Alist`, an
   ordered dict whose values are each entry's cdr and whose lookups ignore package prefix,
