@@ -1,5 +1,8 @@
-"""A long-lived SBCL process that reads S-expressions the way the Lisp side does and prints
-them back with the Lisp side's printer settings: the judge of what our writer prints."""
+"""SBCL as the judge. `Sbcl`: a long-lived SBCL process that reads S-expressions the way
+the Lisp side does and prints them back with the Lisp side's printer settings: the judge
+of what our writer prints. `SbclTokens` and `sbcl_fixture`: SBCL's own reading of tokens,
+one line each, the judge of our reader (tests/test_sexp_sbcl_tokens.py, scripts/fuzz.py,
+scripts/gen_sbcl_tokens.py)."""
 
 import io
 import re
