@@ -69,8 +69,9 @@ def find_sbcl() -> str | None:
 # --------------------------------------------------------------------------- tokens
 
 # What SBCL's reader makes of a token, as one line: E (an error), I n, R n d, S bits (a
-# single float), D bits (a double), Y package name (a symbol: package - for CL-USER and
-# CL, : for KEYWORD, p and its name's code points; the name as hex code points), O (any
+# single float), D bits (a double), Y package name (a symbol: package - for one an
+# unqualified token reads, such as CL-USER::X, CL:NIL or SB-EXT:GC, : for a keyword, else
+# p and its home package's name as code points; the name as hex code points), O (any
 # other datum, such as (quote 1)). The reader's judgement of a token alone: a package
 # the token names is made when missing, a symbol not external is taken anyway, and
 # package locks (CL's) are off, so that cl:x is read, not refused by a lock.
@@ -118,8 +119,8 @@ _TOKEN_LISP = r"""
     (symbol
      (let ((home (symbol-package datum)))
        (format nil "Y ~A ~A"
-               (cond ((member home (list (find-package "CL") (find-package "CL-USER"))) "-")
-                     ((eq home (find-package "KEYWORD")) ":")
+               (cond ((eq home (find-package "KEYWORD")) ":")
+                     ((eq (find-symbol (symbol-name datum) "CL-USER") datum) "-")
                      (t (format nil "p~A" (codes (package-name home) nil))))
                (codes (symbol-name datum) x))))
     (t "O")))

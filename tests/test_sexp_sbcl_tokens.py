@@ -140,6 +140,7 @@ CASES = [
     ("a\\b", Symbol("Ab")), ("|ı|", Symbol("ı")), ("|NIL|", None), ("cl:t", True),
     ("::a", Symbol("A", "KEYWORD")), ("a\x0bb", Symbol("A\x0bB")),  # VT is no whitespace
     ("+.:a", Symbol("+.:A")), ("-.::a", Symbol("A", "-.:")),       # no marker after "+."
+    ("gc", Symbol("GC")), ("sb-ext:gc", Symbol("GC", "SB-EXT")),    # no package resolution
     ("٣", 3), ("٣1", 31), ("1٣", 13), ("+٣", 3), ("٣.", 3), ("٣.5", 3.5),
     ("1.٥", Symbol("1.٥")), (".٥", Symbol(".٥")), ("1e٥", Symbol("1E٥")),
     ("1𐴳", Symbol("1𐴳")), ("+𐴳", Symbol("+𐴳")),                 # Unicode 11: not in SBCL's
