@@ -297,31 +297,40 @@ _LISP_PACKAGES = {"CL", "COMMON-LISP", "CL-USER", "COMMON-LISP-USER"}
 
 def _symbol_parts(token: str) -> tuple[str | None, str]:
     """The package (None if unqualified) and name of a symbol token, as SBCL's reader
-    makes them: bars and backslashes escape, every unescaped run goes through
-    `sbcl_tokens.name_case`, and one package marker (``:`` or ``::``) at most, with
-    something after it. ``:x`` and ``::x`` are keywords; ``||:x`` names the package
-    ``""``. A colon right after a sign and a dot is part of the name (``+.:x``): SBCL's
-    reader has no package marker in that state."""
-    package, parts, barred = None, [], False
+    makes them: bars and backslashes escape, each run of unescaped characters goes through
+    `sbcl_tokens.name_case` (a run goes on across empty bars ``||``, which add no
+    character), and one package marker (``:`` or ``::``) at most, with something after
+    it. ``:x`` and ``::x`` are keywords; ``||:x`` names the package ``""``. A colon right
+    after a sign and a dot is part of the name (``+.:x``): SBCL's reader has no package
+    marker in that state."""
+    package, parts, plain, barred = None, [], [], False
     i, n = 0, len(token)
     plain_colon = 2 if token[:3] in ("+.:", "-.:") else -1
+
+    def escaped(text: str) -> None:
+        if text:
+            parts.append(sbcl_tokens.name_case("".join(plain)))
+            plain.clear()
+            parts.append(text)
+
     while i < n:
         c = token[i]
         if c == "\\":
-            parts.append(token[i + 1])
+            escaped(token[i + 1])
             i += 2
         elif c == "|":
             end = i + 1
             while token[end] != "|":
                 end += 2 if token[end] == "\\" else 1
-            parts.append(_unescape(token[i + 1:end]))
+            escaped(_unescape(token[i + 1:end]))
             barred = True
             i = end + 1
         elif c == ":" and i != plain_colon:
             if package is not None:
                 raise SexpError(f"bad package marker in symbol {quote(token)}: more than one")
-            package = "".join(parts) if parts or barred else "KEYWORD"
-            parts = []
+            package = ("".join(parts) + sbcl_tokens.name_case("".join(plain))
+                       if parts or plain or barred else "KEYWORD")
+            parts, plain = [], []
             i += 2 if token.startswith("::", i) else 1
             if i == n:
                 raise SexpError(f"bad package marker in symbol {quote(token)}: nothing after it")
@@ -329,9 +338,9 @@ def _symbol_parts(token: str) -> tuple[str | None, str]:
             end = i
             while end < n and (token[end] not in "\\|:" or end == plain_colon):
                 end += 1
-            parts.append(sbcl_tokens.name_case(token[i:end]))
+            plain.append(token[i:end])
             i = end
-    return package, "".join(parts)
+    return package, "".join(parts) + sbcl_tokens.name_case("".join(plain))
 
 
 def _symbol(package: str | None, name: str) -> Any:
