@@ -27,7 +27,7 @@ MAX_WEBHOOKS = 100
 cycles through webhook URLs cannot grow the number of series without bound."""
 
 OUTCOMES = (("delivered", "delivered"), ("drops", "dropped"), ("rejected", "rejected"),
-            ("deduplicated", "deduplicated"), ("failed", "failed"))
+            ("deduplicated", "deduplicated"), ("failed", "failed"), ("lost", "lost"))
 WEBHOOK_OUTCOMES = (("delivered", "delivered"), ("dropped", "dropped"), ("failed", "failed"))
 
 

@@ -29,9 +29,10 @@ FAILING_AFTER_SEC = 60.0
 FUTURE_TOLERANCE_SEC = 300.0
 """A snapshot dated further ahead than this is not in Unix time."""
 
-TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at")
+TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at",
+         "last_stop_at")
 NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
-           *metrics.COUNTERS)
+           "store_skipped", "last_stop_lost", *metrics.COUNTERS)
 WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
                    "failing_since")
 
@@ -128,7 +129,12 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     age = now - stamp
     interval = get("metrics_interval_sec") or 5
     stopped = get("state") == "stopped"
-    if stopped:
+    if stopped and count("lost"):
+        report.problem(CRITICAL, f"stopped at {when(stamp, now)}: {count('lost')} messages "
+                                 f"LOST (the store could not take them: "
+                                 f"{str(get('store_reason') or 'see the log')[:100]}), "
+                                 f"{count('saved')} saved for the next start")
+    elif stopped:
         report.problem(CRITICAL, f"stopped at {when(stamp, now)}, {count('saved')} saved "
                                  "for the next start")
     elif stamp > now + FUTURE_TOLERANCE_SEC:
@@ -169,12 +175,20 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         report.problem(WARNING, "listening off loopback without CURVE "
                                 "(SWIMMY_NOTIFIER_INSECURE_BIND=1): anyone who reaches the "
                                 "port can post, and webhook tokens cross the network in the clear")
-    if get("journal_state") == "failed":
-        report.problem(WARNING, "the durable journal cannot be written (disk full or an "
-                                "I/O error): messages are held in memory only (see the log)")
-    if count("journal_corrupt_records"):
-        report.problem(WARNING, f"{count('journal_corrupt_records')} corrupt journal records "
-                                "at start: what followed them in their segment was skipped")
+    if count("last_stop_lost"):
+        report.problem(WARNING, f"{count('last_stop_lost')} messages LOST at the last stop "
+                                f"({when(get('last_stop_at'), now)}): the store could not "
+                                "take them (see the log)")
+    if get("store_state") == "failed" and not stopped:
+        report.problem(WARNING, f"store_state failed: {str(get('store_reason'))[:100]}: "
+                                "messages are held in memory only until the store can be "
+                                "written again (see the log: grep 'notifier.store')")
+    if get("store_moved_aside"):
+        report.problem(WARNING, f"the store could not be used at start and was moved aside: "
+                                f"{str(get('store_moved_aside'))[:300]}")
+    if count("store_skipped"):
+        report.problem(WARNING, f"{count('store_skipped')} unreadable entries in the store "
+                                "were skipped at start (see the log)")
     if count("invalid_requests_10m") >= 100:
         report.problem(WARNING, f"{get('invalid_requests_10m')} invalid requests "
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")
@@ -194,7 +208,10 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                          "no CURVE (loopback)"),
         f"messages:  received {count('received')}, delivered {count('delivered')}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {count('rejected')}, "
-        f"deduplicated {count('deduplicated')}",
+        f"deduplicated {count('deduplicated')}, lost {count('lost')}",
+        f"store:     {get('store_state') or '?'}"
+        + (f" ({get('store_reason')})" if get("store_reason") else "")
+        + (", durable" if get("durable") else ", in memory until SIGTERM"),
         f"requests:  {count('requests')} sent, {count('errors')} errors, "
         f"{count('retries')} retries, {count('rate_limited')} rate-limited",
         f"delivered: last {when(last_delivery, now)}",

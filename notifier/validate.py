@@ -16,6 +16,7 @@ from pathlib import Path
 
 import zmq
 
+from notifier import store
 from notifier.config import Config
 
 
@@ -73,11 +74,21 @@ def _listen(address: tuple[str, int]) -> str | None:
         return f"cannot serve metrics on {address[0]}:{address[1]}: {os.strerror(exc.errno)}"
 
 
+def _store(path: Path) -> str | None:
+    """Why the relay could not have the store at `path`: another relay holds it (asked
+    without taking it), or its directory cannot be written."""
+    holder = store.in_use(path)
+    if holder is not None:
+        return f"the store {path} is in use by {holder}: one relay per store"
+    reason = _writable_directory(path.parent)
+    return None if reason is None else f"store {path}: {reason}"
+
+
 def problems(settings: Config) -> list[str]:
     """Everything that would stop the relay configured by `settings` from running."""
     found = [_bind(settings.endpoint),
              _file(settings.metrics_file, "metrics file"),
-             _file(settings.pending_file, "pending file")]
+             _store(settings.store)]
     if settings.log_file is not None:
         found.append(_file(settings.log_file, "log file"))
     if settings.prometheus_file is not None:

@@ -71,7 +71,7 @@ ACTIONS = {"send": 5, "pause": 3, "SIGKILL": 1, "SIGTERM": 0.7, "SIGHUP": 0.5}
 START_SEC = 60  # a relay's first snapshot, a SIGTERM's exit, the producer's settling
 DRAIN_SEC = 120  # the end: everything held delivered
 TAG = re.compile(r"\bsoak-(\d+)\b")
-BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
+BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost", "pending")
 FAILED_LINE = re.compile(r" failed webhook=\S+ messages=(\d+) reason=(.*)$", re.M)
 REJECTED_LINE = re.compile(r" rejected (?:\w+=\S+ )*reason=(.*?) preview=.*?"
                            r"(?: \((\d+) rejection lines left out\))?$", re.M)
@@ -375,10 +375,9 @@ class Soak:
             result.reasons.update(f"rejected: {reason}" for reason, _ in rejected)
             if run.last:
                 result.in_flight += run.last["restored_in_flight"]
-                result.corrupt_records += run.last.get("journal_corrupt_records", 0)
-                if run.last.get("journal_state", "off") not in ("ok", "off"):
-                    self.fail(f"run {run.number}: journal_state "
-                              f"{run.last['journal_state']}")
+                result.corrupt_records += run.last.get("store_skipped", 0)
+                if run.last.get("store_state", "ok") != "ok":
+                    self.fail(f"run {run.number}: store_state {run.last['store_state']}")
         for before, after in zip(runs, runs[1:]):
             if before.end == "SIGTERM" and before.last and after.last and \
                     after.last["restored"] != before.last["pending"]:

@@ -1,6 +1,6 @@
 """One sender's HTTP side against the real stand-in."""
 
-from notifier.outbox import Job, Lane
+from notifier.lanes import Job, Lane
 from notifier.relay import Sender
 from notifier.standin import DiscordStandIn
 
