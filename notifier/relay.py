@@ -2,11 +2,13 @@
 
 Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
 
-* receiver: polls the PULL socket (no timeout while idle: no CPU), drains it with
-  non-blocking receives into the `Outbox`, and parses envelopes when the socket is
-  empty, so a flood is taken off the socket at close to ZeroMQ's own speed and parsing
-  catches up after (a few are still parsed per batch, so a sustained flood cannot starve
-  delivery);
+* receiver: polls the PULL socket (no timeout while idle: no CPU) and drains it with
+  non-blocking receives into the `Intake`;
+* intake: commits what the receiver took to the store (durable mode: several batches
+  in one transaction when it is busy, while the receiver goes on receiving), holds it
+  in the `Outbox`, and parses envelopes when nothing waits, so a flood is taken off the
+  socket at close to ZeroMQ's own speed and parsing catches up after (a few are still
+  parsed per batch, so a sustained flood cannot starve delivery);
 * senders (``--senders``, default 8): take the next request a webhook may send, post it
   with their own `requests.Session`, report the answer;
 * metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
@@ -49,6 +51,7 @@ from notifier.config import Config
 from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy, classify, network_error
 from notifier.held import dedupe_key, raw_webhook_id
+from notifier.intake import Intake
 from notifier.lanes import Job
 from notifier.ledger import RESTORED_PRODUCER
 from notifier.limits import Limits
@@ -234,7 +237,8 @@ class Relay:
         self._accept_log = Throttle(burst=20)
         self._reject_log = Throttle(burst=20)
         self._drop_log = Throttle(burst=1)
-        self._unreported_drops = 0
+        self._unreported_drops = 0  # the intake thread's
+        self._intake = Intake()
         self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
         self._summarized: dict = {}  # the counters when the last summary line was logged
         self._summarized_at = time.monotonic()
@@ -292,6 +296,7 @@ class Relay:
         self._last_stop = _loss_at_stop(settings.metrics_file)
         self._write_metrics()
         self._spawn("receiver", self._receive_loop, pull, wake_receiver)
+        self._spawn("intake", self._intake_loop)
         for number in range(settings.senders):
             self._spawn(f"sender-{number + 1}", self._send_loop)
         self._background.append(self._spawn("metrics", self._metrics_loop))
@@ -356,7 +361,8 @@ class Relay:
             self._wake.send(b"stop", zmq.NOBLOCK)
         except zmq.Again:
             pass  # the receiver is gone already
-        self._threads[0].join()
+        for thread in self._threads[:2]:  # the receiver, then the intake
+            thread.join()
         while self.outbox.unparsed:  # only if the receiver died before parsing them
             self._parse(PARSE_WHEN_IDLE)
         delivered = self.outbox.wait_empty(self.settings.drain_sec)
@@ -376,7 +382,7 @@ class Relay:
         self.outbox.write_off(lost)
         self.store.close()
         self._write_metrics(saved=len(held.raws) - lost)
-        for thread in self._threads[1:]:
+        for thread in self._threads[2:]:
             thread.join(timeout=1.0)
         if self._exporter is not None:
             self._exporter.close()
@@ -446,28 +452,20 @@ class Relay:
         poller.register(wake, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
-        outbox = self.outbox
         receive_batch = self._receive_curve_batch if self._clients else self._receive_batch
         try:
             while True:
-                # Never sleep with envelopes to parse; wake once a second while drops
-                # wait to be reported; otherwise block until something arrives.
-                timeout = 0 if outbox.unparsed else 1000 if self._unreported_drops else None
-                events = dict(poller.poll(timeout))
+                events = dict(poller.poll())
                 if wake in events:
                     break
                 if self._monitor in events:
                     self._log_refused_connection()
-                busy = receive_batch(pull)
-                if outbox.unparsed:
-                    self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
-                self._report_drops()
-            while receive_batch(pull):  # what already arrived is accepted too
+                while receive_batch(pull):
+                    pass
+            while receive_batch(pull):  # what already arrived is taken too
                 pass
-            while outbox.unparsed:
-                self._parse(PARSE_WHEN_IDLE)
-            self._report_drops(final=True)
         finally:
+            self._intake.close()
             if self._monitor is not None:
                 pull.disable_monitor()
                 self._monitor.close()
@@ -484,7 +482,7 @@ class Relay:
         except zmq.Again:
             pass
         if frames:
-            self._hold(frames)
+            self._hand_over(frames)
         return len(frames) == RECEIVE_BATCH
 
     def _receive_curve_batch(self, pull: zmq.Socket) -> bool:
@@ -512,14 +510,41 @@ class Relay:
             for name in refused:
                 self._log_rejection("the producer's key is no longer allowed", b"", name)
         if frames:
-            self._hold(frames, producers)
+            self._hand_over(frames, producers)
         return len(frames) + len(refused) == RECEIVE_BATCH
 
-    def _hold(self, frames: list[bytes], producers: list[str] | None = None) -> None:
-        dropped, oversized = self.outbox.accept(frames, producers)
-        self._unreported_drops += dropped
-        for size, producer in oversized:
-            self._log_rejection(envelope.too_large(size), b"", producer)
+    def _hand_over(self, frames: list[bytes], producers: list[str] | None = None) -> None:
+        if not self._intake.put(frames, producers):  # the intake thread is gone (a bug)
+            self.outbox.accept(frames, producers)
+
+    # ------------------------------------------------------------------ intake
+
+    def _intake_loop(self) -> None:
+        """Commit and hold what the receiver took; parse when nothing waits (a few per
+        batch while the receiver keeps up a flood); until the receiver is done."""
+        intake, outbox = self._intake, self.outbox
+        try:
+            while True:
+                # Never sleep with envelopes to parse; wake once a second while drops
+                # wait to be reported; otherwise block until something arrives.
+                batch = intake.take(0 if outbox.unparsed else 1.0 if self._unreported_drops
+                                    else None)
+                if batch is None:
+                    break
+                frames, producers = batch
+                if frames:
+                    dropped, oversized = outbox.accept(frames, producers)
+                    self._unreported_drops += dropped
+                    for size, producer in oversized:
+                        self._log_rejection(envelope.too_large(size), b"", producer)
+                if outbox.unparsed:
+                    self._parse(PARSE_WHEN_BUSY if intake.waiting else PARSE_WHEN_IDLE)
+                self._report_drops()
+            while outbox.unparsed:
+                self._parse(PARSE_WHEN_IDLE)
+            self._report_drops(final=True)
+        finally:
+            self._intake.close()
 
     def _parse(self, limit: int) -> None:
         """Parse what the outbox lends and give every envelope back, parsed or rejected,

@@ -1,9 +1,9 @@
 """The store: everything a restart needs, in one SQLite database. Only this module sees SQL.
 
 ``$SWIMMY_HOME/data/notifier_store.sqlite3`` by default (``SWIMMY_NOTIFIER_STORE``), mode
-0600 like the ``-wal`` SQLite keeps beside it (they hold webhook URLs), in WAL mode with
-``synchronous=FULL``: a commit is on disk before it returns, so a power cut loses nothing
-committed, and a failed commit leaves the last committed state whole. Tables:
+0600 like the ``-wal`` SQLite keeps beside it (they hold webhook URLs), in WAL mode. A
+failed commit leaves the last committed state whole, and a torn end of the -wal is
+ignored when the store is opened. Tables:
 
     batches   one row per batch the receiver took off the socket (or per up to 512
               messages written at once): the envelopes as they arrived, packed, with
@@ -19,24 +19,28 @@ committed, and a failed commit leaves the last committed state whole. Tables:
     meta      the schema version and the legacy files imported
 
 Writers: the receiver commits each batch before the outbox may hand it to a sender
-(`add`); a sender commits the in-flight mark of a request before posting it
-(`sending`); outcomes decided under the outbox's lock are queued (`done`, `progress`,
-`notice`, `learned`) and committed with the next of those, or by the store's thread
-(`run`) within FLUSH_SEC. `save_all` writes everything held in one transaction (a stop,
-or the way back from a failure).
+(`Store.add`); a sender commits the in-flight mark of a request before posting it
+(`Store.sending`); outcomes decided under the outbox's lock are queued (`done`,
+`progress`, `notice`, `learned`) and committed with the next of those, or by the store's
+thread (`Store.run`) within FLUSH_SEC. `save_all` writes everything held in one
+transaction (a stop without durable mode, or the way back from a failure). A commit is
+in the page cache when it returns (a SIGKILL loses nothing committed) and on disk within
+SYNC_SEC (see SYNCHRONOUS): a power cut loses at most that.
 
 One relay per store: a lock (an open-file-description lock on ``<store>.lock``, which
 holds the holder's PID) is taken before anything else and kept for the relay's life;
 `in_use` asks whether one is held without taking it.
 
-Faults never raise into the relay: a write that fails (disk full, I/O error, read-only,
-the store or its directory deleted or replaced, which `run` notices by comparing the
-path's inode with the open file's) turns the store ``failed`` with a short reason. The
-relay then runs from memory; `run` tries at least every RETRY_SEC to open the store
-again (moving aside whatever is at its path that is not a store) and write everything
-held with `save_all`; only that commit makes it ``ok`` again. A store that cannot be
-read at start is moved aside (renamed, never deleted) and a new one made. Every value
-read back is checked like producer input: a bad row is skipped, counted and deleted.
+`Database` does the SQL and raises on any fault; `Store` decides what a fault means and
+never raises into the relay: a write that fails (disk full, I/O error, read-only, the
+store or its directory deleted or replaced, which its thread notices by comparing the
+path's inode with the open file's) turns it ``failed`` with a short reason. The relay
+then runs from memory; the store's thread tries at least every RETRY_SEC to open the
+store again (moving aside whatever is at its path that is not a store) and write
+everything held in one transaction; only that commit makes it ``ok`` again. A store
+that cannot be read at start is moved aside (renamed, never deleted) and a new one made.
+Every value read back is checked like producer input: a bad row is skipped, counted and
+deleted.
 """
 
 from __future__ import annotations
@@ -61,20 +65,30 @@ from notifier.held import webhook_of
 log = logging.getLogger("notifier.store")
 
 SCHEMA_VERSION = 1
-ROW_SLOTS = 512
+ROW_BITS = 9
+ROW_SLOTS = 1 << ROW_BITS
 """Messages per batches row at most (the receiver takes at most 512 off the socket at
 once); message ids are row * ROW_SLOTS + index."""
-SYNCHRONOUS = "FULL"
-"""fsync every commit: measured, it costs the receiver little per batch of 512 and a
-sender a fraction of a millisecond per request (see the README), and it makes a power
-cut lose nothing that was committed."""
+SYNCHRONOUS = "NORMAL"
+"""SQLite's own fsync policy. FULL (an fsync in every commit) was measured against
+NORMAL plus SYNC_SEC: FULL put about a millisecond on every message's way to Discord
+(the receiver's commit and the sender's in-flight mark each wait for the disk) and
+halved the rate a flood is absorbed at; see the README."""
+SYNC_SEC = 0.01
+"""With NORMAL, the store's thread fsyncs the -wal this long at most after a commit:
+what a power cut can lose (a SIGKILL loses nothing committed)."""
+WAL_PAGES = 8192
+"""The -wal is folded into the database (a checkpoint, with an fsync of each) once it
+holds this many pages (32 MiB), and cut back to that size after. SQLite's default, 1000
+pages, checkpointed every 28 batches of a flood and made the receiver twice as slow; a
+page rewritten many times between checkpoints is copied once."""
 FLUSH_SEC = 0.005
 """Longest a queued outcome waits before the store's thread commits it (the receiver or
 a sender usually commits it sooner, with their own writes)."""
 RETRY_SEC = 1.0
 """How often a failed store is tried again, traffic or not."""
 CHECK_SEC = 1.0
-"""How often the store's thread checks that the file at the path is still the one open."""
+"""How often the store's thread checks that the files at the path are the ones open."""
 REMIND_SEC = 300.0
 """While the store stays failed, the ERROR is repeated this often."""
 MAX_PARTS = 10_000
@@ -101,6 +115,7 @@ _TABLES = {"meta": "key, value", "batches": "id, times, producers, sizes, envelo
            "done": "id, last", "progress": "id, part, attempts, in_flight",
            "notices": "webhook, dropped, failed, since", "facts": "webhook, name, value"}
 _FLOCK = "hhxxxxqqixxxx"  # struct flock on Linux (64-bit off_t)
+_FAULTS = (sqlite3.Error, OSError)
 
 Notices = dict[str, tuple[int, int, float | None]]
 """Loss notices still to post, per webhook URL (or webhook id, for drops made before any
@@ -171,8 +186,8 @@ class NoStore:
         pass
 
 
-class StoreFault(Exception):
-    """Internal: a write or an open that failed, with the reason to show."""
+class StoreFault(OSError):
+    """A store that cannot be used for a reason of ours (not a regular file...)."""
 
 
 def in_use(path: Path) -> str | None:
@@ -193,6 +208,10 @@ def in_use(path: Path) -> str | None:
         return None
     finally:
         os.close(fd)
+
+
+def _select(table: str) -> str:
+    return f"SELECT {_TABLES[table]} FROM {table}"
 
 
 def _lock_path(path: Path) -> Path:
@@ -240,81 +259,43 @@ def _count(value, most: int) -> bool:
     return type(value) is int and 0 <= value <= most
 
 
-class Store:
-    """See the module docstring. `open` first; `run` in a thread of its own; `close` last."""
+def _text(value) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 2048
 
-    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time):
+
+class Database:
+    """The SQLite store at `path`: locked, opened, checked, read and written, each write
+    one transaction. Every method raises on a fault (sqlite3.Error, OSError, InUse);
+    `Store` decides what a fault means. `live` counts, per row of the last committed
+    state, its messages not done yet."""
+
+    def __init__(self, path: Path, wall: Callable[[], float]):
         self.path = path
-        self.failure: str | None = "not open yet"
-        self.skipped = 0  # rows found bad at start (skipped and deleted)
+        self.wal = path.with_name(path.name + "-wal")
         self.moved_aside: list[str] = []  # what was moved aside, and why
+        self.live: dict[int, int] = {}
+        self.next_row = 1
         self._wall = wall
-        self._limit = 0  # messages loaded at most (the relay's queue_max)
-        self._loaded = False  # the store's contents are in the relay (else: load first)
         self._db: sqlite3.Connection | None = None
-        self._db_lock = threading.Lock()  # the connection, _live and ids; writes under it
-        self._queue_lock = threading.Lock()  # the queue only: taken under the outbox's lock
-        self._queued = threading.Condition(self._queue_lock)
-        self._saving = False  # save_all between its snapshot and its commit
-        self._done: list = []  # messages whose outcome is final
-        self._progress: dict[int, object] = {}  # id(raw) -> raw, progress to write
-        self._notices: Notices = {}
-        self._facts: dict[tuple[str, str], object] = {}
-        self._live: dict[int, int] = {}  # row -> messages in it not done (committed rows)
-        self._next_row = 1
-        self._lock_fd = -1
+        self._lock_fd = self._wal_fd = -1
         self._lock_id: tuple[int, int] | None = None
         self._file_id: tuple[int, int] | None = None  # the database file open
         self._wal_id: tuple[int, int] | None = None  # its -wal, once seen
-        self._failed_at = self._reminded_at = self._retry_at = 0.0  # monotonic
 
     @property
-    def state(self) -> str:
-        return "ok" if self.failure is None else "failed"
+    def is_open(self) -> bool:
+        return self._db is not None
 
-    # ------------------------------------------------------------------ start
+    # ------------------------------------------------------------------ the lock
 
-    def open(self, limit: int) -> Contents:
-        """Lock the store (InUse if another relay holds it), open it (moving aside what
-        cannot be read) and load the newest `limit` messages, the notices and the facts.
-        Raises only InUse: a store that cannot be used leaves it failed, and `run` loads
-        it once it can."""
-        self._limit = limit
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock()
-        except (OSError, StoreFault) as exc:
-            self._fail(_reason(exc))
-            return Contents([], [], {}, {})
-        with self._db_lock:
-            return self._open_and_load()
-
-    def _open_and_load(self) -> Contents:
-        try:
-            self._connect(loaded=False)
-            contents = self._load()
-        except (sqlite3.Error, OSError, StoreFault) as exc:
-            self._disconnect()
-            self._fail(_reason(exc))
-            return Contents([], [], {}, {})
-        self._loaded = True
-        if not any(contents.bad.values()):
-            self.failure = None
-            return Contents(*contents[:4])
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            self._delete_bad(contents.bad)
-            self._db.execute("COMMIT")
-            self.failure = None
-        except (sqlite3.Error, OSError) as exc:  # the state loaded is held: written later
-            self._rollback()
-            self._fail(_reason(exc))
-        return Contents(*contents[:4])
-
-    def _lock(self) -> None:
-        """Take the lock file (created 0600); InUse if another relay holds it. The
-        holder's PID is written into it for the next one to name."""
+    def lock(self) -> None:
+        """Take the lock file (created 0600), or InUse naming its holder, whose PID it
+        holds. Taken again if it was removed or replaced (a directory removed and made
+        again: another relay may hold the new one)."""
         path = _lock_path(self.path)
+        if self._lock_fd >= 0 and _identity(path) == self._lock_id:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -328,35 +309,26 @@ class Store:
             if holder is not None:
                 raise InUse(self.path, holder) from None
             raise
-        except BaseException:
-            os.close(fd)
-            raise
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
         self._lock_fd, self._lock_id = fd, _identity(path)
 
-    def _lock_again(self) -> None:
-        """Take the lock again if its file was removed or replaced (a directory removed
-        and recreated): another relay may have started meanwhile (InUse)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._lock_fd < 0 or _identity(_lock_path(self.path)) != self._lock_id:
-            self._lock()
+    # ------------------------------------------------------------------ opening
 
-    def _connect(self, loaded: bool) -> None:
-        """Open the database at the path (caller holds the db lock). What is there and is
-        not a usable store is moved aside first, and a new store created; so is a file
-        that replaced the one `loaded` from."""
-        self._disconnect()
+    def connect(self, loaded: bool) -> None:
+        """Open the database at the path. What is there and is not a usable store is
+        moved aside first, and a new store created; so is a file that replaced the one
+        `loaded` from."""
+        self.disconnect()
         ours = self._file_id
-        for suffix, what in (("", "store"), ("-wal", "store's write-ahead log")):
-            path = self.path.with_name(self.path.name + suffix)
+        for path, what in ((self.path, "store"), (self.wal, "store's write-ahead log")):
             try:
                 mode = os.stat(path).st_mode
             except FileNotFoundError:
                 continue
             if not stat.S_ISREG(mode):
                 self._move_aside(f"the {what} is not a regular file")
-            elif suffix == "" and loaded and _identity(path) != ours:
+            elif path == self.path and loaded and _identity(path) != ours:
                 self._move_aside("the store was replaced while the relay ran")
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
@@ -364,11 +336,12 @@ class Store:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=0)
         try:
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")  # no -shm; one connection
             if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise StoreFault("cannot use WAL mode")
             db.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
-            db.execute("PRAGMA journal_size_limit=16777216")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={WAL_PAGES * 4096}")
             problem = _unusable(db, quick=_identity(self.path) != ours)
         except sqlite3.DatabaseError as exc:
             db.close()
@@ -381,7 +354,7 @@ class Store:
         if problem is not None:
             db.close()
             self._move_aside(problem)
-            return self._connect(loaded)
+            return self.connect(loaded)
         self._db, self._file_id, self._wal_id = db, _identity(self.path), None
 
     def _move_aside(self, why: str) -> None:
@@ -401,220 +374,136 @@ class Store:
         self.moved_aside.append(text)
         log.error("store unusable: %s; a new store is used", text)
 
-    def _disconnect(self) -> None:
+    def disconnect(self) -> None:
         if self._db is not None:
-            try:
+            with _quietly():
                 self._db.close()
-            except sqlite3.Error:
-                pass
             self._db = None
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+            self._wal_fd = -1
 
-    # ------------------------------------------------------------------ loading
+    def changed(self) -> tuple[str, bool] | None:
+        """Why the files at the path are not the ones open, and whether what was
+        committed is gone with them; None while they are."""
+        if _identity(self.path) != self._file_id:
+            gone = not os.path.lexists(self.path)
+            return ("deleted" if gone else "replaced") + " while the relay ran", True
+        if self._wal_id is not None and _identity(self.wal) != self._wal_id:
+            return "its -wal removed or replaced while the relay ran", True
+        if _identity(_lock_path(self.path)) != self._lock_id:
+            return "its lock file removed or replaced while the relay ran", False
+        return None
 
-    def _load(self) -> "_Loaded":
-        """Read and check everything; what is bad is returned to be deleted. In-flight
-        marks are read as they are: the outbox clears them once it holds the messages
-        (each is counted once, by the start that restores it)."""
-        db, limit, now = self._db, self._limit, self._wall()
-        bad: dict[str, list] = {"batches": [], "done": [], "progress": [], "notices": [],
-                                "facts": []}
+    # ------------------------------------------------------------------ reading
+
+    def load(self, limit: int) -> "_Loaded":
+        """Read and check everything: the newest `limit` messages, the rest as overflow,
+        and what is bad, to delete. In-flight marks are read as they are: the outbox
+        clears them once it holds the messages (each is counted once, by the start that
+        restores it)."""
+        db, now = self._db, self._wall()
+        bad: dict[str, list] = {table: [] for table in ("batches", "done", "progress",
+                                                        "notices", "facts")}
         finished: dict[int, list[tuple[int, int]]] = {}
-        for first, last in db.execute("SELECT id, last FROM done"):
+        for first, last in db.execute(_select("done")):
             if (type(first) is int and type(last) is int and 0 <= first <= last
-                    and first // ROW_SLOTS == last // ROW_SLOTS):
-                finished.setdefault(first // ROW_SLOTS, []).append((first, last))
+                    and first >> ROW_BITS == last >> ROW_BITS):
+                finished.setdefault(first >> ROW_BITS, []).append((first, last))
             else:
                 bad["done"].append(first)
         progress = {}
-        for sid, part, attempts, in_flight in db.execute(
-                "SELECT id, part, attempts, in_flight FROM progress"):
+        for sid, part, attempts, in_flight in db.execute(_select("progress")):
             if (type(sid) is int and _count(part, MAX_PARTS)
                     and _count(attempts, MAX_ATTEMPTS) and in_flight in (0, 1)):
                 progress[sid] = (part, attempts, bool(in_flight))
             else:
                 bad["progress"].append(sid)
-        messages: list[Stored] = []
-        overflow = []
-        self._live, top = {}, 0
-        for row in db.execute("SELECT id, times, producers, sizes, envelopes FROM batches "
-                              "ORDER BY id DESC"):
-            rid = row[0]
-            unpacked = _unpack(row, now)
+        messages, overflow, self.live, top = [], [], {}, 0
+        for row in db.execute(_select("batches") + " ORDER BY id DESC"):
+            rid, unpacked = row[0], _unpack(row, now)
             if unpacked is None:
                 bad["batches"].append(rid)
                 continue
             top = max(top, rid)
             ranges = finished.get(rid, ())
             for index in range(len(unpacked) - 1, -1, -1):
-                sid = rid * ROW_SLOTS + index
+                sid = (rid << ROW_BITS) + index
                 if any(first <= sid <= last for first, last in ranges):
                     continue
                 envelope, received_at, producer = unpacked[index]
-                self._live[rid] = self._live.get(rid, 0) + 1
+                self.live[rid] = self.live.get(rid, 0) + 1
                 if len(messages) < limit:
-                    part, attempts, in_flight = progress.get(sid, (0, 0, False))
-                    messages.append(Stored(sid, envelope, received_at, producer, part,
-                                           attempts, in_flight))
+                    messages.append(Stored(sid, envelope, received_at, producer,
+                                           *progress.get(sid, (0, 0, False))))
                 else:
                     overflow.append((sid, webhook_of(envelope), producer))
-        messages.reverse()
-        overflow.reverse()
         notices: Notices = {}
-        for webhook, dropped, failed, since in db.execute(
-                "SELECT webhook, dropped, failed, since FROM notices"):
-            if (isinstance(webhook, str) and 0 < len(webhook) <= 2048
-                    and _count(dropped, MAX_COUNT) and _count(failed, MAX_COUNT)
+        for webhook, dropped, failed, since in db.execute(_select("notices")):
+            if (_text(webhook) and _count(dropped, MAX_COUNT) and _count(failed, MAX_COUNT)
                     and dropped + failed > 0 and (since is None or _time(since))):
                 notices[webhook] = (dropped, failed, since)
             else:
                 bad["notices"].append(webhook)
         facts: Facts = {}
-        for webhook, name, value in db.execute("SELECT webhook, name, value FROM facts"):
-            kind = FACTS.get(name) if isinstance(name, str) else None
-            if (isinstance(webhook, str) and 0 < len(webhook) <= 2048 and kind is bool
+        for webhook, name, value in db.execute(_select("facts")):
+            if (_text(webhook) and isinstance(name, str) and FACTS.get(name) is bool
                     and type(value) is int and value in (0, 1)):
                 facts.setdefault(webhook, {})[name] = bool(value)
             else:
                 bad["facts"].append((webhook, name))
-        skipped = sum(map(len, bad.values()))
-        self.skipped += skipped
-        if skipped:
-            log.error("store: %d unreadable rows skipped and deleted (%s)", skipped,
-                      ", ".join(f"{table} {len(ids)}" for table, ids in bad.items() if ids))
-        self._next_row = max(self._next_row, top + 1)
-        return _Loaded(messages, overflow, notices, facts, bad)
+        self.next_row = max(self.next_row, top + 1)
+        return _Loaded(messages[::-1], overflow[::-1], notices, facts, bad)
 
-    def _delete_bad(self, bad: dict[str, list]) -> None:
-        db = self._db
-        for rid in bad["batches"]:
-            db.execute("DELETE FROM batches WHERE id IS ?", (rid,))
-            if type(rid) is int:
-                self._delete_ranges(rid)
-        for table, column in (("done", "id"), ("progress", "id"), ("notices", "webhook")):
-            db.executemany(f"DELETE FROM {table} WHERE {column} IS ?",
-                           [(key,) for key in bad[table]])
-        db.executemany("DELETE FROM facts WHERE webhook IS ? AND name IS ?", bad["facts"])
+    def delete(self, bad: dict[str, list]) -> None:
+        """Delete the rows `load` found bad."""
+        with self._transaction() as db:
+            for rid in bad["batches"]:
+                db.execute("DELETE FROM batches WHERE id IS ?", (rid,))
+                if type(rid) is int:
+                    self._delete_ranges(rid)
+            for table, column in (("done", "id"), ("progress", "id"), ("notices", "webhook")):
+                db.executemany(f"DELETE FROM {table} WHERE {column} IS ?",
+                               [(key,) for key in bad[table]])
+            db.executemany("DELETE FROM facts WHERE webhook IS ? AND name IS ?", bad["facts"])
 
-    def _delete_ranges(self, row: int) -> None:
-        first, last = row * ROW_SLOTS, row * ROW_SLOTS + ROW_SLOTS - 1
-        self._db.execute("DELETE FROM done WHERE id BETWEEN ? AND ?", (first, last))
-        self._db.execute("DELETE FROM progress WHERE id BETWEEN ? AND ?", (first, last))
+    # ------------------------------------------------------------------ writing
 
-    # ------------------------------------------------------------------ writes
-
-    def add(self, raws: list, received_at: float) -> None:
-        """Commit a batch the receiver took (with the queued outcomes: one transaction)
-        and give each message its id; while the store is failed, nothing (the messages
-        are held in memory only, and written by the way back)."""
-        if self.failure is not None or not raws:
-            return
-        with self._db_lock:
-            if self.failure is None:
-                rows = self._rows(raws, lambda raw: received_at, same_time=True)
-                if self._commit(rows):
-                    for raw, sid in self._ids(raws, rows):
-                        raw.sid = sid
-
-    def sending(self, raws: list) -> None:
-        """A request of these messages is about to be posted: marked in flight, and
-        committed before this returns (for those in the store), so a restart after a
-        crash counts them as possibly posted already."""
-        for raw in raws:
-            raw.in_flight = True
-        if self.failure is None and any(raw.sid is not None for raw in raws):
-            with self._db_lock:
-                if self.failure is None:
-                    with self._queue_lock:
-                        self._progress.update((id(raw), raw) for raw in raws)
-                    self._commit([])
-
-    def done(self, raws: Iterable) -> None:
-        """These messages have their final outcome (queued: called under the outbox's lock)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                before = len(self._done)
-                self._done.extend(raw for raw in raws if raw.sid is not None or self._saving)
-                if len(self._done) > before:
-                    self._queued.notify()
-
-    def progress(self, raws: Iterable) -> None:
-        """Their part, attempts or in-flight mark changed (queued)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                before = len(self._progress)
-                self._progress.update((id(raw), raw) for raw in raws
-                                      if raw.sid is not None or self._saving)
-                if len(self._progress) > before:
-                    self._queued.notify()
-
-    def notice(self, key: str, dropped: int, failed: int, since: float | None) -> None:
-        """A webhook's loss-notice state (queued; coalesced per webhook)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                self._notices[key] = (dropped, failed, since)
-                self._queued.notify()
-
-    def learned(self, webhook: str, name: str, value: object) -> None:
-        """A fact about a webhook a restart must not forget (queued)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                self._facts[(webhook, name)] = value
-                self._queued.notify()
-
-    def stored(self, raw) -> bool:
-        """Whether `raw` is in the store's last committed state."""
-        return raw.sid is not None and raw.sid // ROW_SLOTS in self._live
-
-    def _rows(self, raws: list, wall_of, same_time: bool = False) -> list[tuple]:
-        """Batches rows for `raws`, ROW_SLOTS at most each: (row id, times, producers,
-        sizes, envelopes)."""
+    def rows(self, raws: list, wall_of, same_time: bool = False) -> list[tuple]:
+        """Batches rows for `raws`, ROW_SLOTS at most each, with the next row ids."""
         rows = []
         for start in range(0, len(raws), ROW_SLOTS):
             chunk = raws[start:start + ROW_SLOTS]
-            count = len(chunk)
-            times = (struct.pack("<d", wall_of(chunk[0])) if same_time
-                     else struct.pack(f"<{count}d", *map(wall_of, chunk)))
+            datas = [raw.data for raw in chunk]
             producers = [raw.producer for raw in chunk]
-            rows.append((self._next_row, times,
-                         json.dumps(producers) if any(producers) else None,
-                         struct.pack(f"<{count}I", *[len(raw.data) for raw in chunk]),
-                         b"".join([raw.data for raw in chunk])))
-            self._next_row += 1
+            times = (struct.pack("<d", wall_of(chunk[0])) if same_time
+                     else struct.pack(f"<{len(chunk)}d", *map(wall_of, chunk)))
+            rows.append((self.next_row, times, json.dumps(producers) if any(producers) else None,
+                         struct.pack(f"<{len(datas)}I", *map(len, datas)), b"".join(datas)))
+            self.next_row += 1
         return rows
 
-    def _ids(self, raws: list, rows: list[tuple]) -> list[tuple[object, int]]:
-        """(raw, its id) for `raws` written as `rows`; the rows are counted live."""
-        pairs = []
-        for number, (rid, *_) in enumerate(rows):
-            chunk = raws[number * ROW_SLOTS:(number + 1) * ROW_SLOTS]
-            pairs.extend((raw, rid * ROW_SLOTS + index) for index, raw in enumerate(chunk))
-            self._live[rid] = len(chunk)
-        return pairs
+    @staticmethod
+    def ids(raws: list, rows: list[tuple]) -> list[tuple[object, int]]:
+        """(raw, the id it gets) for `raws` written as `rows`."""
+        return [(raw, (rows[number >> ROW_BITS][0] << ROW_BITS) + (number & (ROW_SLOTS - 1)))
+                for number, raw in enumerate(raws)]
 
-    def _commit(self, rows: list[tuple]) -> bool:
-        """One transaction: `rows` and everything queued (caller holds the db lock)."""
-        with self._queue_lock:
-            done, self._done = self._done, []
-            progress, self._progress = self._progress, {}
-            notices, self._notices = self._notices, {}
-            facts, self._facts = self._facts, {}
-        finished = [raw for raw in done if self.stored(raw)]
-        written = [raw for raw in progress.values() if self.stored(raw)]
-        if not (rows or finished or written or notices or facts):
-            return True
-        db = self._db
-        try:
-            if db is None:
-                raise StoreFault("not open")
-            db.execute("BEGIN IMMEDIATE")
+    def _count_live(self, rows: list[tuple], raws: list) -> None:
+        for number, (rid, *_) in enumerate(rows):
+            self.live[rid] = min(ROW_SLOTS, len(raws) - number * ROW_SLOTS)
+
+    def write(self, rows: list[tuple], raws: list, done: list, progress: list,
+              notices: Notices, facts: dict[tuple[str, str], object]) -> None:
+        """One transaction: new rows for `raws`, then outcomes. Messages done lose their
+        id (they are no longer in the store)."""
+        with self._transaction() as db:
             if rows:
                 db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
-            self._finish([raw.sid for raw in finished])
-            for raw in finished:
-                raw.sid = None
+            self._finish(done)
             db.executemany("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?)",
                            [(raw.sid, raw.part, raw.attempts, int(raw.in_flight))
-                            for raw in written if raw.sid is not None])
+                            for raw in progress if self.stored(raw)])
             for key, (dropped, failed, since) in notices.items():
                 if dropped or failed:
                     db.execute("INSERT OR REPLACE INTO notices VALUES (?, ?, ?, ?)",
@@ -624,105 +513,50 @@ class Store:
             db.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?, ?)",
                            [(webhook, name, int(value)) for (webhook, name), value
                             in facts.items()])
-            db.execute("COMMIT")
-        except (sqlite3.Error, OSError, StoreFault) as exc:
-            self._rollback()
-            self._fail(_reason(exc))
-            return False
+        self._count_live(rows, raws)
+        for raw, sid in self.ids(raws, rows):
+            raw.sid = sid
         if self._wal_id is None:
-            self._wal_id = _identity(self.path.with_name(self.path.name + "-wal"))
-        return True
+            self._open_wal()
 
-    def _finish(self, sids: list[int]) -> None:
-        """Record these message ids done: a row whose every message is done is deleted,
-        otherwise the ids are written as ranges (drops are mostly runs of the oldest)."""
+    def _finish(self, done: list) -> None:
+        """Record messages done: a row whose every message is done is deleted, otherwise
+        the ids are written as ranges (drops are mostly runs of the oldest)."""
         by_row: dict[int, list[int]] = {}
-        for sid in sids:
-            by_row.setdefault(sid // ROW_SLOTS, []).append(sid)
-        db = self._db
-        for row, ids in by_row.items():
-            live = self._live.get(row)
-            if live is None:
-                continue
-            if live <= len(ids):
-                del self._live[row]
-                db.execute("DELETE FROM batches WHERE id = ?", (row,))
+        live = self.live
+        for raw in done:
+            sid = raw.sid
+            if sid is not None and sid >> ROW_BITS in live:
+                by_row.setdefault(sid >> ROW_BITS, []).append(sid)
+            raw.sid = None
+        for row, sids in by_row.items():
+            if live[row] <= len(sids):
+                del live[row]
+                self._db.execute("DELETE FROM batches WHERE id = ?", (row,))
                 self._delete_ranges(row)
                 continue
-            self._live[row] = live - len(ids)
-            ids.sort()
-            runs, first = [], ids[0]
-            for previous, sid in zip(ids, ids[1:]):
+            live[row] -= len(sids)
+            sids.sort()
+            runs, first = [], sids[0]
+            for previous, sid in zip(sids, sids[1:]):
                 if sid != previous + 1:
                     runs.append((first, previous))
                     first = sid
-            runs.append((first, ids[-1]))
-            db.executemany("INSERT OR REPLACE INTO done VALUES (?, ?)", runs)
+            runs.append((first, sids[-1]))
+            self._db.executemany("INSERT OR REPLACE INTO done VALUES (?, ?)", runs)
 
-    def _rollback(self) -> None:
-        try:
-            if self._db is not None and self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+    def _delete_ranges(self, row: int) -> None:
+        first, last = row << ROW_BITS, (row << ROW_BITS) + ROW_SLOTS - 1
+        self._db.execute("DELETE FROM done WHERE id BETWEEN ? AND ?", (first, last))
+        self._db.execute("DELETE FROM progress WHERE id BETWEEN ? AND ?", (first, last))
 
-    def _fail(self, reason: str, gone: bool = False) -> None:
-        """Writes failed: the relay runs from memory until `run` gets the store back.
-        `gone`: the file open is no longer the store at the path, so nothing committed
-        to it will be found at the next start."""
-        if self.failure is None:
-            self._failed_at = self._reminded_at = time.monotonic()
-            self._retry_at = 0.0
-            log.error("store %s failed (%s): carrying on in memory; what is held is lost "
-                      "if the relay is killed before the store is back; retrying every "
-                      "%g s", self.path, reason, RETRY_SEC)
-        self.failure = reason
-        if gone:
-            self._live.clear()
-        with self._queue_lock:  # the way back writes everything: these are in it
-            self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
-
-    # ------------------------------------------------------------------ everything at once
-
-    def save_all(self, holdings: Holdings) -> bool:
-        """Write everything held in one transaction, replacing what the store held (the
-        way back from a failure, and a stop without durable mode). True if committed."""
-        with self._db_lock:
-            return self._save_all(lambda: holdings)
-
-    def _save_all(self, source: Callable[[], Holdings]) -> bool:
-        """(Caller holds the db lock, so nothing is added between `source`'s snapshot
-        and the commit; outcomes queued meanwhile are committed after it.)"""
-        self._check_file_locked()
-        try:
-            if self._db is None or self.failure is not None:
-                self._lock_again()
-                self._connect(loaded=True)
-        except InUse as exc:
-            self._disconnect()
-            self._fail(f"in use by {exc.holder}")
-            return False
-        except (sqlite3.Error, OSError, StoreFault) as exc:
-            self._disconnect()
-            self._fail(_reason(exc))
-            return False
-        with self._queue_lock:
-            self._saving = True
-            self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
-        try:
-            return self._write_all(source())
-        finally:
-            with self._queue_lock:
-                self._saving = False
-
-    def _write_all(self, holdings: Holdings) -> bool:
+    def replace(self, holdings: "Holdings") -> None:
+        """One transaction: everything the store holds replaced by `holdings`; its
+        messages get their new ids once it commits."""
         raws = holdings.raws
-        rows = self._rows(raws, lambda raw: raw.received_at + holdings.offset)
-        live, self._live = self._live, {}
-        ids = self._ids(raws, rows)
-        db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        rows = self.rows(raws, lambda raw: raw.received_at + holdings.offset)
+        ids = self.ids(raws, rows)
+        with self._transaction() as db:
             for table in _TABLES:
                 if table != "meta":
                     db.execute(f"DELETE FROM {table}")
@@ -736,92 +570,400 @@ class Store:
             db.executemany("INSERT INTO facts VALUES (?, ?, ?)",
                            [(webhook, name, int(value)) for webhook, learned
                             in holdings.facts.items() for name, value in learned.items()])
-            db.execute("COMMIT")
-        except (sqlite3.Error, OSError, StoreFault) as exc:
-            self._rollback()
-            self._live = live
-            self._fail(_reason(exc))
-            return False
+        self.live = {}
+        self._count_live(rows, raws)
         for raw, sid in ids:
             raw.sid = sid
-        self._wal_id = _identity(self.path.with_name(self.path.name + "-wal"))
+        if self._wal_id is None:
+            self._open_wal()
+
+    def import_legacy(self, raws: list, notices: Notices, marker: str) -> bool:
+        """One transaction: `raws` with their progress, `notices` and `marker`; False
+        (nothing written) if `marker` was imported before."""
+        if self._db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,)).fetchone():
+            return False
+        rows = self.rows(raws, lambda raw: self._wall(), same_time=True)
+        ids = self.ids(raws, rows)
+        with self._transaction() as db:
+            db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO progress VALUES (?, ?, ?, ?)",
+                           [(sid, raw.part, raw.attempts, int(raw.in_flight))
+                            for raw, sid in ids if raw.part or raw.attempts or raw.in_flight])
+            db.executemany("INSERT OR REPLACE INTO notices VALUES (?, ?, ?, ?)",
+                           [(key, *state) for key, state in notices.items()])
+            db.execute("INSERT INTO meta VALUES (?, 1)", (marker,))
+        self._count_live(rows, raws)
+        for raw, sid in ids:
+            raw.sid = sid
+        return True
+
+    def _transaction(self):
+        """BEGIN ... COMMIT, or ROLLBACK and the fault raised."""
+        return _Transaction(self._db)
+
+    def stored(self, raw) -> bool:
+        """Whether `raw` is in the last committed state."""
+        sid = raw.sid
+        return sid is not None and sid >> ROW_BITS in self.live
+
+    def _open_wal(self) -> None:
+        """Note the -wal SQLite writes (its inode, to notice it replaced) and keep it open
+        to fsync it."""
+        fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+        self._wal_fd, self._wal_id = fd, (st.st_dev, st.st_ino)
+
+    def sync(self) -> None:
+        """fsync the -wal: every commit so far survives a power cut."""
+        if self._wal_fd >= 0:
+            os.fsync(self._wal_fd)
+
+    def close(self) -> None:
+        """Close the database (SQLite folds its -wal back in) and release the lock."""
+        self.disconnect()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection | None):
+        if db is None:
+            raise StoreFault("not open")
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if kind is None:
+            self.db.execute("COMMIT")
+        elif self.db.in_transaction:
+            with _quietly():
+                self.db.execute("ROLLBACK")
+
+
+class _quietly:
+    """Ignore a SQLite error (closing or rolling back what already failed)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        return kind is not None and issubclass(kind, sqlite3.Error)
+
+
+class Store:
+    """See the module docstring. `open` first; `run` in a thread of its own; `close` last."""
+
+    def __init__(self, path: Path, *, wall: Callable[[], float] = time.time):
+        self.path = path
+        self.failure: str | None = "not open yet"
+        self.skipped = 0  # rows found bad at start (skipped and deleted)
+        self._file = Database(path, wall)
+        self._limit = 0  # messages loaded at most (the relay's queue_max)
+        self._loaded = False  # the store's contents are in the relay (else: load first)
+        self._db_lock = threading.Lock()  # the database; writes happen under it
+        self._queue_lock = threading.Lock()  # the queue only: taken under the outbox's lock
+        self._queued = threading.Condition(self._queue_lock)
+        self._saving = False  # save_all between its snapshot and its commit
+        self._done: list = []  # messages whose outcome is final
+        self._progress: dict[int, object] = {}  # id(raw) -> raw, progress to write
+        self._notices: Notices = {}
+        self._facts: dict[tuple[str, str], object] = {}
+        self._oldest: float | None = None  # when the oldest record queued was queued
+        self._unsynced = False  # a commit since the last fsync of the -wal
+        self._synced_at = self._checked_at = 0.0  # monotonic
+        self._failed_at = self._reminded_at = self._retry_at = 0.0
+
+    @property
+    def state(self) -> str:
+        return "ok" if self.failure is None else "failed"
+
+    @property
+    def moved_aside(self) -> list[str]:
+        return self._file.moved_aside
+
+    # ------------------------------------------------------------------ start
+
+    def open(self, limit: int) -> Contents:
+        """Lock the store (InUse if another relay holds it), open it (moving aside what
+        cannot be read) and load the newest `limit` messages, the notices and the facts.
+        Raises only InUse: a store that cannot be used leaves it failed, and `run` loads
+        it once it can."""
+        self._limit = limit
+        try:
+            self._file.lock()
+        except _FAULTS as exc:
+            self._fail(_reason(exc))
+            return Contents([], [], {}, {})
+        with self._db_lock:
+            return self._open_and_load()
+
+    def _open_and_load(self) -> Contents:
+        try:
+            self._file.connect(loaded=False)
+            loaded = self._file.load(self._limit)
+        except _FAULTS as exc:
+            self._file.disconnect()
+            self._fail(_reason(exc))
+            return Contents([], [], {}, {})
+        self._loaded = True
+        skipped = sum(map(len, loaded.bad.values()))
+        try:
+            if skipped:
+                self.skipped += skipped
+                log.error("store: %d unreadable rows skipped and deleted (%s)", skipped,
+                          ", ".join(f"{table} {len(rows)}" for table, rows
+                                    in loaded.bad.items() if rows))
+                self._file.delete(loaded.bad)
+            self.failure = None
+        except _FAULTS as exc:  # what was loaded is held: written by the way back
+            self._fail(_reason(exc))
+        return Contents(*loaded[:4])
+
+    # ------------------------------------------------------------------ writes
+
+    def add(self, raws: list, received_at: float) -> None:
+        """Commit a batch the receiver took (with the queued outcomes: one transaction)
+        and give each message its id; while the store is failed, nothing (the messages
+        are held in memory only, and written by the way back)."""
+        if self.failure is not None or not raws:
+            return
+        with self._db_lock:
+            if self.failure is None:
+                self._commit(raws, self._file.rows(raws, lambda raw: received_at,
+                                                    same_time=True))
+
+    def sending(self, raws: list) -> None:
+        """A request of these messages is about to be posted: marked in flight, and
+        committed before this returns (for those in the store), so a restart after a
+        crash counts them as possibly posted already."""
+        for raw in raws:
+            raw.in_flight = True
+        if self.failure is None and any(raw.sid is not None for raw in raws):
+            with self._db_lock:
+                if self.failure is None:
+                    self.progress(raws)
+                    self._commit()
+
+    def done(self, raws: Iterable) -> None:
+        """These messages have their final outcome (queued: called under the outbox's lock)."""
+        with self._queue_lock:
+            if self.failure is None or self._saving:
+                queued = [raw for raw in raws if raw.sid is not None or self._saving]
+                if queued:
+                    self._done.extend(queued)
+                    self._queue_now()
+
+    def progress(self, raws: Iterable) -> None:
+        """Their part, attempts or in-flight mark changed (queued)."""
+        with self._queue_lock:
+            if self.failure is None or self._saving:
+                queued = [raw for raw in raws if raw.sid is not None or self._saving]
+                if queued:
+                    self._progress.update((id(raw), raw) for raw in queued)
+                    self._queue_now()
+
+    def notice(self, key: str, dropped: int, failed: int, since: float | None) -> None:
+        """A webhook's loss-notice state (queued; coalesced per webhook)."""
+        with self._queue_lock:
+            if self.failure is None or self._saving:
+                self._notices[key] = (dropped, failed, since)
+                self._queue_now()
+
+    def learned(self, webhook: str, name: str, value: object) -> None:
+        """A fact about a webhook a restart must not forget (queued)."""
+        with self._queue_lock:
+            if self.failure is None or self._saving:
+                self._facts[(webhook, name)] = value
+                self._queue_now()
+
+    def _queue_now(self) -> None:
+        """(Queue lock held.) The first record since the last commit wakes the thread."""
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+            self._queued.notify()
+
+    def stored(self, raw) -> bool:
+        """Whether `raw` is in the store's last committed state."""
+        return self._file.stored(raw)
+
+    def _commit(self, raws: list = (), rows: list = ()) -> bool:
+        """One transaction: `rows` for `raws` and everything queued (db lock held)."""
+        with self._queue_lock:
+            done, self._done = self._done, []
+            progress, self._progress = self._progress, {}
+            notices, self._notices = self._notices, {}
+            facts, self._facts = self._facts, {}
+            self._oldest = None
+        if not (rows or done or progress or notices or facts):
+            return True
+        try:
+            self._file.write(rows, raws, done, list(progress.values()), notices, facts)
+        except _FAULTS as exc:
+            self._fail(_reason(exc))
+            return False
+        self._committed()
+        return True
+
+    def _committed(self) -> None:
+        """A commit to fsync within SYNC_SEC."""
+        with self._queue_lock:
+            if not self._unsynced:
+                self._unsynced = True
+                self._queued.notify()
+
+    def _fail(self, reason: str, gone: bool = False) -> None:
+        """Writes failed: the relay runs from memory until the store's thread gets it
+        back. `gone`: the file open is no longer the store at the path, so nothing
+        committed to it will be found at the next start."""
+        if self.failure is None:
+            self._failed_at = self._reminded_at = time.monotonic()
+            self._retry_at = 0.0
+            log.error("store %s failed (%s): carrying on in memory; what is held is lost "
+                      "if the relay is killed before the store is back; retrying every "
+                      "%g s", self.path, reason, RETRY_SEC)
+        self.failure = reason
+        if gone:
+            self._file.live.clear()
+        with self._queue_lock:  # the way back writes everything: these are in it
+            self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
+            self._oldest = None
+            self._queued.notify()
+
+    # ------------------------------------------------------------------ everything at once
+
+    def save_all(self, holdings: "Holdings") -> bool:
+        """Write everything held in one transaction, replacing what the store held (the
+        way back from a failure, and a stop without durable mode). True if committed."""
+        with self._db_lock:
+            return self._save_all(lambda: holdings)
+
+    def _save_all(self, source: Callable[[], "Holdings"]) -> bool:
+        """(Caller holds the db lock, so nothing is added between `source`'s snapshot
+        and the commit; outcomes queued meanwhile are committed after it.)"""
+        self._check_file_locked()
+        try:
+            if not self._file.is_open or self.failure is not None:
+                self._file.lock()
+                self._file.connect(loaded=True)
+        except InUse as exc:
+            self._file.disconnect()
+            self._fail(f"in use by {exc.holder}")
+            return False
+        except _FAULTS as exc:
+            self._file.disconnect()
+            self._fail(_reason(exc))
+            return False
+        with self._queue_lock:
+            self._saving = True
+            self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
+        try:
+            holdings = source()
+            self._file.replace(holdings)
+        except _FAULTS as exc:
+            self._fail(_reason(exc))
+            return False
+        finally:
+            with self._queue_lock:
+                self._saving = False
         if self.failure is not None:
             log.warning("store writable again (it had failed: %s): %d held messages "
-                        "written to it", self.failure, len(raws))
+                        "written to it", self.failure, len(holdings.raws))
         self.failure = None
+        self._committed()
         return True
 
     # ------------------------------------------------------------------ the store's thread
 
-    def run(self, stopping: threading.Event, source: Callable[[], Holdings],
+    def run(self, stopping: threading.Event, source: Callable[[], "Holdings"],
             restore: Callable[[Contents], None]) -> None:
         """Until `stopping` is set (then call `wake`): commit queued outcomes within
-        FLUSH_SEC; check every CHECK_SEC that the store at the path is the one open;
-        while failed, try every RETRY_SEC to get it back: load it if it could not be read
-        at start (handing what it held to `restore`), then write everything `source`
-        gives; and remind the log every REMIND_SEC."""
-        checked_at = time.monotonic()
+        FLUSH_SEC, fsync the -wal within SYNC_SEC of a commit, and check every CHECK_SEC
+        that the files at the path are the ones open. While failed, try every RETRY_SEC
+        to get the store back: load it if it could not be read at start (handing what it
+        held to `restore`), then write everything `source` gives; remind the log every
+        REMIND_SEC."""
         while not stopping.is_set():
             with self._queue_lock:
-                if self.failure is not None or not self._has_queued():
-                    self._queued.wait(min(RETRY_SEC, CHECK_SEC))
+                pause = self._pause(time.monotonic())
+                if pause > 0:
+                    self._queued.wait(pause)
             if stopping.is_set():
                 break
             now = time.monotonic()
-            if self.failure is None and now - checked_at >= CHECK_SEC:
-                checked_at = now
-                self._check_file()
             if self.failure is not None:
                 self._retry(source, restore, now)
-            elif self._has_queued():
-                stopping.wait(FLUSH_SEC)  # the receiver or a sender may commit it first
+                continue
+            if self._oldest is not None and now - self._oldest >= FLUSH_SEC:
                 with self._db_lock:
                     if self.failure is None:
-                        self._commit([])
+                        self._commit()
+            if self._unsynced and now - self._synced_at >= SYNC_SEC:
+                self._sync(now)
+            if now - self._checked_at >= CHECK_SEC:
+                self._checked_at = now
+                with self._db_lock:
+                    self._check_file_locked()
 
-    def _has_queued(self) -> bool:
-        return bool(self._done or self._progress or self._notices or self._facts)
+    def _pause(self, now: float) -> float:
+        """(Queue lock held.) Until the next thing due."""
+        if self.failure is not None:
+            return min(max(0.0, self._retry_at - now), RETRY_SEC)
+        due = self._checked_at + CHECK_SEC
+        if self._oldest is not None:
+            due = min(due, self._oldest + FLUSH_SEC)
+        if self._unsynced:
+            due = min(due, self._synced_at + SYNC_SEC)
+        return max(0.0, due - now)
 
-    def _check_file(self) -> None:
-        with self._db_lock:
-            self._check_file_locked()
+    def _sync(self, now: float) -> None:
+        self._unsynced, self._synced_at = False, now
+        try:
+            self._file.sync()
+        except OSError as exc:
+            with self._db_lock:
+                self._fail(_reason(exc))
 
     def _check_file_locked(self) -> None:
-        """Fail the store if the files at its path are no longer the ones open."""
-        if self.failure is None:
-            wal = self.path.with_name(self.path.name + "-wal")
-            if _identity(self.path) != self._file_id:
-                self._fail("deleted while the relay ran" if not os.path.lexists(self.path)
-                           else "replaced while the relay ran", gone=True)
-            elif self._wal_id is not None and _identity(wal) != self._wal_id:
-                self._fail("its -wal removed or replaced while the relay ran", gone=True)
-            elif _identity(_lock_path(self.path)) != self._lock_id:
-                self._fail("its lock file removed or replaced while the relay ran")
+        """(Db lock held.) Fail the store if the files at its path are not the ones open."""
+        if self.failure is None and (changed := self._file.changed()) is not None:
+            self._fail(*changed)
 
-    def _retry(self, source: Callable[[], Holdings], restore: Callable[[Contents], None],
+    def _retry(self, source: Callable[[], "Holdings"], restore: Callable[[Contents], None],
                now: float) -> None:
         if now >= self._retry_at:
             self._retry_at = now + RETRY_SEC
             with self._db_lock:
                 if not self._loaded:
-                    try:
-                        self._lock_again()
-                    except InUse as exc:
-                        self._fail(f"in use by {exc.holder}")
-                    except (OSError, StoreFault) as exc:
-                        self._fail(_reason(exc))
-                    else:
-                        contents = self._open_and_load()
-                        if self._loaded:
-                            restore(contents)
-                            log.warning("store readable again: %d messages it held restored",
-                                        len(contents.messages))
+                    self._load_late(restore)
                 if self._loaded and self.failure is not None:
                     self._save_all(source)
         if self.failure is not None and now - self._reminded_at >= REMIND_SEC:
             self._reminded_at = now
             log.error("store %s still failing (%s) after %.0f s: messages are held in "
                       "memory only", self.path, self.failure, now - self._failed_at)
+
+    def _load_late(self, restore: Callable[[Contents], None]) -> None:
+        """The store could not be read at start: read it now, before anything held in
+        memory is written over it."""
+        try:
+            self._file.lock()
+        except InUse as exc:
+            self._fail(f"in use by {exc.holder}")
+            return
+        except _FAULTS as exc:
+            self._fail(_reason(exc))
+            return
+        contents = self._open_and_load()
+        if self._loaded:
+            restore(contents)
+            log.warning("store readable again: %d messages it held restored",
+                        len(contents.messages))
 
     def wake(self) -> None:
         with self._queue_lock:
@@ -835,34 +977,20 @@ class Store:
         flight), and loss notices) in one transaction that also records `marker`. Returns
         the messages as stored ([] if `marker` was imported before), or None if the
         store could not take them."""
+        raws = [_Legacy(*message) for message in messages]
         with self._db_lock:
             if self.failure is not None:
                 return None
-            db = self._db
-            if db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,)).fetchone():
-                return []
-            now = self._wall()
-            raws = [_Legacy(*message) for message in messages]
-            rows = self._rows(raws, lambda raw: now, same_time=True)
-            ids = self._ids(raws, rows)
             try:
-                db.execute("BEGIN IMMEDIATE")
-                db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
-                db.executemany("INSERT INTO progress VALUES (?, ?, ?, ?)",
-                               [(sid, raw.part, raw.attempts, int(raw.in_flight))
-                                for raw, sid in ids if raw.part or raw.attempts or raw.in_flight])
-                db.executemany("INSERT OR REPLACE INTO notices VALUES (?, ?, ?, ?)",
-                               [(key, *state) for key, state in notices.items()])
-                db.execute("INSERT INTO meta VALUES (?, 1)", (marker,))
-                db.execute("COMMIT")
-            except (sqlite3.Error, OSError) as exc:
-                self._rollback()
-                for rid, *_ in rows:
-                    self._live.pop(rid, None)
+                if not self._file.import_legacy(raws, notices, marker):
+                    return []
+            except _FAULTS as exc:
                 self._fail(_reason(exc))
                 return None
-            return [Stored(sid, raw.data, now, None, raw.part, raw.attempts, raw.in_flight)
-                    for raw, sid in ids]
+            self._committed()
+        now = time.time()
+        return [Stored(raw.sid, raw.data, now, None, raw.part, raw.attempts, raw.in_flight)
+                for raw in raws]
 
     # ------------------------------------------------------------------ stop
 
@@ -871,18 +999,15 @@ class Store:
         store at the path is no longer the one open."""
         with self._db_lock:
             self._check_file_locked()
-            return self.failure is None and self._commit([])
+            return self.failure is None and self._commit()
 
     def close(self) -> None:
-        """Commit what is queued, close the database (SQLite folds its -wal back in) and
-        release the lock."""
+        """Commit what is queued, close the database (SQLite folds its -wal back in and
+        syncs it) and release the lock."""
         with self._db_lock:
             if self.failure is None:
-                self._commit([])
-            self._disconnect()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+                self._commit()
+            self._file.close()
 
 
 class _Loaded(NamedTuple):
@@ -901,15 +1026,10 @@ def _unusable(db: sqlite3.Connection, quick: bool) -> str | None:
             return f"it fails SQLite's quick_check ({str(answer[0])[:60]})"
     tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not tables:
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _Transaction(db):
             for statement in _SCHEMA:
                 db.execute(statement)
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK") if db.in_transaction else None
-            raise
         return None
     try:
         for table, columns in _TABLES.items():

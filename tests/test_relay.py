@@ -216,7 +216,7 @@ def test_the_log_file_is_reopened_after_logrotate_moves_it(discord, relays, push
 
 
 def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discord):
-    """A receiver that fails must not leave a relay that runs on without receiving: it
+    """An intake that fails must not leave a relay that runs on without receiving: it
     stops, saves what it holds, and exits 1 for its supervisor to restart it."""
     port = free_port()
     webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"  # nothing listens: it waits
@@ -236,7 +236,7 @@ def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discor
         relay.wait_metrics(lambda m: m["received"] == 1 and m["unparsed"] == 0)
         pusher.send(envelope_text(webhook, "poison"))
         assert relay.process.wait(30) == 1
-    assert "receiver thread failed; stopping the relay" in relay.log()
+    assert "intake thread failed; stopping the relay" in relay.log()
     saved = saved_envelopes(relay.store_file)
     assert len(saved) == 1 and "kept" in saved[0]
     assert_balanced(relay.metrics())
