@@ -26,10 +26,11 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from notifier.answers import MAX_AGE_SEC, Answers
 from notifier.deadletter import DeadLetters, Letter
 from notifier.discord import Outcome
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message
-from notifier.held import Dedupe, Held, Holding, Raw, webhook_of
+from notifier.held import Dedupe, Holding, Raw, webhook_of
 from notifier.lanes import Job, Lane, Lanes
 from notifier.ledger import Ledger
 from notifier.limits import Limits
@@ -38,9 +39,6 @@ from notifier.store import Contents, Holdings, NoStore
 
 log = logging.getLogger("notifier.outbox")
 
-MAX_AGE_SEC = 6 * 3600.0
-"""A message whose requests fail (network errors, 5xx) is given up once it is older than
-this, unless the errors are its own sooner: Discord's outages last hours at most."""
 
 
 class Deferred:
@@ -95,6 +93,9 @@ class Outbox:
         self._dedupe = Dedupe(dedupe_window)
         self._ledger = Ledger(wall, self._store)
         self._lanes = Lanes(self._limits, self._ledger)
+        self._answers = Answers(self._holding, self._dedupe, self._lanes, self._ledger,
+                                self._store, self._limits, self._deferred, max_age,
+                                monotonic, wall)
         self._closed = False  # no more jobs handed out
         self._written_off = False  # the final count is made: answers no longer change it
         self._dedupe_log = Throttle(burst=20)
@@ -143,13 +144,15 @@ class Outbox:
             for producer in producers:
                 self._ledger.rejected(producer)
 
-    def restore(self, contents: Contents, producer: str | None = None) -> int:
+    def restore(self, contents: Contents, producer: str | None = None,
+                stale: bool = False) -> int:
         """Take back what the store held at start, ahead of anything new: messages with
         their progress, the loss notices still to post and what was learned about
         webhooks. Messages beyond the bound (`contents.overflow`, and the oldest if more
         are held) are dropped and reported. With CURVE (`producer` given) each is counted
-        under its producer, or `producer` when the store does not know it. Returns the
-        drops."""
+        under its producer, or `producer` when the store does not know it. `stale`: the
+        store may not know what was delivered (the last run's store had failed), so every
+        message counts as possibly posted already. Returns the drops."""
         now, wall = self._monotonic(), self._wall()
         raws = [Raw(item.envelope, now - max(0.0, wall - item.received_at), item.sid,
                     item.part, item.attempts, producer and (item.producer or producer))
@@ -157,7 +160,7 @@ class Outbox:
         overflow = [(webhook, producer and (sender or producer))
                     for _, webhook, sender in contents.overflow]
         with self._locked():
-            self._ledger.restored(len(raws) + len(overflow),
+            self._ledger.restored(len(raws) + len(overflow), len(raws) if stale else
                                   sum(item.in_flight for item in contents.messages),
                                   [raw.producer for raw in raws]
                                   + [sender for _, sender in overflow] if producer else None)
@@ -210,9 +213,9 @@ class Outbox:
                     continue
                 lane = self._lanes.get(result.webhook) or self._lanes.add(result.webhook)
                 if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
-                    self._fail([holding.parsed(result, None, raw)], lane, lane.dead_reason,
-                               lane.dead_status, quiet=True)  # not seen: not forgotten
-                    lane.dead_failed += 1
+                    self._answers.fail([holding.parsed(result, None, raw)], lane,
+                                       lane.dead_reason, lane.dead_status, quiet=True)
+                    lane.dead_failed += 1  # (not seen, so not forgotten: key None)
                 elif key is not None and self._dedupe.seen(key, now):
                     ledger.counts["deduplicated"] += 1
                     holding.release(1)
@@ -246,138 +249,21 @@ class Outbox:
             return None
 
     def finish(self, job: Job, outcome: Outcome) -> None:
-        """Record what one request of `job` came to and decide what the lane does next."""
+        """Record what one request of `job` came to; `Answers` decides what the lane and
+        its messages do next."""
         now = self._monotonic()
-        lane, ledger = job.lane, self._ledger
         with self._locked():
             if self._written_off:
                 return
-            lane.busy = False
-            ledger.counts["requests"] += 1
+            job.lane.busy = False
+            self._ledger.counts["requests"] += 1
             answer = self._limits.answered(job.ticket, outcome, now)
             job.ticket = None
-            raws = job.raws
-            for raw in raws:  # answered: no longer in flight
+            for raw in job.raws:  # answered: no longer in flight
                 raw.in_flight = False
-            self._store.progress(raws)
-            kind = outcome.kind
-            if kind == "delivered":
-                ledger.answered(lane.account)
-                if job.part_delivered(outcome.channel):
-                    self._lanes.forums.add(lane.webhook)
-                    self._store.learned(lane.webhook, "forum", True)
-                if job.complete:
-                    self._completed(job)
-            elif kind == "rate_limited":
-                ledger.rate_limited(outcome.scope)
-                self._say(logging.WARNING, "rate limited webhook=%s scope=%s wait_s=%.3f "
-                          "reason=%s%s", lane.id, outcome.scope, outcome.wait, outcome.reason,
-                          self._pace_note(lane, outcome, now))
-            else:
-                ledger.error(lane.account, f"webhook {lane.id}: {outcome.reason}",
-                             failing=kind in ("retry", "dead"))
-                if kind == "retry":
-                    self._retry_later(job, outcome, answer, now)
-                elif kind == "dead":
-                    self._quarantine(lane, outcome, answer.wait)
-                else:
-                    self._refused(job, outcome)
+            self._store.progress(job.raws)
+            self._answers.apply(job, outcome, answer, now)
             self._changed.notify_all()
-
-    def _pace_note(self, lane: Lane, outcome: Outcome, now: float) -> str:
-        pace = self._limits.pace_of(lane.webhook, now) if outcome.scope == "shared" else None
-        return "" if pace is None else f"; channel paced to {pace} per 60 s"
-
-    def _completed(self, job: Job) -> None:
-        lane = job.lane
-        lane.job = None
-        if job.notice:
-            self._ledger.counts["notices"] += 1
-            self._ledger.noticed(lane.account, *job.notice)
-            self._say(logging.INFO, "loss notice sent webhook=%s dropped=%d failed=%d",
-                      lane.id, *job.notice)
-            return
-        self._store.done(job.raws)
-        self._holding.release(len(job.items))
-        self._ledger.delivered(lane.account, len(job.items))
-        if lane.dead_reason is not None:
-            self._say(logging.INFO, "webhook=%s is back after quarantine (%d messages "
-                      "failed meanwhile)", lane.id, lane.dead_failed)
-            lane.dead_reason, lane.dead_status, lane.dead_failed = None, None, 0
-        if lane.account.lost_dropped or lane.account.lost_failed:
-            lane.notice_due = True
-        oldest = min(item.received_at for item in job.items)
-        self._say(logging.DEBUG, "delivered webhook=%s messages=%d requests=%d "
-                  "latency_ms=%.1f", lane.id, len(job.items), len(job.parts),
-                  (self._monotonic() - oldest) * 1000)
-
-    def _retry_later(self, job: Job, outcome: Outcome, answer, now: float) -> None:
-        """Retried later, or given up (see `Job.gives_up`): until then the bound
-        (drop-oldest) limits what is held. A loss notice given up is cleared."""
-        lane = job.lane
-        reason = job.gives_up(outcome.reason, answer.own, now, self._limits.retry, self.max_age)
-        if reason is not None:
-            lane.job = None
-            if job.notice:
-                self._ledger.noticed(lane.account, *job.notice)
-                self._say(logging.ERROR, "loss notice given up webhook=%s dropped=%d "
-                          "failed=%d: %s", lane.id, *job.notice, reason)
-            self._fail(job.items, lane, reason, outcome.status)
-            return
-        self._ledger.counts["retries"] += 1
-        if answer.own:
-            for raw in job.raws:
-                raw.attempts = job.attempts
-        self._say(logging.WARNING, "retry webhook=%s attempt=%d in_s=%.2f reason=%s",
-                  lane.id, job.attempts, answer.wait, outcome.reason)
-
-    def _quarantine(self, lane: Lane, outcome: Outcome, pause: float) -> None:
-        """Stop sending to a webhook that answered 401/403/404: fail what waits for it
-        now and what comes for it until the pause is over, then try again."""
-        items = lane.quarantine(outcome.reason, outcome.status)
-        self._say(logging.ERROR, "webhook=%s quarantined for %.0f s: %s; failed now=%d, "
-                  "failed during the last quarantine=%d; new messages to it fail at once "
-                  "until then", lane.id, pause, outcome.reason, len(items), lane.dead_failed)
-        lane.dead_failed = 0
-        self._fail(items, lane, outcome.reason, outcome.status, quiet=True)
-
-    def _refused(self, job: Job, outcome: Outcome) -> None:
-        """A 400 (or another answer that will not change): never resend the same
-        request. A combined batch is split so that only the message Discord refuses
-        fails; a refused loss notice is logged with what it reported, and cleared."""
-        lane = job.lane
-        if job.notice:
-            lane.job = None
-            self._ledger.noticed(lane.account, *job.notice)
-            self._say(logging.ERROR, "loss notice refused webhook=%s dropped=%d failed=%d "
-                      "(not posted again): %s", lane.id, *job.notice, outcome.reason)
-            return
-        if len(job.items) > 1:
-            lane.resend_singly(job)
-            self._say(logging.WARNING, "batch refused webhook=%s messages=%d, resending one "
-                      "by one: %s", lane.id, len(job.items), outcome.reason)
-            return
-        lane.job = None
-        self._fail(job.items, lane, outcome.reason, outcome.status)
-
-    def _fail(self, items: list[Held], lane: Lane, reason: str, status: int | None,
-              quiet=False) -> None:
-        """Messages given up: counted, reported in the channel later, and kept in the
-        dead-letter file (written once the lock is released)."""
-        if not items:
-            return
-        for item in items:
-            self._dedupe.forget(item)
-        self._store.done([item.raw for item in items])
-        self._holding.release(len(items))
-        self._ledger.counts["failed"] += len(items)
-        self._ledger.note_loss(lane.account, failed=len(items))
-        now = self._wall()
-        self._deferred.letters.extend(Letter(item.message.webhook, item.remaining, item.raw.data,
-                                    item.raw.part, reason, status, now) for item in items)
-        if not quiet:
-            self._say(logging.ERROR, "failed webhook=%s messages=%d reason=%s", lane.id,
-                      len(items), reason)
 
     def wait_empty(self, timeout: float) -> bool:
         """Wait until nothing is held (all delivered or failed); False on timeout."""

@@ -244,6 +244,7 @@ class Relay:
         self._summarized_at = time.monotonic()
         self._exporter = None  # notifier.prometheus.Exporter, when asked for
         self._last_stop: dict = {}  # the messages the last run lost at its stop, if any
+        self._stale = False  # the last run's store had failed: what it holds may be old
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -291,9 +292,9 @@ class Relay:
         self._wake.bind(wake_address)
         wake_receiver = self._context.socket(zmq.PAIR)
         wake_receiver.connect(wake_address)
+        self._last_stop, self._stale = _previous_run(settings.metrics_file)
         self._restore(contents)
         self._import_legacy()
-        self._last_stop = _loss_at_stop(settings.metrics_file)
         self._write_metrics()
         self._spawn("receiver", self._receive_loop, pull, wake_receiver)
         self._spawn("intake", self._intake_loop)
@@ -688,10 +689,12 @@ class Relay:
             - len(facts)
         contents = contents._replace(notices=notices, facts=facts)
         if contents.messages or contents.overflow or notices:
-            self.outbox.restore(contents, self._restored_producer)
-            log.info("restored %d messages from the store (%d possibly posted already: they "
-                     "were in flight)%s", len(contents.messages),
+            self.outbox.restore(contents, self._restored_producer, stale=self._stale)
+            log.info("restored %d messages from the store (%d possibly posted already: %s)%s",
+                     len(contents.messages), len(contents.messages) if self._stale else
                      sum(item.in_flight for item in contents.messages),
+                     "the last run's store had failed, so it may not know what that run "
+                     "delivered" if self._stale else "they were in flight",
                      f"; {len(contents.overflow)} more dropped: over queue_max"
                      if contents.overflow else "")
 
@@ -734,18 +737,21 @@ class Relay:
                      path, legacy.skipped, path.name)
 
 
-def _loss_at_stop(metrics_file) -> dict:
-    """``last_stop_lost`` and ``last_stop_at`` when the last run's final snapshot says it
-    lost messages at its stop, so that `status` still says so after a restart."""
+def _previous_run(metrics_file) -> tuple[dict, bool]:
+    """What the last run's last snapshot says that this one must carry on: the messages
+    it lost at its stop (``last_stop_lost``, ``last_stop_at``, so that `status` still
+    says so after a restart), and whether its store had failed (then the store may still
+    hold messages that run delivered)."""
     try:
         previous = metrics.read(metrics_file)
     except (OSError, ValueError):
-        return {}
+        return {}, False
     lost, at = previous.get("lost"), previous.get("timestamp")
+    stale = previous.get("store_state") == "failed"
     if previous.get("state") == "stopped" and type(lost) is int and lost > 0 \
             and type(at) is int:
-        return {"last_stop_lost": lost, "last_stop_at": at}
-    return {}
+        return {"last_stop_lost": lost, "last_stop_at": at}, stale
+    return {}, stale
 
 
 def _allowed(webhook: str, allowed_hosts) -> bool:

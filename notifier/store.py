@@ -263,28 +263,25 @@ def _text(value) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 2048
 
 
-class Database:
-    """The SQLite store at `path`: locked, opened, checked, read and written, each write
-    one transaction. Every method raises on a fault (sqlite3.Error, OSError, InUse);
-    `Store` decides what a fault means. `live` counts, per row of the last committed
-    state, its messages not done yet."""
+class Files:
+    """The store's files at its path: the lock file, the database (opened, checked, moved
+    aside when it cannot be used) and its -wal. Every method raises on a fault
+    (sqlite3.Error, OSError, InUse); `Store` decides what a fault means."""
 
     def __init__(self, path: Path, wall: Callable[[], float]):
         self.path = path
         self.wal = path.with_name(path.name + "-wal")
         self.moved_aside: list[str] = []  # what was moved aside, and why
-        self.live: dict[int, int] = {}
-        self.next_row = 1
+        self.db: sqlite3.Connection | None = None
         self._wall = wall
-        self._db: sqlite3.Connection | None = None
         self._lock_fd = self._wal_fd = -1
         self._lock_id: tuple[int, int] | None = None
         self._file_id: tuple[int, int] | None = None  # the database file open
-        self._wal_id: tuple[int, int] | None = None  # its -wal, once seen
+        self._wal_id: tuple[int, int] | None = None  # its -wal
 
     @property
     def is_open(self) -> bool:
-        return self._db is not None
+        return self.db is not None
 
     # ------------------------------------------------------------------ the lock
 
@@ -355,7 +352,8 @@ class Database:
             db.close()
             self._move_aside(problem)
             return self.connect(loaded)
-        self._db, self._file_id, self._wal_id = db, _identity(self.path), None
+        self.db, self._file_id = db, _identity(self.path)
+        self.note_wal()
 
     def _move_aside(self, why: str) -> None:
         """Rename the store (and its -wal and -shm) out of the way, never deleting it."""
@@ -375,10 +373,10 @@ class Database:
         log.error("store unusable: %s; a new store is used", text)
 
     def disconnect(self) -> None:
-        if self._db is not None:
+        if self.db is not None:
             with _quietly():
-                self._db.close()
-            self._db = None
+                self.db.close()
+            self.db = None
         if self._wal_fd >= 0:
             os.close(self._wal_fd)
             self._wal_fd = -1
@@ -389,11 +387,46 @@ class Database:
         if _identity(self.path) != self._file_id:
             gone = not os.path.lexists(self.path)
             return ("deleted" if gone else "replaced") + " while the relay ran", True
-        if self._wal_id is not None and _identity(self.wal) != self._wal_id:
+        if _identity(self.wal) != self._wal_id:
             return "its -wal removed or replaced while the relay ran", True
         if _identity(_lock_path(self.path)) != self._lock_id:
             return "its lock file removed or replaced while the relay ran", False
         return None
+
+    def note_wal(self) -> None:
+        """Note the -wal SQLite writes (its inode, to notice it replaced) and keep it open
+        to fsync it."""
+        fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+        self._wal_fd, self._wal_id = fd, (st.st_dev, st.st_ino)
+
+    def sync(self) -> None:
+        """fsync the -wal: every commit so far survives a power cut."""
+        if self._wal_fd >= 0:
+            os.fsync(self._wal_fd)
+
+    def close(self) -> None:
+        """Close the database (SQLite folds its -wal back in) and release the lock."""
+        self.disconnect()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+
+
+class Database:
+    """The tables of the store open in `files`: read, checked, and written, each write one
+    transaction. Raises on a fault, as `Files` does. `live` counts, per row of the last
+    committed state, its messages not done yet."""
+
+    def __init__(self, files: Files, wall: Callable[[], float]):
+        self.files = files
+        self.live: dict[int, int] = {}
+        self.next_row = 1
+        self._wall = wall
 
     # ------------------------------------------------------------------ reading
 
@@ -402,7 +435,7 @@ class Database:
         and what is bad, to delete. In-flight marks are read as they are: the outbox
         clears them once it holds the messages (each is counted once, by the start that
         restores it)."""
-        db, now = self._db, self._wall()
+        db, now = self.files.db, self._wall()
         bad: dict[str, list] = {table: [] for table in ("batches", "done", "progress",
                                                         "notices", "facts")}
         finished: dict[int, list[tuple[int, int]]] = {}
@@ -516,8 +549,6 @@ class Database:
         self._count_live(rows, raws)
         for raw, sid in self.ids(raws, rows):
             raw.sid = sid
-        if self._wal_id is None:
-            self._open_wal()
 
     def _finish(self, done: list) -> None:
         """Record messages done: a row whose every message is done is deleted, otherwise
@@ -532,7 +563,7 @@ class Database:
         for row, sids in by_row.items():
             if live[row] <= len(sids):
                 del live[row]
-                self._db.execute("DELETE FROM batches WHERE id = ?", (row,))
+                self.files.db.execute("DELETE FROM batches WHERE id = ?", (row,))
                 self._delete_ranges(row)
                 continue
             live[row] -= len(sids)
@@ -543,12 +574,12 @@ class Database:
                     runs.append((first, previous))
                     first = sid
             runs.append((first, sids[-1]))
-            self._db.executemany("INSERT OR REPLACE INTO done VALUES (?, ?)", runs)
+            self.files.db.executemany("INSERT OR REPLACE INTO done VALUES (?, ?)", runs)
 
     def _delete_ranges(self, row: int) -> None:
         first, last = row << ROW_BITS, (row << ROW_BITS) + ROW_SLOTS - 1
-        self._db.execute("DELETE FROM done WHERE id BETWEEN ? AND ?", (first, last))
-        self._db.execute("DELETE FROM progress WHERE id BETWEEN ? AND ?", (first, last))
+        self.files.db.execute("DELETE FROM done WHERE id BETWEEN ? AND ?", (first, last))
+        self.files.db.execute("DELETE FROM progress WHERE id BETWEEN ? AND ?", (first, last))
 
     def replace(self, holdings: "Holdings") -> None:
         """One transaction: everything the store holds replaced by `holdings`; its
@@ -574,13 +605,11 @@ class Database:
         self._count_live(rows, raws)
         for raw, sid in ids:
             raw.sid = sid
-        if self._wal_id is None:
-            self._open_wal()
 
     def import_legacy(self, raws: list, notices: Notices, marker: str) -> bool:
         """One transaction: `raws` with their progress, `notices` and `marker`; False
         (nothing written) if `marker` was imported before."""
-        if self._db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,)).fetchone():
+        if self.files.db.execute("SELECT 1 FROM meta WHERE key = ?", (marker,)).fetchone():
             return False
         rows = self.rows(raws, lambda raw: self._wall(), same_time=True)
         ids = self.ids(raws, rows)
@@ -599,34 +628,12 @@ class Database:
 
     def _transaction(self):
         """BEGIN ... COMMIT, or ROLLBACK and the fault raised."""
-        return _Transaction(self._db)
+        return _Transaction(self.files.db)
 
     def stored(self, raw) -> bool:
         """Whether `raw` is in the last committed state."""
         sid = raw.sid
         return sid is not None and sid >> ROW_BITS in self.live
-
-    def _open_wal(self) -> None:
-        """Note the -wal SQLite writes (its inode, to notice it replaced) and keep it open
-        to fsync it."""
-        fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(fd)
-        if self._wal_fd >= 0:
-            os.close(self._wal_fd)
-        self._wal_fd, self._wal_id = fd, (st.st_dev, st.st_ino)
-
-    def sync(self) -> None:
-        """fsync the -wal: every commit so far survives a power cut."""
-        if self._wal_fd >= 0:
-            os.fsync(self._wal_fd)
-
-    def close(self) -> None:
-        """Close the database (SQLite folds its -wal back in) and release the lock."""
-        self.disconnect()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
 
 class _Transaction:
     def __init__(self, db: sqlite3.Connection | None):
@@ -656,6 +663,76 @@ class _quietly:
         return kind is not None and issubclass(kind, sqlite3.Error)
 
 
+class Outcomes:
+    """Outcomes of stored messages decided under the outbox's lock, waiting to be
+    committed (coalesced: the latest progress of a message, the latest notice of a
+    webhook). Its lock is never held for I/O. Nothing is kept while the store is failed
+    (`wanted` False): the way back writes everything held, these included; while it
+    writes (`all`), outcomes of messages not in the store yet are kept, for the ids they
+    are about to get."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # the store's thread waits on it
+        self.wanted = False
+        self.all = False
+        self.oldest: float | None = None  # when the oldest waiting was queued
+        self._done: list = []
+        self._progress: dict[int, object] = {}  # id(raw) -> raw
+        self._notices: Notices = {}
+        self._facts: dict[tuple[str, str], object] = {}
+
+    def done(self, raws: Iterable) -> None:
+        with self.lock:
+            if queued := self._wanted(raws):
+                self._done.extend(queued)
+                self._queued()
+
+    def progress(self, raws: Iterable) -> None:
+        with self.lock:
+            if queued := self._wanted(raws):
+                self._progress.update((id(raw), raw) for raw in queued)
+                self._queued()
+
+    def notice(self, key: str, state: tuple[int, int, float | None]) -> None:
+        with self.lock:
+            if self.wanted:
+                self._notices[key] = state
+                self._queued()
+
+    def learned(self, webhook: str, name: str, value: object) -> None:
+        with self.lock:
+            if self.wanted:
+                self._facts[(webhook, name)] = value
+                self._queued()
+
+    def _wanted(self, raws: Iterable) -> list:
+        if not self.wanted:
+            return []
+        return [raw for raw in raws if raw.sid is not None or self.all]
+
+    def _queued(self) -> None:
+        """(Lock held.) The first since the last commit wakes the store's thread."""
+        if self.oldest is None:
+            self.oldest = time.monotonic()
+            self.changed.notify()
+
+    def take(self) -> tuple[list, list, Notices, dict[tuple[str, str], object]]:
+        """Everything waiting: (done, progress, notices, facts); the queue is empty after."""
+        with self.lock:
+            taken = self._done, list(self._progress.values()), self._notices, self._facts
+            self.clear()
+        return taken
+
+    def clear(self) -> None:
+        """(Lock held.)"""
+        self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
+        self.oldest = None
+
+    def __bool__(self) -> bool:
+        return self.oldest is not None
+
+
 class Store:
     """See the module docstring. `open` first; `run` in a thread of its own; `close` last."""
 
@@ -663,18 +740,12 @@ class Store:
         self.path = path
         self.failure: str | None = "not open yet"
         self.skipped = 0  # rows found bad at start (skipped and deleted)
-        self._file = Database(path, wall)
+        self._files = Files(path, wall)
+        self._db = Database(self._files, wall)
         self._limit = 0  # messages loaded at most (the relay's queue_max)
         self._loaded = False  # the store's contents are in the relay (else: load first)
         self._db_lock = threading.Lock()  # the database; writes happen under it
-        self._queue_lock = threading.Lock()  # the queue only: taken under the outbox's lock
-        self._queued = threading.Condition(self._queue_lock)
-        self._saving = False  # save_all between its snapshot and its commit
-        self._done: list = []  # messages whose outcome is final
-        self._progress: dict[int, object] = {}  # id(raw) -> raw, progress to write
-        self._notices: Notices = {}
-        self._facts: dict[tuple[str, str], object] = {}
-        self._oldest: float | None = None  # when the oldest record queued was queued
+        self._outcomes = Outcomes()
         self._unsynced = False  # a commit since the last fsync of the -wal
         self._synced_at = self._checked_at = 0.0  # monotonic
         self._failed_at = self._reminded_at = self._retry_at = 0.0
@@ -685,7 +756,7 @@ class Store:
 
     @property
     def moved_aside(self) -> list[str]:
-        return self._file.moved_aside
+        return self._files.moved_aside
 
     # ------------------------------------------------------------------ start
 
@@ -695,20 +766,17 @@ class Store:
         Raises only InUse: a store that cannot be used leaves it failed, and `run` loads
         it once it can."""
         self._limit = limit
-        try:
-            self._file.lock()
-        except _FAULTS as exc:
-            self._fail(_reason(exc))
-            return Contents([], [], {}, {})
         with self._db_lock:
-            return self._open_and_load()
+            return self._lock_and_load()
 
-    def _open_and_load(self) -> Contents:
+    def _lock_and_load(self) -> Contents:
+        """(Db lock held.) InUse propagates; any other fault leaves the store failed."""
         try:
-            self._file.connect(loaded=False)
-            loaded = self._file.load(self._limit)
+            self._files.lock()
+            self._files.connect(loaded=False)
+            loaded = self._db.load(self._limit)
         except _FAULTS as exc:
-            self._file.disconnect()
+            self._files.disconnect()
             self._fail(_reason(exc))
             return Contents([], [], {}, {})
         self._loaded = True
@@ -719,8 +787,8 @@ class Store:
                 log.error("store: %d unreadable rows skipped and deleted (%s)", skipped,
                           ", ".join(f"{table} {len(rows)}" for table, rows
                                     in loaded.bad.items() if rows))
-                self._file.delete(loaded.bad)
-            self.failure = None
+                self._db.delete(loaded.bad)
+            self._ok()
         except _FAULTS as exc:  # what was loaded is held: written by the way back
             self._fail(_reason(exc))
         return Contents(*loaded[:4])
@@ -735,7 +803,7 @@ class Store:
             return
         with self._db_lock:
             if self.failure is None:
-                self._commit(raws, self._file.rows(raws, lambda raw: received_at,
+                self._commit(raws, self._db.rows(raws, lambda raw: received_at,
                                                     same_time=True))
 
     def sending(self, raws: list) -> None:
@@ -752,58 +820,31 @@ class Store:
 
     def done(self, raws: Iterable) -> None:
         """These messages have their final outcome (queued: called under the outbox's lock)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                queued = [raw for raw in raws if raw.sid is not None or self._saving]
-                if queued:
-                    self._done.extend(queued)
-                    self._queue_now()
+        self._outcomes.done(raws)
 
     def progress(self, raws: Iterable) -> None:
         """Their part, attempts or in-flight mark changed (queued)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                queued = [raw for raw in raws if raw.sid is not None or self._saving]
-                if queued:
-                    self._progress.update((id(raw), raw) for raw in queued)
-                    self._queue_now()
+        self._outcomes.progress(raws)
 
     def notice(self, key: str, dropped: int, failed: int, since: float | None) -> None:
         """A webhook's loss-notice state (queued; coalesced per webhook)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                self._notices[key] = (dropped, failed, since)
-                self._queue_now()
+        self._outcomes.notice(key, (dropped, failed, since))
 
     def learned(self, webhook: str, name: str, value: object) -> None:
         """A fact about a webhook a restart must not forget (queued)."""
-        with self._queue_lock:
-            if self.failure is None or self._saving:
-                self._facts[(webhook, name)] = value
-                self._queue_now()
-
-    def _queue_now(self) -> None:
-        """(Queue lock held.) The first record since the last commit wakes the thread."""
-        if self._oldest is None:
-            self._oldest = time.monotonic()
-            self._queued.notify()
+        self._outcomes.learned(webhook, name, value)
 
     def stored(self, raw) -> bool:
         """Whether `raw` is in the store's last committed state."""
-        return self._file.stored(raw)
+        return self._db.stored(raw)
 
     def _commit(self, raws: list = (), rows: list = ()) -> bool:
         """One transaction: `rows` for `raws` and everything queued (db lock held)."""
-        with self._queue_lock:
-            done, self._done = self._done, []
-            progress, self._progress = self._progress, {}
-            notices, self._notices = self._notices, {}
-            facts, self._facts = self._facts, {}
-            self._oldest = None
+        done, progress, notices, facts = self._outcomes.take()
         if not (rows or done or progress or notices or facts):
             return True
         try:
-            self._file.write(rows, raws, done, list(progress.values()), notices, facts)
+            self._db.write(rows, raws, done, progress, notices, facts)
         except _FAULTS as exc:
             self._fail(_reason(exc))
             return False
@@ -812,10 +853,10 @@ class Store:
 
     def _committed(self) -> None:
         """A commit to fsync within SYNC_SEC."""
-        with self._queue_lock:
+        with self._outcomes.lock:
             if not self._unsynced:
                 self._unsynced = True
-                self._queued.notify()
+                self._outcomes.changed.notify()
 
     def _fail(self, reason: str, gone: bool = False) -> None:
         """Writes failed: the relay runs from memory until the store's thread gets it
@@ -829,11 +870,11 @@ class Store:
                       "%g s", self.path, reason, RETRY_SEC)
         self.failure = reason
         if gone:
-            self._file.live.clear()
-        with self._queue_lock:  # the way back writes everything: these are in it
-            self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
-            self._oldest = None
-            self._queued.notify()
+            self._db.live.clear()
+        with self._outcomes.lock:  # the way back writes everything: these are in it
+            self._outcomes.wanted = False
+            self._outcomes.clear()
+            self._outcomes.changed.notify()
 
     # ------------------------------------------------------------------ everything at once
 
@@ -848,35 +889,39 @@ class Store:
         and the commit; outcomes queued meanwhile are committed after it.)"""
         self._check_file_locked()
         try:
-            if not self._file.is_open or self.failure is not None:
-                self._file.lock()
-                self._file.connect(loaded=True)
+            if not self._files.is_open or self.failure is not None:
+                self._files.lock()
+                self._files.connect(loaded=True)
         except InUse as exc:
-            self._file.disconnect()
+            self._files.disconnect()
             self._fail(f"in use by {exc.holder}")
             return False
         except _FAULTS as exc:
-            self._file.disconnect()
+            self._files.disconnect()
             self._fail(_reason(exc))
             return False
-        with self._queue_lock:
-            self._saving = True
-            self._done, self._progress, self._notices, self._facts = [], {}, {}, {}
+        outcomes = self._outcomes
+        with outcomes.lock:  # what is queued is in the snapshot; what follows it is kept
+            outcomes.clear()
+            outcomes.wanted = outcomes.all = True
         try:
             holdings = source()
-            self._file.replace(holdings)
+            self._db.replace(holdings)
         except _FAULTS as exc:
             self._fail(_reason(exc))
             return False
         finally:
-            with self._queue_lock:
-                self._saving = False
+            outcomes.all = False
         if self.failure is not None:
             log.warning("store writable again (it had failed: %s): %d held messages "
                         "written to it", self.failure, len(holdings.raws))
-        self.failure = None
-        self._committed()
+        self._ok()
         return True
+
+    def _ok(self) -> None:
+        self.failure = None
+        self._outcomes.wanted = True
+        self._committed()
 
     # ------------------------------------------------------------------ the store's thread
 
@@ -889,17 +934,18 @@ class Store:
         held to `restore`), then write everything `source` gives; remind the log every
         REMIND_SEC."""
         while not stopping.is_set():
-            with self._queue_lock:
+            with self._outcomes.lock:
                 pause = self._pause(time.monotonic())
                 if pause > 0:
-                    self._queued.wait(pause)
+                    self._outcomes.changed.wait(pause)
             if stopping.is_set():
                 break
             now = time.monotonic()
             if self.failure is not None:
                 self._retry(source, restore, now)
                 continue
-            if self._oldest is not None and now - self._oldest >= FLUSH_SEC:
+            oldest = self._outcomes.oldest
+            if oldest is not None and now - oldest >= FLUSH_SEC:
                 with self._db_lock:
                     if self.failure is None:
                         self._commit()
@@ -915,8 +961,8 @@ class Store:
         if self.failure is not None:
             return min(max(0.0, self._retry_at - now), RETRY_SEC)
         due = self._checked_at + CHECK_SEC
-        if self._oldest is not None:
-            due = min(due, self._oldest + FLUSH_SEC)
+        if self._outcomes.oldest is not None:
+            due = min(due, self._outcomes.oldest + FLUSH_SEC)
         if self._unsynced:
             due = min(due, self._synced_at + SYNC_SEC)
         return max(0.0, due - now)
@@ -924,14 +970,14 @@ class Store:
     def _sync(self, now: float) -> None:
         self._unsynced, self._synced_at = False, now
         try:
-            self._file.sync()
+            self._files.sync()
         except OSError as exc:
             with self._db_lock:
                 self._fail(_reason(exc))
 
     def _check_file_locked(self) -> None:
         """(Db lock held.) Fail the store if the files at its path are not the ones open."""
-        if self.failure is None and (changed := self._file.changed()) is not None:
+        if self.failure is None and (changed := self._files.changed()) is not None:
             self._fail(*changed)
 
     def _retry(self, source: Callable[[], "Holdings"], restore: Callable[[Contents], None],
@@ -952,22 +998,18 @@ class Store:
         """The store could not be read at start: read it now, before anything held in
         memory is written over it."""
         try:
-            self._file.lock()
+            contents = self._lock_and_load()
         except InUse as exc:
             self._fail(f"in use by {exc.holder}")
             return
-        except _FAULTS as exc:
-            self._fail(_reason(exc))
-            return
-        contents = self._open_and_load()
         if self._loaded:
             restore(contents)
             log.warning("store readable again: %d messages it held restored",
                         len(contents.messages))
 
     def wake(self) -> None:
-        with self._queue_lock:
-            self._queued.notify()
+        with self._outcomes.lock:
+            self._outcomes.changed.notify()
 
     # ------------------------------------------------------------------ legacy files
 
@@ -982,7 +1024,7 @@ class Store:
             if self.failure is not None:
                 return None
             try:
-                if not self._file.import_legacy(raws, notices, marker):
+                if not self._db.import_legacy(raws, notices, marker):
                     return []
             except _FAULTS as exc:
                 self._fail(_reason(exc))
@@ -1007,7 +1049,7 @@ class Store:
         with self._db_lock:
             if self.failure is None:
                 self._commit()
-            self._file.close()
+            self._files.close()
 
 
 class _Loaded(NamedTuple):

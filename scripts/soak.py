@@ -203,6 +203,10 @@ class Storage:
     """The soak's storage faults (see the module docstring), on the data directory."""
 
     STORE = "notifier_store.sqlite3"
+    HARMS = ("store removed", "-wal removed", "directory emptied", "store replaced by a FIFO",
+             "store replaced by a copy")  # while the relay runs
+    DAMAGES = ("store truncated", "store overwritten with junk",
+               "store replaced by a FIFO between runs")
 
     def __init__(self, home: Path, rng: random.Random, counts: Counter, out):
         self.data, self.rng, self.counts = home / "data", rng, counts
@@ -234,24 +238,26 @@ class Storage:
         if self.full:
             self.filler.unlink()
             return
-        self.counts["disk full"] += 1
-        with open(self.filler, "wb") as handle:
-            try:
+        try:
+            with open(self.filler, "wb") as handle:
                 while True:
                     handle.write(b"\0" * 65536)
                     handle.flush()
-            except OSError:
-                pass
+        except OSError:  # full
+            self.counts["disk full"] += self.full
 
-    def harm(self) -> str:
-        """Remove or replace the store under the running relay; returns what was done."""
-        how = self.rng.choice(["store removed", "-wal removed", "directory emptied",
-                               "store replaced by a FIFO", "store replaced by a copy"])
+    def harm(self) -> str | None:
+        """Remove or replace the store under the running relay; returns what was done
+        (None: nothing, the store being away already)."""
+        how = self.rng.choice(self.HARMS)
+        wal = self.store.with_name(self.STORE + "-wal")
+        if not (self.store.is_file() and wal.is_file()):
+            return None
         self.counts[how] += 1
         if how == "store removed":
             self.store.unlink(missing_ok=True)
         elif how == "-wal removed":
-            self.store.with_name(self.STORE + "-wal").unlink(missing_ok=True)
+            wal.unlink()
         elif how == "directory emptied":  # the mount point itself stays
             for path in self.data.iterdir():
                 if path != self.filler:
@@ -268,10 +274,9 @@ class Storage:
     def damage(self) -> bool:
         """Between runs, now and then: truncate the store, write junk over it or replace
         it by a FIFO. True if it was damaged (what it held will be moved aside)."""
-        if self.rng.random() >= DAMAGE_SHARE or not self.store.is_file():
+        if self.rng.random() >= DAMAGE_SHARE or self.full or not self.store.is_file():
             return False
-        how = self.rng.choice(["store truncated", "store overwritten with junk",
-                               "store replaced by a FIFO between runs"])
+        how = self.rng.choice(self.DAMAGES)
         self.counts[how] += 1
         if how == "store truncated":
             os.truncate(self.store, os.path.getsize(self.store) // 2)
@@ -283,6 +288,12 @@ class Storage:
             self.store.unlink()
             os.mkfifo(self.store)
         return True
+
+    def tidy(self) -> None:
+        """What an operator does after reading the log: stores moved aside are removed
+        (else they fill the small tmpfs)."""
+        for path in self.data.glob("*.unreadable-*"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def close(self) -> None:
         if self.mounted:
@@ -368,6 +379,8 @@ class Soak:
                                            stdout=subprocess.DEVNULL, stderr=log)
         self.result.cycles += 1
         wait(lambda: run.process.poll() is not None or self.snapshot(run), START_SEC)
+        if self.storage:
+            self.storage.tidy()
         if self.snapshot(run) is None:
             self.end(run, "exit")
             raise SoakError(f"run {run.number}: no metrics within {START_SEC} s")
@@ -458,7 +471,7 @@ class Soak:
         log = self.home / f"relay-{run.number}.log"
         before = self.backs(log)
         how = self.storage.harm()
-        if not wait(lambda: self.backs(log) > before or run.process.poll() is not None,
+        if how is not None and not wait(lambda: self.backs(log) > before or run.process.poll() is not None,
                     START_SEC):
             self.fail(f"run {run.number}: {how}, and the store not written again within "
                       f"{START_SEC} s")

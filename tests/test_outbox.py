@@ -19,7 +19,8 @@ from notifier.discord import BAN_COOLDOWN_SEC, Outcome, RateLimit, RetryPolicy
 from notifier.limits import Limits
 from notifier.held import dedupe_key
 from notifier.ledger import MAX_PRODUCERS, OTHER_PRODUCERS
-from notifier.outbox import MAX_AGE_SEC, Outbox
+from notifier.answers import MAX_AGE_SEC
+from notifier.outbox import Outbox
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}

@@ -19,7 +19,7 @@ import pytest
 from notifier import store
 from notifier.standin import DiscordStandIn
 from tests.harness import (RelayProcess, assert_balanced, contents, envelope_text, free_port,
-                           saved_envelopes, stored, wait_until)
+                           saved_envelopes, wait_until)
 
 
 @pytest.fixture
@@ -173,6 +173,10 @@ def _delete_store(data):
         (data / name).unlink()
 
 
+def _delete_wal(data):
+    (data / "notifier_store.sqlite3-wal").unlink()
+
+
 def _delete_directory(data):
     shutil.rmtree(data)
 
@@ -187,8 +191,8 @@ def _replace_by_a_copy(data):
     os.replace(data / "copy", data / "notifier_store.sqlite3")
 
 
-@pytest.mark.parametrize("harm", [_delete_store, _delete_directory, _replace_by_fifo,
-                                  _replace_by_a_copy])
+@pytest.mark.parametrize("harm", [_delete_store, _delete_wal, _delete_directory,
+                                  _replace_by_fifo, _replace_by_a_copy])
 def test_a_store_removed_or_replaced_while_running_is_rewritten_then_sigkill_loses_nothing(
         tmp_path, relays, pushers, harm):
     port = free_port()
