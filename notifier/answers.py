@@ -32,7 +32,8 @@ class Answers:
                  wall: Callable[[], float]):
         self._holding, self._dedupe, self._lanes, self._ledger = holding, dedupe, lanes, ledger
         self._store, self._limits, self._deferred = store, limits, deferred
-        self.max_age = max_age
+        self._say = deferred.say
+        self._max_age = max_age
         self._monotonic, self._wall = monotonic, wall
 
     def apply(self, job: Job, outcome: Outcome, answer, now: float) -> None:
@@ -46,9 +47,9 @@ class Answers:
                 self._completed(job)
         elif kind == "rate_limited":
             ledger.rate_limited(outcome.scope)
-            self._deferred.say(logging.WARNING, "rate limited webhook=%s scope=%s "
-                               "wait_s=%.3f reason=%s%s", lane.id, outcome.scope, outcome.wait,
-                               outcome.reason, self._pace_note(lane, outcome, now))
+            self._say(logging.WARNING, "rate limited webhook=%s scope=%s wait_s=%.3f "
+                      "reason=%s%s", lane.id, outcome.scope, outcome.wait, outcome.reason,
+                      self._pace_note(lane, outcome, now))
         else:
             ledger.error(lane.account, f"webhook {lane.id}: {outcome.reason}",
                          failing=kind in ("retry", "dead"))
@@ -69,20 +70,20 @@ class Answers:
         if job.notice:
             self._ledger.counts["notices"] += 1
             self._ledger.noticed(lane.account, *job.notice)
-            self._deferred.say(logging.INFO, "loss notice sent webhook=%s dropped=%d failed=%d",
+            self._say(logging.INFO, "loss notice sent webhook=%s dropped=%d failed=%d",
                       lane.id, *job.notice)
             return
         self._store.done(job.raws)
         self._holding.release(len(job.items))
         self._ledger.delivered(lane.account, len(job.items))
         if lane.dead_reason is not None:
-            self._deferred.say(logging.INFO, "webhook=%s is back after quarantine (%d messages "
+            self._say(logging.INFO, "webhook=%s is back after quarantine (%d messages "
                       "failed meanwhile)", lane.id, lane.dead_failed)
             lane.dead_reason, lane.dead_status, lane.dead_failed = None, None, 0
         if lane.account.lost_dropped or lane.account.lost_failed:
             lane.notice_due = True
         oldest = min(item.received_at for item in job.items)
-        self._deferred.say(logging.DEBUG, "delivered webhook=%s messages=%d requests=%d "
+        self._say(logging.DEBUG, "delivered webhook=%s messages=%d requests=%d "
                   "latency_ms=%.1f", lane.id, len(job.items), len(job.parts),
                   (self._monotonic() - oldest) * 1000)
 
@@ -90,12 +91,12 @@ class Answers:
         """Retried later, or given up (see `Job.gives_up`): until then the bound
         (drop-oldest) limits what is held. A loss notice given up is cleared."""
         lane = job.lane
-        reason = job.gives_up(outcome.reason, answer.own, now, self._limits.retry, self.max_age)
+        reason = job.gives_up(outcome.reason, answer.own, now, self._limits.retry, self._max_age)
         if reason is not None:
             lane.job = None
             if job.notice:
                 self._ledger.noticed(lane.account, *job.notice)
-                self._deferred.say(logging.ERROR, "loss notice given up webhook=%s dropped=%d "
+                self._say(logging.ERROR, "loss notice given up webhook=%s dropped=%d "
                           "failed=%d: %s", lane.id, *job.notice, reason)
             self.fail(job.items, lane, reason, outcome.status)
             return
@@ -103,14 +104,14 @@ class Answers:
         if answer.own:
             for raw in job.raws:
                 raw.attempts = job.attempts
-        self._deferred.say(logging.WARNING, "retry webhook=%s attempt=%d in_s=%.2f reason=%s",
+        self._say(logging.WARNING, "retry webhook=%s attempt=%d in_s=%.2f reason=%s",
                   lane.id, job.attempts, answer.wait, outcome.reason)
 
     def _quarantine(self, lane: Lane, outcome: Outcome, pause: float) -> None:
         """Stop sending to a webhook that answered 401/403/404: fail what waits for it
         now and what comes for it until the pause is over, then try again."""
         items = lane.quarantine(outcome.reason, outcome.status)
-        self._deferred.say(logging.ERROR, "webhook=%s quarantined for %.0f s: %s; failed now=%d, "
+        self._say(logging.ERROR, "webhook=%s quarantined for %.0f s: %s; failed now=%d, "
                   "failed during the last quarantine=%d; new messages to it fail at once "
                   "until then", lane.id, pause, outcome.reason, len(items), lane.dead_failed)
         lane.dead_failed = 0
@@ -124,19 +125,19 @@ class Answers:
         if job.notice:
             lane.job = None
             self._ledger.noticed(lane.account, *job.notice)
-            self._deferred.say(logging.ERROR, "loss notice refused webhook=%s dropped=%d failed=%d "
+            self._say(logging.ERROR, "loss notice refused webhook=%s dropped=%d failed=%d "
                       "(not posted again): %s", lane.id, *job.notice, outcome.reason)
             return
         if len(job.items) > 1:
             lane.resend_singly(job)
-            self._deferred.say(logging.WARNING, "batch refused webhook=%s messages=%d, resending one "
+            self._say(logging.WARNING, "batch refused webhook=%s messages=%d, resending one "
                       "by one: %s", lane.id, len(job.items), outcome.reason)
             return
         lane.job = None
         self.fail(job.items, lane, outcome.reason, outcome.status)
 
     def fail(self, items: list[Held], lane: Lane, reason: str, status: int | None,
-              quiet=False) -> None:
+             quiet=False) -> None:
         """Messages given up: counted, reported in the channel later, and kept in the
         dead-letter file (written once the lock is released)."""
         if not items:
@@ -148,9 +149,10 @@ class Answers:
         self._ledger.counts["failed"] += len(items)
         self._ledger.note_loss(lane.account, failed=len(items))
         now = self._wall()
-        self._deferred.letters.extend(Letter(item.message.webhook, item.remaining, item.raw.data,
-                                    item.raw.part, reason, status, now) for item in items)
+        self._deferred.letters.extend(
+            Letter(item.message.webhook, item.remaining, item.raw.data, item.raw.part, reason,
+                   status, now) for item in items)
         if not quiet:
-            self._deferred.say(logging.ERROR, "failed webhook=%s messages=%d reason=%s", lane.id,
+            self._say(logging.ERROR, "failed webhook=%s messages=%d reason=%s", lane.id,
                       len(items), reason)
 

@@ -79,7 +79,6 @@ class Outbox:
                  store=None, durable: bool = False, dead_letters: DeadLetters | None = None):
         self.queue_max = queue_max
         self.dedupe_window = dedupe_window
-        self.max_age = max_age
         self._limits = limits or Limits(wall=wall)
         self._monotonic = monotonic
         self._wall = wall

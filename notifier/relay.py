@@ -521,8 +521,8 @@ class Relay:
     # ------------------------------------------------------------------ intake
 
     def _intake_loop(self) -> None:
-        """Commit and hold what the receiver took; parse when nothing waits (a few per
-        batch while the receiver keeps up a flood); until the receiver is done."""
+        """Commit and hold what the receiver took; parse when nothing came (a few per batch
+        while the receiver keeps up a flood); until the receiver is done."""
         intake, outbox = self._intake, self.outbox
         try:
             while True:
@@ -538,8 +538,8 @@ class Relay:
                     self._unreported_drops += dropped
                     for size, producer in oversized:
                         self._log_rejection(envelope.too_large(size), b"", producer)
-                if outbox.unparsed:
-                    self._parse(PARSE_WHEN_BUSY if intake.waiting else PARSE_WHEN_IDLE)
+                if outbox.unparsed:  # a few while batches keep coming, more once none did
+                    self._parse(PARSE_WHEN_BUSY if frames else PARSE_WHEN_IDLE)
                 self._report_drops()
             while outbox.unparsed:
                 self._parse(PARSE_WHEN_IDLE)

@@ -69,6 +69,8 @@ ROW_BITS = 9
 ROW_SLOTS = 1 << ROW_BITS
 """Messages per batches row at most (the receiver takes at most 512 off the socket at
 once); message ids are row * ROW_SLOTS + index."""
+MAX_ROW = (1 << (63 - ROW_BITS)) - 1
+"""Largest row id whose message ids SQLite can hold (a larger one is not ours)."""
 SYNCHRONOUS = "NORMAL"
 """SQLite's own fsync policy. FULL (an fsync in every commit) was measured against
 NORMAL plus SYNC_SEC: FULL put about a millisecond on every message's way to Discord
@@ -231,8 +233,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only", errno.EIO: "I/O error", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied"}
+
+
 def _reason(exc: BaseException) -> str:
-    """A short, token-free reason for a failed operation."""
+    """A short, token-free reason for a failed operation (sqlite3.Error or OSError)."""
     if isinstance(exc, StoreFault):
         return str(exc)
     if isinstance(exc, sqlite3.Error):
@@ -245,9 +252,7 @@ def _reason(exc: BaseException) -> str:
             if name.startswith(prefix):
                 return text
         return str(exc)[:100] or type(exc).__name__
-    if isinstance(exc, OSError):
-        return (exc.strerror or str(exc))[:100]
-    return f"{type(exc).__name__}: {str(exc)[:80]}"
+    return _ERRNOS.get(exc.errno) or (exc.strerror or str(exc))[:100]
 
 
 def _time(value) -> bool:
@@ -493,7 +498,7 @@ class Database:
         with self._transaction() as db:
             for rid in bad["batches"]:
                 db.execute("DELETE FROM batches WHERE id IS ?", (rid,))
-                if type(rid) is int:
+                if type(rid) is int and 0 < rid <= MAX_ROW:
                     self._delete_ranges(rid)
             for table, column in (("done", "id"), ("progress", "id"), ("notices", "webhook")):
                 db.executemany(f"DELETE FROM {table} WHERE {column} IS ?",
@@ -1100,7 +1105,7 @@ def _unpack(row: tuple, now: float) -> list[tuple[bytes, float, str | None]] | N
     """(envelope, receive time, producer) of each message of a batches row, or None when
     anything in it does not check out."""
     rid, times, producers, sizes, envelopes = row
-    if not (type(rid) is int and rid > 0 and isinstance(times, bytes)
+    if not (type(rid) is int and 0 < rid <= MAX_ROW and isinstance(times, bytes)
             and isinstance(sizes, bytes) and isinstance(envelopes, bytes)):
         return None
     count, odd = divmod(len(sizes), 4)

@@ -3,13 +3,14 @@ envelopes (valid, invalid, oversized), parse them as the receiver does, take job
 senders do and finish them with any answer Discord gives, under drop pressure, and close.
 
 After every step the accounting holds: received = delivered + drops + rejected +
-deduplicated + failed + pending; nothing is held twice; every envelope received is
-held or went to exactly one final counter, the one its step allows (a drop on accept,
-a rejection for a bad envelope, a delivery for a 200...). At the end, if Discord then
-answers 200 to everything, everything still held is delivered: nothing is stuck.
+deduplicated + failed + lost + pending (lost never moves before a stop); nothing is held
+twice; every envelope received is held or went to exactly one final counter, the one
+its step allows (a drop on accept, a rejection for a bad envelope, a delivery for a
+200...). At the end, if Discord then answers 200 to everything, everything still held
+is delivered: nothing is stuck.
 
 `next_job` blocks until some lane may send, and the fake clock never moves while it
-waits, so it is only called when the scheduler's own `_ready_at` says a lane is ready
+waits, so it is only called when the scheduler's own `ready_at` says a lane is ready
 now (as in test_outbox.py); the clock is advanced by rules of its own.
 """
 
@@ -33,7 +34,7 @@ from notifier.standin import validate
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = [f"https://discord.com/api/webhooks/{n}/tok{n}" for n in (1, 2, 3)]
-FINAL = ("delivered", "drops", "rejected", "deduplicated", "failed")
+FINAL = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost")
 KINDS = ("valid", "valid", "valid", "long", "invalid", "oversized")
 BATCHES = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2), st.booleans()),
                    min_size=1, max_size=6)

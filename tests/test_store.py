@@ -14,6 +14,8 @@ import time
 import zlib
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from notifier import migrate, store
 from notifier.held import Raw
@@ -270,6 +272,45 @@ def test_every_row_is_checked_like_producer_input_and_a_bad_one_skipped_counted_
     assert third.skipped == 0  # counted once: the bad rows are gone
 
 
+ANY = st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.floats(), st.text(max_size=30),
+                st.binary(max_size=40))
+"""Any value SQLite can hold, in any column: a store written by anything."""
+
+
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.dictionaries(st.sampled_from(["batches", "done", "progress", "notices",
+                                             "facts"]),
+                            st.lists(st.lists(ANY, min_size=5, max_size=5), max_size=4)),
+       sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=3))
+def test_whatever_the_rows_hold_restore_never_raises_and_gives_only_checked_values(
+        tmp_path_factory, rows, sizes):
+    path = tmp_path_factory.mktemp("store") / "notifier_store.sqlite3"
+    made = Store(path)
+    made.open(10)
+    made.close()
+    columns = {"batches": 5, "done": 2, "progress": 4, "notices": 4, "facts": 3}
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO batches VALUES (1, ?, NULL, ?, ?)",
+                   (struct.pack("<d", time.time()), struct.pack(f"<{len(sizes)}I", *sizes),
+                    b"x" * sum(sizes)))
+        for table, values in rows.items():
+            for value in values:
+                with contextlib.suppress(sqlite3.Error):  # a key SQLite itself refuses
+                    db.execute(f"INSERT OR REPLACE INTO {table} VALUES "
+                               f"({', '.join('?' * columns[table])})",
+                               value[:columns[table]])
+    contents, again = reopen(path)
+    for item in contents.messages:
+        assert 0 < len(item.envelope) <= 64 * 1024 and math.isfinite(item.received_at)
+        assert 0 <= item.part <= store.MAX_PARTS and 0 <= item.attempts <= store.MAX_ATTEMPTS
+    for dropped, failed, since in contents.notices.values():
+        assert dropped >= 0 and failed >= 0 and dropped + failed > 0
+        assert since is None or store.EARLIEST <= since <= time.time() + store.FUTURE_SEC
+    assert all(learned == {"forum": True} or learned == {"forum": False}
+               for learned in contents.facts.values())
+    assert again.state == "ok"
+
+
 # ------------------------------------------------------------------ faults while running
 
 def test_a_store_deleted_while_open_is_noticed_and_written_again_from_memory(path, opened,
@@ -392,3 +433,27 @@ def test_an_import_is_recorded_with_its_marker_so_it_happens_once(path, opened, 
     keeper.close()
     contents, _ = reopen(path)
     assert texts(contents) == ["m1"] and contents.notices == {"7": (2, 0, None)}
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segment=st.binary(max_size=300), records=st.lists(
+    st.tuples(st.sampled_from([b"A", b"S", b"P", b"D", b"N", b"B", b"Z"]),
+              st.binary(max_size=60)), max_size=6),
+       pending=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
+def test_whatever_the_previous_versions_files_hold_reading_them_never_raises(
+        tmp_path_factory, segment, records, pending):
+    """Only "cannot be read at all" (ValueError, OSError: the file is moved aside) or what
+    was read, bad records skipped."""
+    directory = tmp_path_factory.mktemp("legacy") / "notifier_journal"
+    directory.mkdir()
+    (directory / "seg-000000000001.log").write_bytes(segment)
+    (directory / "seg-000000000002.log").write_bytes(
+        b"".join(journal_record(kind, body) for kind, body in records))
+    legacy = migrate.read(directory)
+    assert all(0 < len(message[0]) <= 64 * 1024 for message in legacy.messages)
+    path = directory.parent / "notifier_pending.sexp"
+    path.write_bytes(pending)
+    try:
+        migrate.read(path)
+    except ValueError:
+        pass
