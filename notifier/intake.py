@@ -25,22 +25,32 @@ class Intake:
         self._batches: deque[tuple[list[bytes], list[str] | None]] = deque()
         self._closed = False
         self._changed = threading.Condition()
+        self.more = False  # the last batch was full: the socket had more
 
-    def put(self, frames: list[bytes], producers: list[str] | None = None) -> bool:
-        """Queue a batch, waiting while `most` wait already. False once closed (nothing
-        was queued: the caller holds the batch itself)."""
+    def put(self, frames: list[bytes], producers: list[str] | None = None,
+            more: bool = False) -> bool:
+        """Queue a batch (`more`: it was full, more waits in the socket; an empty one only
+        says the socket is empty now), waiting while `most` wait already. False once
+        closed (nothing was queued: the caller holds the batch itself)."""
         with self._changed:
+            if not frames:
+                if self.more:
+                    self.more = False
+                    self._changed.notify_all()
+                return True
             while len(self._batches) >= self._most and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return False
+            self.more = more
             self._batches.append((frames, producers))
             self._changed.notify_all()
             return True
 
     def take(self, timeout: float | None) -> tuple[list[bytes], list[str] | None] | None:
         """Every batch waiting, joined into one, waiting up to `timeout` (None: for
-        ever) for one to come: ([], None) when none did; None once closed and empty."""
+        ever) for one to come or the socket to be said empty: ([], None) when none
+        came; None once closed and empty."""
         with self._changed:
             if not self._batches and not self._closed:
                 self._changed.wait(timeout)
@@ -55,8 +65,9 @@ class Intake:
         return frames, [producer for _, producers in batches for producer in producers]
 
     @property
-    def waiting(self) -> bool:
-        return bool(self._batches)  # a deque's len is atomic
+    def busy(self) -> bool:
+        """Batches wait, or the receiver's last one said the socket had more."""
+        return bool(self._batches) or self.more
 
     def close(self) -> None:
         """No more batches: `take` returns what is left, then None; `put` refuses."""

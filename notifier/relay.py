@@ -3,12 +3,15 @@
 Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
 
 * receiver: polls the PULL socket (no timeout while idle: no CPU) and drains it with
-  non-blocking receives into the `Intake`;
-* intake: commits what the receiver took to the store (durable mode: several batches
-  in one transaction when it is busy, while the receiver goes on receiving), holds it
-  in the `Outbox`, and parses envelopes when nothing waits, so a flood is taken off the
-  socket at close to ZeroMQ's own speed and parsing catches up after (a few are still
-  parsed per batch, so a sustained flood cannot starve delivery);
+  non-blocking receives; in durable mode into the `Intake`, otherwise into the `Outbox`
+  itself, and then it parses as the intake does;
+* intake (durable mode): commits what the receiver took to the store (several batches in
+  one transaction while the receiver goes on receiving, the GIL released inside SQLite),
+  holds it in the `Outbox`, and parses envelopes when the socket is empty, so a flood is
+  taken off the socket at close to ZeroMQ's own speed and parsing catches up after (a
+  few are still parsed per batch, so a sustained flood cannot starve delivery). Without
+  durable mode there is nothing to overlap: a second thread would only take the GIL
+  from the receiver, which pyzmq releases at every receive;
 * senders (``--senders``, default 8): take the next request a webhook may send, post it
   with their own `requests.Session`, report the answer;
 * metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
@@ -296,8 +299,9 @@ class Relay:
         self._restore(contents)
         self._import_legacy()
         self._write_metrics()
-        self._spawn("receiver", self._receive_loop, pull, wake_receiver)
-        self._spawn("intake", self._intake_loop)
+        self._intake_side = [self._spawn("receiver", self._receive_loop, pull, wake_receiver)]
+        if settings.durable:
+            self._intake_side.append(self._spawn("intake", self._intake_loop))
         for number in range(settings.senders):
             self._spawn(f"sender-{number + 1}", self._send_loop)
         self._background.append(self._spawn("metrics", self._metrics_loop))
@@ -362,7 +366,7 @@ class Relay:
             self._wake.send(b"stop", zmq.NOBLOCK)
         except zmq.Again:
             pass  # the receiver is gone already
-        for thread in self._threads[:2]:  # the receiver, then the intake
+        for thread in self._intake_side:  # the receiver, then the intake
             thread.join()
         while self.outbox.unparsed:  # only if the receiver died before parsing them
             self._parse(PARSE_WHEN_IDLE)
@@ -383,7 +387,7 @@ class Relay:
         self.outbox.write_off(lost)
         self.store.close()
         self._write_metrics(saved=len(held.raws) - lost)
-        for thread in self._threads[2:]:
+        for thread in self._threads[len(self._intake_side):]:
             thread.join(timeout=1.0)
         if self._exporter is not None:
             self._exporter.close()
@@ -454,17 +458,24 @@ class Relay:
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
         receive_batch = self._receive_curve_batch if self._clients else self._receive_batch
+        inline = not self.settings.durable  # no intake thread: parse here
         try:
             while True:
-                events = dict(poller.poll())
+                # Inline, never sleep with envelopes to parse, and wake once a second
+                # while drops wait to be reported; otherwise block until something comes.
+                timeout = self._idle_timeout(not self.outbox.unparsed) if inline else None
+                events = dict(poller.poll(None if timeout is None else timeout * 1000))
                 if wake in events:
                     break
                 if self._monitor in events:
                     self._log_refused_connection()
-                while receive_batch(pull):
-                    pass
+                busy = receive_batch(pull)
+                if inline:
+                    self._digest(busy)
             while receive_batch(pull):  # what already arrived is taken too
                 pass
+            if inline:
+                self._digest_all()
         finally:
             self._intake.close()
             if self._monitor is not None:
@@ -482,9 +493,9 @@ class Relay:
                 append(receive(zmq.NOBLOCK))
         except zmq.Again:
             pass
-        if frames:
-            self._hand_over(frames)
-        return len(frames) == RECEIVE_BATCH
+        full = len(frames) == RECEIVE_BATCH
+        self._hand_over(frames, None, full)
+        return full
 
     def _receive_curve_batch(self, pull: zmq.Socket) -> bool:
         """`_receive_batch` on a CURVE socket: each frame's ZAP User-Id (its client's
@@ -510,40 +521,52 @@ class Relay:
             self.outbox.refuse(refused)
             for name in refused:
                 self._log_rejection("the producer's key is no longer allowed", b"", name)
-        if frames:
-            self._hand_over(frames, producers)
-        return len(frames) + len(refused) == RECEIVE_BATCH
+        full = len(frames) + len(refused) == RECEIVE_BATCH
+        self._hand_over(frames, producers, full)
+        return full
 
-    def _hand_over(self, frames: list[bytes], producers: list[str] | None = None) -> None:
-        if not self._intake.put(frames, producers):  # the intake thread is gone (a bug)
-            self.outbox.accept(frames, producers)
+    def _hand_over(self, frames: list[bytes], producers: list[str] | None, full: bool) -> None:
+        """To the intake thread (an empty batch: the socket is empty, parse ahead), or
+        without durable mode (or once that thread is gone: a bug) to the outbox."""
+        if not (self.settings.durable and self._intake.put(frames, producers, more=full)):
+            self._take_in(frames, producers)
+
+    def _take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
+        if frames:
+            dropped, oversized = self.outbox.accept(frames, producers)
+            self._unreported_drops += dropped
+            for size, producer in oversized:
+                self._log_rejection(envelope.too_large(size), b"", producer)
+
+    def _idle_timeout(self, parsed: bool) -> float | None:
+        """How long the thread that parses may wait for envelopes: not at all with some
+        to parse, a second while drops wait to be reported, else for ever."""
+        return 0 if not parsed else 1.0 if self._unreported_drops else None
+
+    def _digest(self, busy: bool) -> None:
+        """Parse a few (the socket is busy) or more (it is not), report drops."""
+        if self.outbox.unparsed:
+            self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
+        self._report_drops()
+
+    def _digest_all(self) -> None:
+        while self.outbox.unparsed:
+            self._parse(PARSE_WHEN_IDLE)
+        self._report_drops(final=True)
 
     # ------------------------------------------------------------------ intake
 
     def _intake_loop(self) -> None:
-        """Commit and hold what the receiver took; parse when nothing came (a few per batch
-        while the receiver keeps up a flood); until the receiver is done."""
-        intake, outbox = self._intake, self.outbox
+        """Commit and hold what the receiver took; parse when the socket is empty (a few
+        per batch while a flood keeps it full); until the receiver is done."""
+        intake = self._intake
         try:
-            while True:
-                # Never sleep with envelopes to parse; wake once a second while drops
-                # wait to be reported; otherwise block until something arrives.
-                batch = intake.take(0 if outbox.unparsed else 1.0 if self._unreported_drops
-                                    else None)
-                if batch is None:
-                    break
-                frames, producers = batch
-                if frames:
-                    dropped, oversized = outbox.accept(frames, producers)
-                    self._unreported_drops += dropped
-                    for size, producer in oversized:
-                        self._log_rejection(envelope.too_large(size), b"", producer)
-                if outbox.unparsed:  # a few while batches keep coming, more once none did
-                    self._parse(PARSE_WHEN_BUSY if frames else PARSE_WHEN_IDLE)
-                self._report_drops()
-            while outbox.unparsed:
-                self._parse(PARSE_WHEN_IDLE)
-            self._report_drops(final=True)
+            # While the socket is busy, wait for the next batch (parsing a few per batch).
+            while (batch := intake.take(self._idle_timeout(
+                    intake.busy or not self.outbox.unparsed))) is not None:
+                self._take_in(*batch)
+                self._digest(intake.busy)
+            self._digest_all()
         finally:
             self._intake.close()
 

@@ -527,17 +527,12 @@ class Database:
         return [(raw, (rows[number >> ROW_BITS][0] << ROW_BITS) + (number & (ROW_SLOTS - 1)))
                 for number, raw in enumerate(raws)]
 
-    def _count_live(self, rows: list[tuple], raws: list) -> None:
-        for number, (rid, *_) in enumerate(rows):
-            self.live[rid] = min(ROW_SLOTS, len(raws) - number * ROW_SLOTS)
-
     def write(self, rows: list[tuple], raws: list, done: list, progress: list,
               notices: Notices, facts: dict[tuple[str, str], object]) -> None:
         """One transaction: new rows for `raws`, then outcomes. Messages done lose their
         id (they are no longer in the store)."""
         with self._transaction() as db:
-            if rows:
-                db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)  # no progress
             self._finish(done)
             db.executemany("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?)",
                            [(raw.sid, raw.part, raw.attempts, int(raw.in_flight))
@@ -551,9 +546,7 @@ class Database:
             db.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?, ?)",
                            [(webhook, name, int(value)) for (webhook, name), value
                             in facts.items()])
-        self._count_live(rows, raws)
-        for raw, sid in self.ids(raws, rows):
-            raw.sid = sid
+        self._adopt(rows, raws)
 
     def _finish(self, done: list) -> None:
         """Record messages done: a row whose every message is done is deleted, otherwise
@@ -596,10 +589,7 @@ class Database:
             for table in _TABLES:
                 if table != "meta":
                     db.execute(f"DELETE FROM {table}")
-            db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT INTO progress VALUES (?, ?, ?, ?)",
-                           [(sid, raw.part, raw.attempts, int(raw.in_flight))
-                            for raw, sid in ids if raw.part or raw.attempts or raw.in_flight])
+            self._insert(db, rows, ids)
             db.executemany("INSERT INTO notices VALUES (?, ?, ?, ?)",
                            [(key, *state) for key, state in holdings.notices.items()
                             if state[0] or state[1]])
@@ -607,9 +597,7 @@ class Database:
                            [(webhook, name, int(value)) for webhook, learned
                             in holdings.facts.items() for name, value in learned.items()])
         self.live = {}
-        self._count_live(rows, raws)
-        for raw, sid in ids:
-            raw.sid = sid
+        self._adopt(rows, raws)
 
     def import_legacy(self, raws: list, notices: Notices, marker: str) -> bool:
         """One transaction: `raws` with their progress, `notices` and `marker`; False
@@ -619,17 +607,29 @@ class Database:
         rows = self.rows(raws, lambda raw: self._wall(), same_time=True)
         ids = self.ids(raws, rows)
         with self._transaction() as db:
-            db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
-            db.executemany("INSERT INTO progress VALUES (?, ?, ?, ?)",
-                           [(sid, raw.part, raw.attempts, int(raw.in_flight))
-                            for raw, sid in ids if raw.part or raw.attempts or raw.in_flight])
+            self._insert(db, rows, ids)
             db.executemany("INSERT OR REPLACE INTO notices VALUES (?, ?, ?, ?)",
                            [(key, *state) for key, state in notices.items()])
             db.execute("INSERT INTO meta VALUES (?, 1)", (marker,))
-        self._count_live(rows, raws)
-        for raw, sid in ids:
-            raw.sid = sid
+        self._adopt(rows, raws)
         return True
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, rows: list[tuple], ids: list[tuple[object, int]]
+                ) -> None:
+        """New rows, and the progress of their messages that made some (in a transaction)."""
+        db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
+        db.executemany("INSERT INTO progress VALUES (?, ?, ?, ?)",
+                       [(sid, raw.part, raw.attempts, int(raw.in_flight))
+                        for raw, sid in ids if raw.part or raw.attempts or raw.in_flight])
+
+    def _adopt(self, rows: list[tuple], raws: list) -> None:
+        """Once committed: the rows are live and their messages have their ids."""
+        for number, (rid, *_) in enumerate(rows):
+            chunk = raws[number * ROW_SLOTS:(number + 1) * ROW_SLOTS]
+            self.live[rid] = len(chunk)
+            for sid, raw in enumerate(chunk, rid << ROW_BITS):
+                raw.sid = sid
 
     def _transaction(self):
         """BEGIN ... COMMIT, or ROLLBACK and the fault raised."""

@@ -12,8 +12,12 @@ def test_batches_come_out_joined_and_in_order():
     assert intake.take(0) == ([], None)
     intake.put([b"a", b"b"])
     intake.put([b"c"])
-    assert intake.waiting
+    assert intake.busy
     assert intake.take(0) == ([b"a", b"b", b"c"], None)
+    assert not intake.busy
+    intake.put([b"full"], more=True)
+    intake.take(0)
+    assert intake.busy  # the receiver said the socket had more
     intake.put([b"d"], ["guardian"])
     intake.put([b"e"], ["lisp"])
     assert intake.take(None) == ([b"d", b"e"], ["guardian", "lisp"])

@@ -289,11 +289,6 @@ def _junk(data):
     (data / "notifier_store.sqlite3").write_bytes(os.urandom(20_000))
 
 
-def _fifo(data):
-    (data / "notifier_store.sqlite3").unlink()
-    os.mkfifo(data / "notifier_store.sqlite3")
-
-
 def _directory(data):
     (data / "notifier_store.sqlite3").unlink()
     (data / "notifier_store.sqlite3").mkdir()
@@ -320,8 +315,8 @@ def _truncated(data):
     os.truncate(path, os.path.getsize(path) // 3)
 
 
-@pytest.mark.parametrize("harm", [_junk, _fifo, _directory, _device, _wal_fifo, _corrupt_page,
-                                  _truncated])
+@pytest.mark.parametrize("harm", [_junk, _replace_by_fifo, _directory, _device, _wal_fifo,
+                                  _corrupt_page, _truncated])
 def test_a_hostile_store_is_moved_aside_and_the_relay_starts_within_seconds(
         tmp_path, discord, relays, pushers, harm):
     first = relays(allowed="127.0.0.1", queue_max="5000", drain_sec="0")
