@@ -582,21 +582,36 @@ class Database:
     def replace(self, holdings: "Holdings") -> None:
         """One transaction: everything the store holds replaced by `holdings`; its
         messages get their new ids once it commits."""
+        self._put(holdings, replace=True)
+
+    def add(self, holdings: "Holdings") -> None:
+        """One transaction: `holdings` added to what the store holds (new rows after its
+        last one, whatever that holds)."""
+        top = self.files.db.execute("SELECT max(id) FROM batches").fetchone()[0]
+        if type(top) is int and top >= MAX_ROW:
+            raise StoreFault("its row ids are used up (not a store of this relay)")
+        if type(top) is int:
+            self.next_row = max(self.next_row, top + 1)
+        self._put(holdings, replace=False)
+
+    def _put(self, holdings: "Holdings", replace: bool) -> None:
         raws = holdings.raws
         rows = self.rows(raws, lambda raw: raw.received_at + holdings.offset)
         ids = self.ids(raws, rows)
         with self._transaction() as db:
-            for table in _TABLES:
-                if table != "meta":
-                    db.execute(f"DELETE FROM {table}")
+            if replace:
+                for table in _TABLES:
+                    if table != "meta":
+                        db.execute(f"DELETE FROM {table}")
             self._insert(db, rows, ids)
-            db.executemany("INSERT INTO notices VALUES (?, ?, ?, ?)",
+            db.executemany("INSERT OR REPLACE INTO notices VALUES (?, ?, ?, ?)",
                            [(key, *state) for key, state in holdings.notices.items()
                             if state[0] or state[1]])
-            db.executemany("INSERT INTO facts VALUES (?, ?, ?)",
+            db.executemany("INSERT OR REPLACE INTO facts VALUES (?, ?, ?)",
                            [(webhook, name, int(value)) for webhook, learned
                             in holdings.facts.items() for name, value in learned.items()])
-        self.live = {}
+        if replace:
+            self.live = {}
         self._adopt(rows, raws)
 
     def import_legacy(self, raws: list, notices: Notices, marker: str) -> bool:
@@ -885,7 +900,9 @@ class Store:
 
     def save_all(self, holdings: "Holdings") -> bool:
         """Write everything held in one transaction, replacing what the store held (the
-        way back from a failure, and a stop without durable mode). True if committed."""
+        way back from a failure, and a stop without durable mode), or added to it if it
+        could never be read (a stop before the store's thread could load it). True if
+        committed."""
         with self._db_lock:
             return self._save_all(lambda: holdings)
 
@@ -896,7 +913,7 @@ class Store:
         try:
             if not self._files.is_open or self.failure is not None:
                 self._files.lock()
-                self._files.connect(loaded=True)
+                self._files.connect(loaded=self._loaded)
         except InUse as exc:
             self._files.disconnect()
             self._fail(f"in use by {exc.holder}")
@@ -911,7 +928,10 @@ class Store:
             outcomes.wanted = outcomes.all = True
         try:
             holdings = source()
-            self._db.replace(holdings)
+            if self._loaded:
+                self._db.replace(holdings)
+            else:  # what it holds was never read: kept for the next start
+                self._db.add(holdings)
         except _FAULTS as exc:
             self._fail(_reason(exc))
             return False

@@ -159,7 +159,6 @@ class Result:
     kill_losses: int = 0  # may be lost: held at SIGKILLs without durable mode or a store
     storage: Counter = field(default_factory=Counter)  # storage faults injected
     destroyed: int = 0  # held by stores damaged between runs: moved aside, not delivered
-    missing_durable: int = 0  # tags missing that a durable run had taken
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -598,10 +597,7 @@ class Soak:
         result.delivered = sum(1 for tag in arrived if tag not in self.refused)
         result.duplicates = sum(count - 1 for count in arrived.values())
         result.not_taken = len(not_taken - self.refused - set(arrived))
-        missing_tags = taken - self.refused - set(arrived)
-        missing = len(missing_tags)
-        result.missing_durable = sum(1 for run in runs if run.durable
-                                     for tag in run.sent[:run.taken] if tag in missing_tags)
+        missing = len(taken - self.refused - set(arrived))
         result.lost = (max(0, missing - result.failed - result.drops - result.lost_counted)
                        + max(0, len(taken & self.refused) - result.rejected))
         posted = self.refused & set(arrived)
@@ -670,8 +666,7 @@ def report(r: Result, *, durable: bool, sighup: bool, storage: bool, seed: int, 
     out(f"not taken when a run was killed (allowed): {r.not_taken}; counted lost (the "
         f"store could not take them at a stop): {r.lost_counted}")
     out(f"missing beyond the counters: {r.lost} (may be: {r.kill_losses} held at SIGKILLs "
-        f"without durable mode or a store, {r.destroyed} held by stores the soak damaged); "
-        f"missing tags a durable run had taken: {r.missing_durable}")
+        f"without durable mode or a store, {r.destroyed} held by stores the soak damaged)")
     out(f"duplicates {r.duplicates} (in flight at the kills: {r.in_flight}); "
         f"store rows skipped {r.corrupt_records}")
     if storage:

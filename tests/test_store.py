@@ -367,6 +367,24 @@ def test_a_store_that_could_not_be_read_at_start_is_loaded_before_it_is_written(
     assert [texts(contents) for contents in restored] == [["m0", "m1"]]
 
 
+def test_a_stop_before_an_unreadable_store_was_loaded_adds_to_it_never_over_it(path):
+    keeper = Store(path)
+    keeper.open(10)
+    keeper.add(raws(2), time.time())
+    keeper.close()
+    lock = path.with_name(path.name + ".lock")
+    lock.unlink()
+    lock.mkdir()  # the store cannot be had at start
+    later = Store(path)
+    assert later.open(10).messages == [] and later.state == "failed"
+    lock.rmdir()  # ... and can be at the stop
+    held = raws(1, start=50)
+    assert later.save_all(Holdings(held, {}, {}, time.time() - time.monotonic()))
+    later.close()
+    contents, _ = reopen(path)
+    assert texts(contents) == ["m0", "m1", "m50"]
+
+
 # ------------------------------------------------------------------ the previous version's files
 
 def journal_record(kind: bytes, body: bytes) -> bytes:
