@@ -340,19 +340,26 @@ def test_a_store_deleted_while_open_is_noticed_and_written_again_from_memory(pat
     assert texts(contents) == ["m0", "m1", "m2"]
 
 
-def test_a_store_that_could_not_be_read_at_start_is_loaded_before_it_is_written(path):
-    """Never overwrite what a store holds with what memory holds before reading it."""
+def unreadable_at_start(path) -> Store:
+    """A store holding m0 and m1 that a relay could not take at start (its lock file was
+    a directory), and can now."""
     keeper = Store(path)
     keeper.open(10)
     keeper.add(raws(2), time.time())
     keeper.close()
     lock = path.with_name(path.name + ".lock")
     lock.unlink()
-    lock.mkdir()  # the lock cannot be taken: the store fails at start
+    lock.mkdir()
     later = Store(path)
     assert later.open(10).messages == [] and later.state == "failed"
-    restored = []
     lock.rmdir()
+    return later
+
+
+def test_a_store_that_could_not_be_read_at_start_is_loaded_before_it_is_written(path):
+    """Never overwrite what a store holds with what memory holds before reading it."""
+    later = unreadable_at_start(path)
+    restored = []
     stopping = threading.Event()
     thread = threading.Thread(target=later.run, args=(
         stopping, lambda: Holdings(raws(1, start=50), {}, {}, 0.0), restored.append))
@@ -368,16 +375,7 @@ def test_a_store_that_could_not_be_read_at_start_is_loaded_before_it_is_written(
 
 
 def test_a_stop_before_an_unreadable_store_was_loaded_adds_to_it_never_over_it(path):
-    keeper = Store(path)
-    keeper.open(10)
-    keeper.add(raws(2), time.time())
-    keeper.close()
-    lock = path.with_name(path.name + ".lock")
-    lock.unlink()
-    lock.mkdir()  # the store cannot be had at start
-    later = Store(path)
-    assert later.open(10).messages == [] and later.state == "failed"
-    lock.rmdir()  # ... and can be at the stop
+    later = unreadable_at_start(path)
     held = raws(1, start=50)
     assert later.save_all(Holdings(held, {}, {}, time.time() - time.monotonic()))
     later.close()
