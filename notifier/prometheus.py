@@ -186,7 +186,7 @@ class Listener:
                         "reach it can read the relay's metrics and hold its connections; "
                         "keep it on loopback or behind a firewall", host, port)
 
-    def loop(self, timeout: float = 1.0) -> None:
+    def loop(self, timeout: float = 0.5) -> None:
         """One step: wait at most `timeout` (less when a deadline comes first), then
         accept, read, answer, and close connections past their deadline."""
         now = self._clock()

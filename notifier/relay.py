@@ -1,26 +1,29 @@
 """The relay service: ZeroMQ in, Discord out, never blocking a producer.
 
-Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
+Each thread runs one unit's ``loop()`` step after step under the `Supervisor` (huey's
+consumer is the model); decisions live in `Outbox`, `limits` and `discord`:
 
-* receiver: polls the PULL socket (no timeout while idle: no CPU), drains it with
-  non-blocking receives into the `Outbox`, and parses envelopes when the socket is
-  empty, so a flood is taken off the socket at close to ZeroMQ's own speed and parsing
-  catches up after (a few are still parsed per batch, so a sustained flood cannot starve
-  delivery);
-* senders (``--senders``, default 8): take the next request a webhook may send, post it
-  with their own `requests.Session`, report the answer;
-* metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
-  with an INFO summary line of what changed once a minute;
-* journal (durable mode only, `notifier.journal`): writes outcomes, fsyncs, compacts;
-* the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
-  within ``--drain-sec``, gives requests in flight a short grace, saves what is still
-  undelivered to ``data/notifier_pending.sexp`` (mode 0600: it holds webhook URLs; in
-  durable mode the journal holds it already), writes the final metrics and returns.
-  The next start delivers the saved messages first. SIGHUP reopens the log file and
-  re-reads the CURVE clients directory; it never stops the relay.
+* receiver (`notifier.receiver`): takes envelopes off the PULL socket; in durable mode
+  into the intake, otherwise into the outbox itself, and parses them (`Admission`);
+* intake (`notifier.intake`, durable mode): commits what the receiver took to the store
+  (several batches in one transaction while the receiver goes on receiving), holds it in
+  the outbox, parses it;
+* senders (`notifier.sender`, ``--senders``, default 8): post the next request a webhook
+  may send and report the answer;
+* metrics (`notifier.reporting`): the snapshot every interval, and the Prometheus text
+  file; /metrics (`notifier.prometheus.Listener`), when asked;
+* store (`notifier.store`): commits outcomes, notices a store removed or replaced, and
+  gets a failed store back;
+* the main thread (`Relay`, here): starts all that, then waits for signals
+  (`notifier.signals`) and looks at the threads (`Supervisor.check`) between them, and
+  stops. SIGTERM or SIGINT, or a thread that cannot go on, stops receiving, delivers what
+  it can within ``--drain-sec``, gives requests in flight a short grace, makes sure the
+  store holds what is still undelivered, writes the final metrics and returns (exit 1 if
+  a thread failed or messages were lost). SIGHUP reopens the log file and re-reads the
+  CURVE clients directory; it never stops the relay.
 
-With CURVE (`notifier.curve`) the socket admits only the producers whose keys are in
-the clients directory, and each envelope is counted under its producer's name.
+The store is locked first, before anything is written: a second relay on the same
+store exits 2 without touching anything.
 """
 
 from __future__ import annotations
@@ -28,49 +31,35 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 
 import zmq
-import zmq.utils.monitor
 
-from notifier import curve, envelope, files, logs, metrics, pending, signals, validate
+from notifier import curve, files, logs, receiver, signals, validate
+from notifier.admission import Admission
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
-from notifier.discord import Outcome, RetryPolicy
-from notifier.journal import Journal, Notices, Saved
+from notifier.discord import RetryPolicy
+from notifier.intake import Intake, IntakeWorker
 from notifier.limits import Limits
-from notifier.logs import Throttle
-from notifier.outbox import RESTORED_PRODUCER, Outbox, dedupe_key, raw_webhook_id
-from notifier.sender import Sender
+from notifier.outbox import Outbox
+from notifier.reporting import Reporter
+from notifier.restore import Restorer
+from notifier.sender import SenderWorker
+from notifier.store import Contents, InUse, Store
+from notifier.supervisor import Supervisor
+from notifier.validate import OPERATOR, StartError
 
 log = logging.getLogger("notifier.relay")
 
-RECEIVE_BATCH = 512  # envelopes taken off the socket per lock acquisition
-PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
-PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
-PREVIEW_CHARS = 80
 GRACE_SEC = 3.0
 """After the drain, how long requests still in flight get to come back: what Discord
 answers in that time is recorded, so a delivered message is not saved and posted again."""
 TICK_SEC = 1.0
 """How long the main thread waits for a signal before it looks at the threads again."""
-SUMMARY_EVERY_SEC = 60.0  # the INFO line of what the relay did, instead of a line per message
-
-
-class RelayError(RuntimeError):
-    """The relay cannot start; `code` is its exit code: `validate.OPERATOR` (2: a bad
-    setting or key file) or `validate.TRANSIENT` (1: a port in use...)."""
-
-    def __init__(self, message: str, code: int = validate.TRANSIENT):
-        super().__init__(message)
-        self.code = code
-
-
-def preview(data: bytes) -> str:
-    """The start of a refused envelope for the log: one line, token-free."""
-    text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
-    return repr(envelope.scrub(text)[:PREVIEW_CHARS])  # scrubbed before the cut, whole
+JOIN_SEC = 5.0
+"""The longest the stop waits for a thread that should end at once (the receiver, the
+metrics thread...): the main thread never waits without a timeout."""
 
 
 class Relay:
@@ -78,201 +67,106 @@ class Relay:
 
     def __init__(self, settings: Config, *, retry: RetryPolicy = RetryPolicy()):
         self.settings = settings
-        self.journal = Journal(settings.journal) if settings.durable else None
+        self.store = Store(settings.store)
         self.dead_letters = DeadLetters(settings.dead_letter_file)
         self.outbox = Outbox(settings.queue_max, settings.dedupe_window,
                              limits=Limits(settings.global_rate, retry, wall=time.time,
                                            channel_period=settings.channel_period),
-                             max_age=settings.max_age, journal=self.journal,
-                             dead_letters=self.dead_letters)
+                             max_age=settings.max_age, store=self.store,
+                             durable=settings.durable, dead_letters=self.dead_letters)
+        self.admission = Admission(self.outbox, settings)
+        self.supervisor = Supervisor()
+        self.reporter: Reporter | None = None
         self._context = zmq.Context()
-        self._wake: zmq.Socket | None = None
+        self._receiver: receiver.Receiver | None = None
         self._clients: curve.Clients | None = None  # with CURVE
-        self._monitor: zmq.Socket | None = None  # the PULL socket's failed handshakes
-        self._refusal_log = Throttle(burst=10, interval=60.0)
+        self._listener = None  # notifier.prometheus.Listener, with a /metrics address
         self._insecure = (settings.insecure_bind and not settings.curve
                           and not curve.is_loopback(settings.bind_addr))
-        self.failed = False  # a thread died of an unexpected error
-        self._stopping = threading.Event()  # the metrics and journal threads' signal
-        self._threads: list[threading.Thread] = []
-        self._background: list[threading.Thread] = []  # metrics and journal threads
-        self._started_at = time.time()
-        self._accept_log = Throttle(burst=20)
-        self._reject_log = Throttle(burst=20)
-        self._drop_log = Throttle(burst=1)
-        self._unreported_drops = 0
-        self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
-        self._summarized: dict = {}  # the counters when the last summary line was logged
-        self._summarized_at = time.monotonic()
-        self._exporter = None  # notifier.prometheus.Exporter, when asked for
-        self._listener = None  # notifier.prometheus.Listener, with a /metrics address
-        self._metrics_file = files.WriteState("metrics file", settings.metrics_file)
+        self._restorer = Restorer(self.outbox, self.store, settings.allowed_hosts,
+                                  settings.data_dir, curve=settings.curve)
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ start
 
     def start(self) -> None:
-        """Check that it can start (`validate.problems`), bind, restore what the last
-        run saved, start the threads."""
-        settings = self.settings
-        found = validate.problems(settings, trial=False)
+        """Check that it can start (`validate.problems`), lock the store (another relay
+        holding it: exit 2, nothing else touched), then bind, restore what the store
+        holds and start the threads. StartError if it cannot."""
+        found = validate.problems(self.settings, trial=False)
         if found:
-            raise RelayError("; ".join(problem.text for problem in found),
+            raise StartError("; ".join(problem.text for problem in found),
                              validate.exit_code(found))
         try:
-            for path in (settings.metrics_file, settings.pending_file,
-                         settings.dead_letter_file, settings.prometheus_file):
-                if path is None:
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                files.remove_stale_temps(path)
-        except OSError as exc:
-            raise RelayError(f"cannot use the data directory: {exc}", validate.code_for(exc)) \
-                from None
-        if settings.prometheus_file or settings.metrics_listen:
-            self._exporter, self._listener = _exporter(settings)
-        pull = self._context.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.IPV6, settings.ipv6)
+            contents = self.store.open(self.settings.queue_max)
+        except InUse as exc:
+            raise StartError(str(exc), OPERATOR) from None
         try:
-            if settings.curve:
-                self._set_up_curve(pull)
-            pull.bind(settings.endpoint)
-        except (RelayError, zmq.ZMQError) as exc:
-            pull.close()
-            if self._clients is not None:
-                self._clients.stop()
-            if isinstance(exc, RelayError):
-                raise
-            raise RelayError(f"cannot bind {settings.endpoint}: {exc}",
-                             validate.code_for(exc)) from None
-        wake_address = f"inproc://relay-wake-{id(self)}"
-        self._wake = self._context.socket(zmq.PAIR)
-        self._wake.bind(wake_address)
-        wake_receiver = self._context.socket(zmq.PAIR)
-        wake_receiver.connect(wake_address)
-        self._restore()
-        self._write_metrics()
-        self._spawn("receiver", self._receive_loop, pull, wake_receiver)
-        for number in range(settings.senders):
-            self._spawn(f"sender-{number + 1}", self._send_loop)
-        self._background.append(self._spawn("metrics", self._metrics_loop))
+            self._start(contents)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _start(self, contents: Contents) -> None:
+        settings, supervisor = self.settings, self.supervisor
+        _make_directories(settings)
+        exporter = None
+        if settings.prometheus_file or settings.metrics_listen:
+            exporter, self._listener = _exporter(settings)
+        pull, self._clients = receiver.open_socket(self._context, settings)
+        intake = Intake() if settings.durable else None
+        self._receiver = receiver.Receiver(self._context, pull, self._clients, self.admission,
+                                           intake)
+        self._restorer.start(contents, settings.metrics_file)
+        self.reporter = Reporter(settings, self.outbox, self.store, self.dead_letters,
+                                 supervisor, exporter=exporter, curve=settings.curve,
+                                 insecure_bind=self._insecure,
+                                 carried=lambda: self._restorer.last_stop)
+        supervisor.start("receiver", self._receiver)
+        if intake is not None:
+            supervisor.start("intake", IntakeWorker(intake, self.admission))
+        for number in range(1, settings.senders + 1):
+            worker = SenderWorker(self.outbox, self.store, settings.request_deadline)
+            supervisor.start(f"sender-{number}", worker)
+            supervisor.watch(f"the watchdog of sender-{number}", worker.sender.watchdog.alive)
+        supervisor.start("metrics", self.reporter, background=True)
+        supervisor.start("store", _StoreWorker(self), background=True)
         if self._listener is not None:
-            self._background.append(self._spawn("metrics-http", self._listen_loop))
-        if self.journal is not None:
-            self._background.append(self._spawn("journal", self.journal.run, self._stopping))
+            supervisor.start("metrics-http", self._listener, background=True)
+        self.reporter.write()  # the first snapshot, of a relay with all its threads
+        supervisor.watch("the dead-letter writer thread", self.dead_letters.alive)
+        if self._clients is not None:
+            supervisor.watch("the CURVE authenticator thread (no producer can connect)",
+                             self._clients.alive)
         log.info("relay started endpoint=%s curve=%s durable=%s queue_max=%d senders=%d "
-                 "metrics=%s pid=%d", settings.endpoint, "on" if self._clients else "off",
-                 "on" if self.journal else "off", settings.queue_max, settings.senders,
-                 settings.metrics_file, os.getpid())
+                 "store=%s metrics=%s pid=%d", settings.endpoint,
+                 "on" if self._clients else "off", "on" if settings.durable else "off",
+                 settings.queue_max, settings.senders, settings.store, settings.metrics_file,
+                 os.getpid())
         if self._insecure:
             log.warning("INSECURE: listening on %s without CURVE (SWIMMY_NOTIFIER_INSECURE_BIND"
                         "=1): anyone who reaches the port can post to the webhooks, and "
                         "webhook tokens cross the network in the clear", settings.bind_addr)
 
-    def _set_up_curve(self, pull: zmq.Socket) -> None:
-        """Make `pull` a CURVE server, with the authenticator answering before the bind."""
-        settings = self.settings
-        try:
-            public, secret = curve.load_secret(settings.curve_secret_key)
-            self._clients = curve.Clients(self._context, settings.curve_clients)
-            curve.set_server(pull, public, secret)
-            self._monitor = pull.get_monitor_socket(curve.HANDSHAKE_FAILURES)
-        except curve.CurveError as exc:  # changed since the start check
-            raise RelayError(f"cannot set up CURVE: {exc}", validate.OPERATOR) from None
-        except zmq.ZMQError as exc:
-            raise RelayError(f"cannot set up CURVE: {exc}") from None
-        log.info("CURVE on: %d producers allowed from %s: %s", len(self._clients.names),
-                 settings.curve_clients, ", ".join(sorted(self._clients.names.values())))
-
-    def _spawn(self, name: str, target, *args) -> threading.Thread:
-        thread = threading.Thread(target=self._guarded, args=(target, *args), name=name,
-                                  daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        return thread
-
-    def _guarded(self, target, *args) -> None:
-        """A thread that dies of an unexpected error (a bug) stops the whole relay the
-        graceful way, so it exits non-zero for its supervisor to restart it, instead of
-        running on without receiving or sending."""
-        try:
-            target(*args)
-        except Exception:
-            log.exception("%s thread failed; stopping the relay",
-                          threading.current_thread().name)
-            self.failed = True
-
-    def stop(self) -> bool:
-        """Stop receiving; deliver for up to ``drain_sec``; give requests in flight
-        GRACE_SEC to come back; save what is still undelivered (in durable mode the
-        journal holds it already); stop the metrics thread, then write the final
-        metrics. True if everything held was delivered or saved. Threads stuck in a
-        request are left to die with the process (their messages are saved)."""
-        log.info("stopping: no longer receiving; draining for up to %.1f s",
-                 self.settings.drain_sec)
-        try:
-            self._wake.send(b"stop", zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the receiver is gone already
-        self._threads[0].join()
-        while self.outbox.unparsed:  # only if the receiver died before parsing them
-            self._parse(PARSE_WHEN_IDLE)
-        delivered = self.outbox.wait_empty(self.settings.drain_sec)
-        self.outbox.close()
-        if not delivered:
-            log.info("drain time over; up to %.1f s for requests in flight to come back",
-                     GRACE_SEC)
-        if not self.outbox.wait_idle(GRACE_SEC):
-            log.warning("requests still in flight after %.1f s: their messages are saved "
-                        "and may be posted twice", GRACE_SEC)
-        held, notices = self.outbox.saved()
-        self.dead_letters.close()  # what failed is in the file before the final metrics
-        self._stopping.set()
-        if self.journal is not None:
-            self.journal.wake()
-        for thread in self._background:
-            thread.join()
-        if self.journal is not None:
-            self.journal.close()
-            saved = self.journal.failure is None
-            where = f"kept in the journal {self.settings.journal}"
-        else:
-            saved = self._save_pending(held, notices)
-            where = f"saved to {self.settings.pending_file}"
-        self._write_metrics(saved=len(held) if saved else 0)
-        for thread in self._threads[1:]:
-            thread.join(timeout=1.0)
-        if self._listener is not None:
-            self._listener.close()
-        self._wake.close()
-        if self._clients is not None:
-            self._clients.stop()
-        self._context.destroy(linger=0)
-        if not saved and held:
-            log.error("stopped: %d messages LOST: they could not be saved (see above)",
-                      len(held))
-        else:
-            log.info("stopped: %s; %d messages %s for the next start",
-                     "all delivered" if delivered else "drain time over", len(held), where)
-        return saved or not held
+    # ------------------------------------------------------------------ run
 
     def serve(self, caught: signals.Signals) -> bool:
-        """Run until SIGTERM or SIGINT (or a thread that failed), then stop gracefully
-        (returns what `stop` does); on SIGHUP, reload. The signals come through `caught`,
-        whichever thread the kernel gave them to; the work happens here, on the main
-        thread, outside signal context, and it never waits without a timeout."""
+        """Start, run until SIGTERM or SIGINT or a thread that cannot go on, then stop
+        gracefully (returns what `stop` does); on SIGHUP, reload. The signals come
+        through `caught`, whichever thread the kernel gave them to; the work happens
+        here, on the main thread, outside signal context."""
         self.start()
-        while not self.failed:
+        while self.supervisor.check() is None:
             received = caught.wait(TICK_SEC)
-            if any(signum in signals.STOP for signum in received):
-                break
             if signal.SIGHUP in received:
                 self._hangup()
+            if any(signum in signals.STOP for signum in received):
+                break
         return self.stop()
 
     def _hangup(self) -> None:
-        """SIGHUP: reopen the log file (logrotate's postrotate) and re-read the CURVE
-        clients directory. Whatever goes wrong is logged; the relay runs on."""
+        """SIGHUP: reopen the log file (after logrotate, or tried again at once if it had
+        failed) and re-read the CURVE clients directory. Whatever goes wrong is logged;
+        the relay runs on."""
         try:
             logs.reopen()
             if self._clients is None:
@@ -290,278 +184,105 @@ class Relay:
         except Exception:
             log.exception("SIGHUP handling failed; the relay runs on")
 
-    # ------------------------------------------------------------------ receiver
+    # ------------------------------------------------------------------ stop
 
-    def _receive_loop(self, pull: zmq.Socket, wake: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
-        outbox = self.outbox
-        receive_batch = self._receive_curve_batch if self._clients else self._receive_batch
-        try:
-            while True:
-                # Never sleep with envelopes to parse; wake once a second while drops
-                # wait to be reported; otherwise block until something arrives.
-                timeout = 0 if outbox.unparsed else 1000 if self._unreported_drops else None
-                events = dict(poller.poll(timeout))
-                if wake in events:
-                    break
-                if self._monitor in events:
-                    self._log_refused_connection()
-                busy = receive_batch(pull)
-                if outbox.unparsed:
-                    self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
-                self._report_drops()
-            while receive_batch(pull):  # what already arrived is accepted too
-                pass
-            while outbox.unparsed:
-                self._parse(PARSE_WHEN_IDLE)
-            self._report_drops(final=True)
-        finally:
-            if self._monitor is not None:
-                pull.disable_monitor()
-                self._monitor.close()
-            pull.close()
-            wake.close()
+    def stop(self) -> bool:
+        """Stop receiving; deliver for up to ``drain_sec``; give requests in flight
+        GRACE_SEC to come back; stop the metrics and store threads; make sure the store
+        holds what is still undelivered (in durable mode it does already), counting what
+        it cannot take as lost; then write the final metrics. True if nothing was lost.
+        Every wait is bounded: a thread stuck in a request, or in a bug, is left to die
+        with the process (its messages are saved, marked in flight)."""
+        settings, supervisor, outbox = self.settings, self.supervisor, self.outbox
+        log.info("stopping: no longer receiving; draining for up to %.1f s", settings.drain_sec)
+        self._receiver.wake()
+        self._join(["receiver", "intake"])
+        if outbox.unparsed:  # only if the receiver or the intake died before parsing them
+            self.admission.digest_all()
+        delivered = outbox.wait_empty(settings.drain_sec)
+        outbox.close()
+        if not delivered:
+            log.info("drain time over; up to %.1f s for requests in flight to come back",
+                     GRACE_SEC)
+        if not outbox.wait_idle(GRACE_SEC):
+            log.warning("requests still in flight after %.1f s: their messages are saved "
+                        "and may be posted twice", GRACE_SEC)
+        self.dead_letters.close()  # what failed is in the file before the final metrics
+        supervisor.stopping.set()
+        self.store.wake()
+        self._join(["metrics", "store", "metrics-http"])
+        held = outbox.holdings()
+        lost = self._save(held)
+        outbox.write_off(lost)
+        self.store.close()
+        self.reporter.write_final(saved=len(held.raws) - lost)
+        supervisor.join([f"sender-{n}" for n in range(1, settings.senders + 1)], 1.0)
+        if self._listener is not None:
+            self._listener.close()
+        if self._clients is not None:
+            self._clients.stop()
+        self._context.destroy(linger=0)
+        if lost:
+            log.error("stopped: %d messages LOST: the store could not take them (%s); %d "
+                      "saved for the next start", lost, self.store.failure,
+                      len(held.raws) - lost)
+        else:
+            log.info("stopped: %s; %d messages saved in %s for the next start",
+                     "all delivered" if delivered else "drain time over", len(held.raws),
+                     settings.store)
+        return not lost
 
-    def _receive_batch(self, pull: zmq.Socket) -> bool:
-        """Take up to RECEIVE_BATCH envelopes; True if more may be waiting."""
-        frames: list[bytes] = []
-        receive, append = pull.recv, frames.append
-        try:
-            for _ in range(RECEIVE_BATCH):
-                append(receive(zmq.NOBLOCK))
-        except zmq.Again:
-            pass
-        if frames:
-            self._hold(frames)
-        return len(frames) == RECEIVE_BATCH
+    def _join(self, names: list[str]) -> None:
+        stuck = self.supervisor.join(names, JOIN_SEC)
+        if stuck:
+            log.error("the %s thread%s did not end within %.0f s; stopping without",
+                      ", ".join(stuck), "s" if len(stuck) > 1 else "", JOIN_SEC)
 
-    def _receive_curve_batch(self, pull: zmq.Socket) -> bool:
-        """`_receive_batch` on a CURVE socket: each frame's ZAP User-Id (its client's
-        key) names its producer, and what a connection admitted before its key was
-        revoked still sends is refused. (A Frame costs about 1.4 µs more than plain bytes
-        in pyzmq 27, hence this loop only with CURVE. A frame without a User-Id would mean
-        ZAP never ran: Frame.get raises, and the relay stops rather than take it.)"""
-        frames, producers, refused = [], [], []
-        receive, name_of = pull.recv, self._clients.names.get
-        try:
-            for _ in range(RECEIVE_BATCH):
-                frame = receive(zmq.NOBLOCK, copy=False)
-                user_id = frame.get("User-Id")
-                name = name_of(user_id)
-                if name is None:
-                    refused.append(self._clients.former.get(user_id, f"key {user_id[:8]}…"))
-                else:
-                    frames.append(frame.bytes)
-                    producers.append(name)
-        except zmq.Again:
-            pass
-        if refused:
-            self.outbox.refuse(refused)
-            for name in refused:
-                self._log_rejection("the producer's key is no longer allowed", b"", name)
-        if frames:
-            self._hold(frames, producers)
-        return len(frames) + len(refused) == RECEIVE_BATCH
+    def _save(self, held) -> int:
+        """Make sure the store holds `held` (in durable mode it does, unless it failed);
+        returns how many of its messages it does not: those are lost."""
+        if self.store.flush() and all(map(self.store.stored, held.raws)):
+            return 0
+        if self.store.save_all(held):
+            return 0
+        return sum(not self.store.stored(raw) for raw in held.raws)
 
-    def _hold(self, frames: list[bytes], producers: list[str] | None = None) -> None:
-        dropped, oversized = self.outbox.accept(frames, producers)
-        self._unreported_drops += dropped
-        for size, producer in oversized:
-            self._log_rejection(envelope.too_large(size), b"", producer)
 
-    def _parse(self, limit: int) -> None:
-        """Parse what the outbox lends and give every envelope back, parsed or rejected,
-        whatever happens: one bad envelope costs only itself."""
-        lent = self.outbox.take_unparsed(limit)
-        results, accepted = [], []
-        try:
-            for data, producer in lent:
-                result = self._parse_one(data, producer)
-                results.append(result)
-                if not isinstance(result[0], str):
-                    accepted.append((result[0].webhook_id, len(data)))
-        finally:
-            results.extend(("internal error while parsing", None)
-                           for _ in lent[len(results):])
-            self.outbox.add_parsed(results)
-        for webhook_id, size in accepted:  # after the senders have the messages
-            suppressed = self._accept_log.allow()
-            if suppressed is not None:
-                log.debug("accepted webhook=%s bytes=%d%s", webhook_id, size,
-                          f" ({suppressed} accepted lines left out)" if suppressed else "")
+class _StoreWorker:
+    """The store thread's unit: `Store.run` until the stop (entered again after an error
+    the supervisor logged)."""
 
-    def _parse_one(self, data: bytes, producer: str | None
-                   ) -> tuple[envelope.Message | str, bytes | None]:
-        """(message, dedupe key or None), or (rejection reason, None). An unexpected
-        exception is a bug in the parser: the envelope is rejected for it, and the first
-        of each kind is logged with its traceback."""
-        try:
-            message = envelope.parse(data, self.settings.allowed_hosts)
-            return message, dedupe_key(message) if self.settings.dedupe_window > 0 else None
-        except envelope.EnvelopeError as exc:
-            reason = exc.reason
-        except Exception as exc:
-            reason = f"internal error while parsing: {type(exc).__name__}"
-            if type(exc) not in self._parser_bugs:
-                self._parser_bugs.add(type(exc))
-                log.exception("envelope rejected for a bug in the parser (further %s "
-                              "errors are logged without a traceback); preview=%s",
-                              type(exc).__name__, preview(data))
-        self._log_rejection(reason, data, producer)
-        return reason, None
+    def __init__(self, relay: Relay):
+        self._relay = relay
 
-    def _log_rejection(self, reason: str, data: bytes, producer: str | None = None) -> None:
-        suppressed = self._reject_log.allow()
-        if suppressed is not None:
-            webhook = raw_webhook_id(data)
-            log.warning("rejected %s%sreason=%s preview=%s%s",
-                        f"producer={producer} " if producer else "",
-                        f"webhook={webhook.decode()} " if webhook else "", reason, preview(data),
-                        f" ({suppressed} rejection lines left out)" if suppressed else "")
+    def loop(self) -> None:
+        relay = self._relay
+        relay.store.run(relay.supervisor.stopping,
+                        lambda: relay.outbox.holdings(everything=relay.settings.durable),
+                        relay._restorer.restore)
 
-    def _log_refused_connection(self) -> None:
-        """A producer failed the CURVE handshake: nothing of it gets in; say why."""
-        event = zmq.utils.monitor.recv_monitor_message(self._monitor)
-        suppressed = self._refusal_log.allow()
-        if suppressed is not None:
-            log.warning("refused a connection: CURVE handshake failed, %s%s",
-                        curve.handshake_failure(event["event"], event["value"]),
-                        f" ({suppressed} such lines left out)" if suppressed else "")
 
-    def _report_drops(self, final: bool = False) -> None:
-        if self._unreported_drops and (final or self._drop_log.allow() is not None):
-            log.warning("dropped %d oldest messages: queue full (queue_max=%d)",
-                        self._unreported_drops, self.settings.queue_max)
-            self._unreported_drops = 0
-
-    # ------------------------------------------------------------------ senders
-
-    def _send_loop(self) -> None:
-        sender = Sender(self.settings.request_deadline)
-        try:
-            while (job := self.outbox.next_job()) is not None:
-                if self.journal is not None and job.items:
-                    self.journal.sending([item.raw.jid for item in job.items])
-                try:
-                    outcome = sender.post(job)
-                except Exception as exc:  # a bug, not Discord: retry, and say so
-                    log.exception("sending failed unexpectedly")
-                    outcome = Outcome("retry", reason=f"internal error {type(exc).__name__}")
-                self.outbox.finish(job, outcome)
-        finally:
-            sender.close()
-
-    # ------------------------------------------------------------------ files
-
-    def _metrics_loop(self) -> None:
-        while not self._stopping.wait(self.settings.metrics_interval):
-            self._write_metrics()
-            if self._clients is not None and not self._clients.alive():
-                raise RelayError("the CURVE authenticator thread died: no producer can connect")
-
-    def _listen_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._listener.loop(0.5)
-
-    def _write_metrics(self, saved: int | None = None) -> None:
-        now = time.time()
-        snapshot = self.outbox.snapshot()
-        snapshot.update(metrics_state=self._metrics_file.state,
-                        metrics_reason=self._metrics_file.reason)
-        if self.settings.prometheus_file is not None:
-            snapshot.update(prometheus_state=self._exporter.file.state,
-                            prometheus_reason=self._exporter.file.reason)
-        snapshot.update(dead_letters=self.dead_letters.written,
-                        dead_letters_rotated_out=self.dead_letters.rotated_out,
-                        dead_letters_state=self.dead_letters.state,
-                        dead_letters_reason=self.dead_letters.reason)
-        log_file = logs.file_state()
-        if log_file is not None:
-            snapshot.update(log_state=log_file[0], log_reason=log_file[1])
-        if self.journal is not None:
-            snapshot.update(journal_state=self.journal.state,
-                            journal_corrupt_records=self.journal.corrupt_records)
-        self._summarize(snapshot, final=saved is not None)
-        entries = metrics.entries(snapshot, now=now, started_at=self._started_at,
-                                  pid=os.getpid(), interval=self.settings.metrics_interval,
-                                  saved=saved, curve=self._clients is not None,
-                                  insecure_bind=self._insecure)
-        with self._metrics_file:
-            metrics.write(self.settings.metrics_file, metrics.render(entries))
-        if self._exporter is not None:
-            self._exporter.update(entries)
-
-    def _summarize(self, snapshot: dict, final: bool) -> None:
-        elapsed = time.monotonic() - self._summarized_at
-        if final or elapsed >= SUMMARY_EVERY_SEC:
-            line = metrics.summary(self._summarized, snapshot, elapsed)
-            if line is not None:
-                log.info("%s", line)
-            self._summarized, self._summarized_at = snapshot, time.monotonic()
-
-    @property
-    def _restored_producer(self) -> str | None:
-        return RESTORED_PRODUCER if self._clients is not None else None
-
-    def _save_pending(self, held: list[Saved], notices: Notices) -> bool:
-        """Write what is still undelivered for the next start; False if that failed."""
-        path = self.settings.pending_file
-        try:
-            if not held and not notices:
-                path.unlink(missing_ok=True)
-            else:
-                files.write_atomic(path, pending.dumps(held, notices), mode=0o600)
-            return True
-        except (OSError, ValueError) as exc:  # ValueError: a payload not UTF-8 (a bug)
-            log.error("cannot save %d pending messages to %s: %s", len(held), path, exc)
-            return False
-
-    def _restore(self) -> None:
-        """Take back, ahead of anything new, what the last run left: the journal's
-        messages in durable mode, and a pending file if there is one (it is then
-        removed: from here on its messages are held, and accounted, like any other)."""
-        if self.journal is not None:
-            replay = self.journal.open()
-            if replay.messages or replay.notices:
-                self.outbox.restore(list(replay.messages.values()), list(replay.messages),
-                                    replay.notices, self._restored_producer)
-                log.info("restored %d messages from the journal (%d possibly posted "
-                         "already: they were in flight)", len(replay.messages),
-                         sum(saved.in_flight for saved in replay.messages.values()))
-        path = self.settings.pending_file
-        try:
-            data = files.read_regular(path, pending.max_bytes(self.settings.queue_max))
-            saved, notices = pending.loads(data)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            kept = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
-            try:
-                path.replace(kept)
-            except OSError as move:
-                log.error("saved messages %s unreadable (%s) and cannot be moved aside: %s",
-                          path, exc, move)
-                return
-            log.error("saved messages unreadable (%s); kept as %s", exc, kept)
-            return
-        self.outbox.restore(saved, None, notices, self._restored_producer)
-        path.unlink()
-        log.info("restored %d messages saved by the last run (%d possibly posted already: "
-                 "they were in flight)", len(saved), sum(item.in_flight for item in saved))
+def _make_directories(settings: Config) -> None:
+    """The directories of the files the relay writes, and no temp file a killed run left."""
+    try:
+        for path in (settings.metrics_file, settings.dead_letter_file,
+                     settings.prometheus_file):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                files.remove_stale_temps(path)
+    except OSError as exc:
+        raise StartError(f"cannot use the data directory: {exc}",
+                         validate.code_for(exc)) from None
 
 
 def _exporter(settings: Config):
     """The Prometheus exposition the settings ask for, and its /metrics listener when
-    asked; RelayError if they cannot be had."""
+    asked; StartError if they cannot be had."""
     try:
         from notifier.prometheus import Exporter, Listener
     except ImportError:
-        raise RelayError("Prometheus metrics need prometheus_client: pip install "
-                         "'swimmy-notifier[prometheus]'", validate.OPERATOR) from None
+        raise StartError("Prometheus metrics need prometheus_client: pip install "
+                         "'swimmy-notifier[prometheus]'", OPERATOR) from None
     exporter = Exporter(settings.prometheus_file)
     if settings.metrics_listen is None:
         return exporter, None
@@ -569,18 +290,19 @@ def _exporter(settings: Config):
         return exporter, Listener(settings.metrics_listen, exporter.exposition)
     except OSError as exc:
         host, port = settings.metrics_listen
-        raise RelayError(f"cannot serve metrics on {host}:{port}: {exc.strerror}",
+        raise StartError(f"cannot serve metrics on {host}:{port}: {exc.strerror}",
                          validate.code_for(exc)) from None
 
 
 def run(settings: Config, caught: signals.Signals) -> int:
-    """``python -m notifier``: serve until signalled. Returns the exit code."""
+    """``python -m notifier``: serve until signalled. Returns the exit code: 0, 1 if a
+    thread could not go on or messages were lost, the start's code if it could not."""
     relay = Relay(settings)
     try:
         saved = relay.serve(caught)
-    except RelayError as exc:
+    except StartError as exc:
         log.error("cannot start: %s", exc)
         return exc.code
     finally:
         caught.ignore()
-    return 1 if relay.failed or not saved else 0
+    return 1 if relay.supervisor.failure or not saved else 0

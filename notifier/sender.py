@@ -5,10 +5,12 @@ total deadline."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -17,7 +19,13 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from notifier import PROJECT_URL, __version__
 from notifier.discord import Outcome, classify, network_error
-from notifier.outbox import Job
+from notifier.lanes import Job
+
+if TYPE_CHECKING:
+    from notifier.outbox import Outbox
+    from notifier.store import Store
+
+log = logging.getLogger("notifier.relay")
 
 USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
 TIMEOUT = (5.0, 15.0)
@@ -170,3 +178,29 @@ class Sender:
     def close(self) -> None:
         self.session.close()
         self.watchdog.close()
+
+
+class SenderWorker:
+    """A sender thread's unit: the next request a webhook may send, posted, its answer
+    reported; False once the outbox is closed (the relay's stop)."""
+
+    def __init__(self, outbox: "Outbox", store: "Store", deadline: float):
+        self.outbox, self.store = outbox, store
+        self.sender = Sender(deadline)
+
+    def loop(self) -> bool:
+        job = self.outbox.next_job()
+        if job is None:
+            return False
+        try:
+            if job.items:
+                self.store.sending(job.raws)
+            outcome = self.sender.post(job)
+        except Exception as exc:  # a bug, not Discord: retry, and say so
+            log.exception("sending failed unexpectedly")
+            outcome = Outcome("retry", reason=f"internal error {type(exc).__name__}")
+        self.outbox.finish(job, outcome)
+        return True
+
+    def close(self) -> None:
+        self.sender.close()

@@ -1,9 +1,11 @@
 """The relay's threads: each runs one unit's `loop()` step after step, and none dies
 silently (huey's consumer is the model).
 
-A unit is an object with ``loop() -> bool`` (one step of its work; False once the work is
-done and the thread should end) and optionally ``close()`` (run when its thread ends,
-however it ends). `Supervisor.start` runs it in a thread of its own:
+A unit is an object with ``loop()``, one step of its work, and optionally ``close()``
+(run when its thread ends, however it ends). `Supervisor.start` runs it in a thread of
+its own, until its ``loop()`` returns False (its work is done: the receiver once woken,
+a sender once the outbox is closed) or, for a background unit (metrics, store,
+/metrics), until the one stop event, `stopping`, is set:
 
 - an exception in a step is logged (with its traceback the first time, then once a
   minute with how many more) and the thread carries on after a short pause: one bad
@@ -44,7 +46,7 @@ class CannotGoOn(Exception):
 
 
 class Unit(Protocol):
-    def loop(self) -> bool: ...
+    def loop(self) -> bool | None: ...
 
 
 class Supervisor:
@@ -67,8 +69,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ threads
 
-    def start(self, name: str, unit: Unit) -> threading.Thread:
-        thread = threading.Thread(target=self._run, args=(name, unit), name=name,
+    def start(self, name: str, unit: Unit, *, background: bool = False) -> threading.Thread:
+        thread = threading.Thread(target=self._run, args=(name, unit, background), name=name,
                                   daemon=True)
         with self._lock:
             self._threads[name] = thread
@@ -80,13 +82,13 @@ class Supervisor:
         but does not run itself (the CURVE authenticator, a sender's watchdog...)."""
         self._watched.append((what, alive))
 
-    def _run(self, name: str, unit: Unit) -> None:
+    def _run(self, name: str, unit: Unit, background: bool) -> None:
         failing_since: float | None = None
         pause = PAUSE_SEC[0]
         try:
-            while True:
+            while not (background and self.stopping.is_set()):
                 try:
-                    if not unit.loop():
+                    if not (unit.loop() or background):
                         break
                     failing_since, pause = None, PAUSE_SEC[0]
                 except CannotGoOn as exc:

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from notifier import config, envelope, sexp
-from notifier.relay import Relay, preview
+from notifier.admission import preview
+from notifier.relay import Relay
 from notifier.standin import DiscordStandIn
 from tests.harness import assert_balanced, contents, envelope_text
 
@@ -144,7 +145,7 @@ def test_an_unexpected_parser_exception_rejects_only_that_envelope(tmp_path, mon
     hook = "http://127.0.0.1:8099/api/webhooks/7/tok"
     relay.outbox.accept([envelope_text(hook, text) for text in ("a", "boom", "c", "boom")])
     with caplog.at_level(logging.WARNING, "notifier.relay"):
-        relay._parse(10)
+        relay.admission.parse(10)
     snapshot = relay.outbox.snapshot()
     assert (snapshot["rejected"], snapshot["pending"], snapshot["unparsed"]) == (2, 2, 0)
     assert [record.exc_info is not None for record in caplog.records
@@ -154,17 +155,16 @@ def test_an_unexpected_parser_exception_rejects_only_that_envelope(tmp_path, mon
 
 @pytest.mark.parametrize("make", [
     lambda path: path.write_bytes(b"\x00\xff((( not lisp"),
-    lambda path: path.write_text('((schema_version . 2) (messages ((envelope . 7))))'),
     lambda path: path.write_text("(" * 100_000),
     lambda path: os.mkfifo(path),
-], ids=["garbage", "bad entry", "nesting bomb", "fifo"])
-def test_a_hostile_pending_file_is_set_aside_and_the_relay_starts(tmp_path, discord, relays,
-                                                                  make):
-    (tmp_path / "data").mkdir()
-    make(tmp_path / "data" / "notifier_pending.sexp")
+], ids=["garbage", "nesting bomb", "fifo"])
+def test_a_hostile_legacy_pending_file_is_set_aside_and_the_relay_starts(tmp_path, discord,
+                                                                         relays, make):
+    pending = tmp_path / "data" / "notifier_pending.sexp"
+    pending.parent.mkdir()
+    make(pending)
     relay = relays(allowed=f"127.0.0.1:{discord.port}")
-    assert "saved messages unreadable" in relay.log() and "Traceback" not in relay.log()
-    assert not relay.pending_file.exists()
-    assert list(relay.pending_file.parent.glob("notifier_pending.sexp.unreadable-*"))
+    assert "notifier_pending.sexp unreadable" in relay.log() and "Traceback" not in relay.log()
+    assert not pending.exists() and list(pending.parent.glob("notifier_pending.sexp.unreadable-*"))
     relay.wait_metrics(lambda m: m["received"] == 0 and m["state"] == "running")
     assert relay.stop() == 0
