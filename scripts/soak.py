@@ -68,7 +68,9 @@ Exit 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import queue
 import random
 import re
 import shutil
@@ -358,58 +360,76 @@ def block_sighup() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
 
-class Scrapers(threading.Thread):
-    """Holds `SCRAPERS` connections to the relay's /metrics: a third idle, a third that
-    sent half a request line, a third that did the same and then half-closed (SHUT_WR).
-    Each one the relay closes (after its read timeout, or at once past its cap) is opened
-    again, whichever relay run is listening."""
+def hold_connections(port: int, stopping, counts_out) -> None:
+    """In a process of its own (the soak's stand-in shares the soak's GIL: a busy loop
+    here would slow its answers), hold `SCRAPERS` connections to the relay's /metrics: a
+    third idle, a third that sent half a request line, a third that did the same and then
+    half-closed (SHUT_WR). Each one the relay closes (after its read timeout, or at once
+    past its cap) is opened again, whichever relay run is listening. Puts what it did on
+    `counts_out` when `stopping` is set."""
+    counts: Counter = Counter()
+    held: list[socket.socket | None] = [None] * SCRAPERS
+    while not stopping.wait(0.2):
+        for n, sock in enumerate(held):
+            if sock is not None and _closed(sock):
+                sock.close()
+                sock = held[n] = None
+                counts["/metrics connections closed by the relay"] += 1
+            if sock is None:
+                held[n] = _open_scraper(port, n % 3, counts)
+    for sock in held:
+        if sock is not None:
+            sock.close()
+    counts_out.put(dict(counts))
+
+
+def _open_scraper(port: int, kind: int, counts: Counter) -> socket.socket | None:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return None  # no relay listening now
+    try:
+        if kind:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        if kind == 2:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    counts[("idle", "half-sent", "half-closed")[kind] + " /metrics connections"] += 1
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class Scrapers:
+    """`hold_connections` in a child process, from `start` to `finish`."""
 
     def __init__(self, port: int, counts: Counter):
-        super().__init__(name="scrapers", daemon=True)
-        self.port, self.counts = port, counts
-        self.stopping = threading.Event()
-        self.held: list[socket.socket | None] = [None] * SCRAPERS
+        context = multiprocessing.get_context("spawn")
+        self.counts = counts
+        self._stopping, self._out = context.Event(), context.Queue()
+        self._process = context.Process(target=hold_connections, name="scrapers",
+                                        args=(port, self._stopping, self._out), daemon=True)
 
-    def run(self) -> None:
-        while not self.stopping.wait(0.2):
-            for n, sock in enumerate(self.held):
-                if sock is not None and self._closed(sock):
-                    sock.close()
-                    sock = self.held[n] = None
-                    self.counts["/metrics connections closed by the relay"] += 1
-                if sock is None:
-                    self.held[n] = self._open(n % 3)
-
-    def _open(self, kind: int) -> socket.socket | None:
-        try:
-            sock = socket.create_connection(("127.0.0.1", self.port), timeout=1)
-        except OSError:
-            return None  # no relay listening now
-        try:
-            if kind:
-                sock.sendall(b"GET /metrics HTTP/1.1\r\n")
-            if kind == 2:
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.counts[("idle", "half-sent", "half-closed")[kind] + " /metrics connections"] += 1
-        return sock
-
-    @staticmethod
-    def _closed(sock: socket.socket) -> bool:
-        try:
-            return sock.recv(4096, socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
+    def start(self) -> None:
+        self._process.start()
 
     def finish(self) -> None:
-        self.stopping.set()
-        self.join()
-        for sock in self.held:
-            if sock is not None:
-                sock.close()
+        self._stopping.set()
+        try:
+            self.counts.update(self._out.get(timeout=START_SEC))
+        except queue.Empty:
+            pass
+        self._process.join(START_SEC)
+        if self._process.is_alive():
+            self._process.kill()
 
 
 class ProcessFaults:
