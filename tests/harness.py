@@ -101,6 +101,13 @@ class RelayProcess:
         self.preexec_fn: Callable[[], None] | None = None  # in the child: resource limits
         self.process: subprocess.Popen | None = None
 
+    def patch(self, code: str) -> "RelayProcess":
+        """Run `code` in the relay before its own (a ``sitecustomize`` module in its home):
+        a fault injected where no setting reaches."""
+        (self.home / "sitecustomize.py").write_text(code)
+        self.env["PYTHONPATH"] = str(self.home)
+        return self
+
     @property
     def endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"

@@ -220,8 +220,7 @@ def test_an_error_in_a_step_is_logged_counted_and_the_thread_carries_on(tmp_path
     it the relay: now that batch is counted as rejected, the error logged with its
     traceback, and the intake takes the next batch."""
     relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}")
-    relay.env["PYTHONPATH"] = str(tmp_path)
-    (tmp_path / "sitecustomize.py").write_text(
+    relay.patch(
         "import notifier.outbox as o\n"
         "accept = o.Outbox.accept\n"
         "def failing(self, envelopes, producers=None):\n"
@@ -254,8 +253,7 @@ def test_a_thread_that_cannot_go_on_stops_the_relay_gracefully(tmp_path, discord
     port = free_port()
     webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"  # nothing listens: it waits
     relay = RelayProcess(tmp_path, f"127.0.0.1:{port}")
-    relay.env["PYTHONPATH"] = str(tmp_path)
-    (tmp_path / "sitecustomize.py").write_text(
+    relay.patch(
         "import os, notifier.sender as s\n"
         "run = s.Watchdog._run\n"
         "def dying(self):\n"
