@@ -152,6 +152,21 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return True
 
 
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("::1", False),
+                                           ("0.0.0.0", True)])
+def test_a_listener_reachable_from_other_hosts_is_said_at_warning(caplog, host, warned):
+    with caplog.at_level("WARNING", "notifier"):
+        try:
+            prometheus.Listener((host, 0), lambda: b"").close()
+        except OSError as exc:
+            pytest.skip(f"cannot listen on {host} here: {exc}")
+    said = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert bool(said) == warned
+    if warned:
+        assert said[0].startswith("/metrics on 0.0.0.0:0 is reachable from other hosts")
+        assert said[0].endswith("keep it on loopback or behind a firewall")
+
+
 def test_a_scrape_is_answered_and_anything_else_refused(listener):
     served, _ = listener
     answer = exchange(served.address, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
