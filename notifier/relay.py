@@ -35,7 +35,7 @@ import time
 import zmq
 import zmq.utils.monitor
 
-from notifier import curve, envelope, files, logs, metrics, pending, validate
+from notifier import curve, envelope, files, logs, metrics, pending, redaction, validate
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy
@@ -67,9 +67,13 @@ class RelayError(RuntimeError):
 
 
 def preview(data: bytes) -> str:
-    """The start of a refused envelope for the log: one line, token-free."""
+    """The start of a refused envelope for the log: one line (repr escapes every control
+    character), token-free (hidden before the cut, and what the cut leaves of a run too:
+    `redaction`)."""
     text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
-    return repr(envelope.scrub(text)[:PREVIEW_CHARS])  # scrubbed before the cut, whole
+    if len(data) > PREVIEW_CHARS * 4:
+        text += redaction.CUT
+    return repr(redaction.shorten(text, PREVIEW_CHARS))
 
 
 class Relay:
