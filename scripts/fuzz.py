@@ -13,8 +13,10 @@ a status, so for it any exception), or a result that breaks the contract:
   with the general reader; error messages stay short.
 - envelope: `envelope.parse` (the stand-in's host allowed); an accepted message can be
   posted: every request `fit` makes of it encodes as strict UTF-8 JSON, is within
-  Discord's limits and passes the stand-in's validator, and its URL is one `requests`
-  takes.
+  Discord's limits (its other fields too) and passes the stand-in's validator, and its
+  URL is one `requests` takes; a refused one's reason and log preview hold no control
+  character and no 6 characters in a row of a made-up token the input holds whole
+  (however malformed the URL around it).
 - fit: `payload.fit` on JSON payloads the relay accepts (the fuzz bytes are the payload),
   the same checks, and a payload within the limits comes back unchanged.
 - snapshot: the telemetry merge reading the bytes as notifier_metrics.sexp, then merging
@@ -48,6 +50,7 @@ with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child"
       else contextlib.nullcontext()):
     import requests
     from notifier import envelope, payload, sexp
+    from notifier.relay import preview
     from notifier.standin import validate
     from telemetry import merge
     from telemetry.config import Config
@@ -56,6 +59,9 @@ HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
 LOCAL = (("127.0.0.1", None),)
 HOOK = "http://127.0.0.1:8099/api/webhooks/1/tok"  # a made-up token
+TOKEN = "mAdE-uP_t0kEn-Xq7Lr2Vw9Zk4Hs8Jd3Nf6Bp1Cy5Gt0Mv7Ql2Wr9Ek4Ux8Io3Sa6Dz1Fh5Yj0"
+"""A made-up token of Discord's length and alphabet, in the envelope target's dictionary
+in malformed URLs: no 6 characters of it in a row may reach a reason or a preview."""
 MAX_MESSAGE_CHARS = 300
 """Error messages quote at most a short prefix of the input (issue 8)."""
 
@@ -68,7 +74,9 @@ DICTIONARY = {
              ':key', 'swimmy.core::', '1.0d0', '1.5e7', '1/3', ';', '\n'],
     "envelope": ['(type . "NOTIFIER")', '(schema_version . 1)', '(action . "SEND")', '(payload ',
                  '(payload_json . "', '"type":"NOTIFIER"', '"webhook":', '"payload":', '"data":',
-                 '"payload_json":', '"content":', '"embeds":', '\\u', '\\/', '%2F', HOOK],
+                 '"payload_json":', '"content":', '"embeds":', '\\u', '\\/', '%2F', HOOK,
+                 TOKEN, '/webhook/', '//', '/webhooks//', '/api/webhook/1/', '"username":',
+                 '"thread_name":', '"poll":', '"allowed_mentions":', '"flags":'],
     "fit": ['"content":', '"embeds":', '"title":', '"description":', '"fields":', '"name":',
             '"value":', '"footer":', '"author":', '"text":', '"poll":', '"username":', '```',
             '\\n', ' ', '\\u200d', '\\ud83c\\udde6', '\\u0301', '>>> ', '[', '{', '],', '},'],
@@ -108,11 +116,26 @@ def fuzz_sexp(data):
     sexp.to_python(value)
 
 
+def no_fragment(data, *shown):
+    """No 6 characters in a row of TOKEN, where the input holds it whole, in what is
+    shown, unless the input holds them elsewhere too; no control character either."""
+    text = data.decode("utf-8", "replace")
+    if TOKEN in text:
+        elsewhere = text.replace(TOKEN, "\0")
+        for part in shown:
+            for i in range(len(TOKEN) - 5):
+                fragment = TOKEN[i:i + 6]
+                assert fragment not in part or fragment in elsewhere, (fragment, part)
+    for part in shown:
+        assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", part), part
+
+
 def fuzz_envelope(data):
     try:
         message = envelope.parse(data, LOCAL)
     except envelope.EnvelopeError as exc:
         short(exc.reason)
+        no_fragment(data, exc.reason, preview(data))
         return
     postable(message.webhook, payload.fit(message.payload))
 
