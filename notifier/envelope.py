@@ -92,6 +92,24 @@ def webhook_id(url: str) -> str:
     return match.group(1) if match else "?"
 
 
+def own_webhook_id(data: bytes) -> str | None:
+    """The id of an envelope's own webhook: its `webhook` field's, never a URL quoted
+    anywhere else in it (a JSON payload may come first and quote another webhook). None
+    when the envelope cannot be read or its field is not a webhook URL. Reads the whole
+    envelope: for the few envelopes dropped or counted before they are parsed."""
+    try:
+        url = _fields(data)[0].get("webhook")
+    except (EnvelopeError, sexp.SexpError, RecursionError):
+        return None
+    if not isinstance(url, str):
+        return None
+    try:
+        match = _WEBHOOK_PATH.match(urlsplit(url).path)
+    except ValueError:
+        return None
+    return match.group(1) if match else None
+
+
 def redact(url: str) -> str:
     """The URL with its token replaced, for output an operator reads."""
     return scrub(url)
