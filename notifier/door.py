@@ -57,6 +57,11 @@ class Oversized(NamedTuple):
     producer: str
 
 
+def unnamed(address: str) -> None:
+    """Without CURVE a producer has no name: its address names it."""
+    return None
+
+
 def configure(pull: zmq.Socket) -> None:
     """Bound the frames `pull` takes to MAX_FRAME_BYTES."""
     pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
@@ -67,16 +72,12 @@ class Door:
     returns what the relay logs; `oversized` counts per producer. `name_at` names the
     producer connected from an address (with CURVE), else the address names it."""
 
-    def __init__(self, pull: zmq.Socket, name_at: Callable[[str], str | None] = lambda _: None):
+    def __init__(self, pull: zmq.Socket, name_at: Callable[[str], str | None] = unnamed):
         self._pull = pull
         self.socket = pull.get_monitor_socket(EVENTS)
         self._name_at = name_at
         self._kept: dict[int, socket.socket] = {}  # libzmq's descriptor -> our duplicate
         self.oversized: dict[str, int] = {}
-
-    @property
-    def oversized_total(self) -> int:
-        return sum(self.oversized.values())
 
     def read(self) -> list[Refused | Oversized]:
         """Drain the monitor. A connection accepted and gone within one drain is not

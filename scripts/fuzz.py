@@ -2,7 +2,7 @@
 """Coverage-guided fuzzing of the doors hostile input comes through (atheris, libFuzzer).
 
     .venv/bin/pip install -e '.[fuzz]'
-    .venv/bin/python scripts/fuzz.py TARGET --seconds 600   # sexp, envelope, fit, snapshot, sbcl
+    .venv/bin/python scripts/fuzz.py TARGET --seconds 600   # sexp, envelope, fit, snapshot, sbcl, flood
     .venv/bin/python scripts/fuzz.py TARGET --run FILE...   # replay inputs (a crash file)
 
 Each target runs one input and raises only for a finding: an exception other than the
@@ -21,6 +21,12 @@ a status, so for it any exception), or a result that breaks the contract:
   the same checks, and a payload within the limits comes back unchanged.
 - snapshot: the telemetry merge reading the bytes as notifier_metrics.sexp, then merging
   into a system_metrics.sexp: the result reads back and its reason stays capped.
+- flood: the bytes as what producers send (valid envelopes to two webhooks, frames of
+  fuzz bytes, frames over the envelope cap, in batches, with parsing in between as the
+  receiver does when the socket is idle) into the relay's intake with a small bound:
+  every frame `envelope.parse` refuses is rejected, never dropped; the accounting
+  identity holds; the messages held are exactly the newest valid ones (a valid message
+  is dropped only for newer valid ones).
 - sbcl: the bytes as a token (UTF-8 without quote, dispatch, string or list characters),
   read by `sexp.read` and by a running SBCL (tests/sbcl.py): both refuse it or both read
   the same datum, SBCL's float bits, symbol name and package included. Needs sbcl.
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -55,8 +62,9 @@ sys.path.insert(0, str(HERE.parent))  # the SBCL helpers live with the tests
 with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child" in sys.argv
       else contextlib.nullcontext()):
     import requests
-    from notifier import envelope, payload, sexp
-    from notifier.relay import preview
+    from notifier import config as relay_config, envelope, payload, sexp
+    from notifier.outbox import Outbox
+    from notifier.relay import Relay, preview
     from notifier.standin import validate
     from telemetry import merge
     from telemetry.config import Config
@@ -71,7 +79,8 @@ in malformed URLs: no 6 characters of it in a row may reach a reason or a previe
 MAX_MESSAGE_CHARS = 300
 """Error messages quote at most a short prefix of the input (issue 8)."""
 
-MAX_LEN = {"sexp": 4096, "envelope": 8192, "fit": 16384, "snapshot": 4096, "sbcl": 64}
+MAX_LEN = {"sexp": 4096, "envelope": 8192, "fit": 16384, "snapshot": 4096, "sbcl": 64,
+           "flood": 4096}
 """Longest input per target: fit needs room for 2000-character content and 6000
 characters of embeds to reach its splitting."""
 
@@ -89,6 +98,9 @@ DICTIONARY = {
     "snapshot": ['(schema_version . 1)', '(timestamp . ', '(queue_len . ', '(drops . ',
                  '(errors . ', '(delivered . ', '(webhooks ', ' . ', '(', ')', 'nil', '1.5d0', '"',
                  '#.'],
+    "flood": ['((type . "NOTIFIER") (webhook . "' + HOOK + '") (payload_json . "{\\"content',
+              '{"type":"NOTIFIER","webhook":"' + HOOK + '","payload":{"content":"x"}}', '\x00',
+              '\x01', '\x02', '\x03'],
     "sbcl": ['1', '.', '+', '-', '/', ':', '::', '|', '||', '\\', 'e', 'd', 'f', 's', 'l', 'r', 'E',
              'D', '1.5', 'e+', 'd-', '+.', '٣', '١', '٠', '５', '𝟘', '𐴳', 'ı', 'ς', 'ß', 'ǅ', 'İ',
              'ﬁ', 'ა', '\u0301', '\u0345', '\x0b', '\x08', ' ', 'nil', 'keyword:'],
@@ -188,6 +200,61 @@ def targets(work):
         entries = sexp.read_entries(merged)  # the next merge (and the Lisp side) can read it
         assert entries[:3] == sexp.read_entries(SYSTEM_METRICS)
 
+    home = work / "relay"
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    logging.getLogger("notifier").setLevel(logging.ERROR)  # its rejection lines: not shown
+    relay = Relay(relay_config.load({"SWIMMY_HOME": str(home), "SWIMMY_NOTIFIER_DURABLE": "0",
+                                     "SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC": "0",
+                                     "SWIMMY_NOTIFIER_ALLOWED_HOSTS": "127.0.0.1:8099"}))
+
+    def fuzz_flood(data):
+        """Byte 0: the bound (1 to 16); then per operation a byte: 0 a valid envelope,
+        1 a frame of the next n bytes (n: the byte after), 2 a frame over the cap, 3 end
+        the batch and parse n (the byte after) as the idle receiver does."""
+        if not data:
+            return
+        queue_max, data = data[0] % 16 + 1, data[1:]
+        relay.outbox = Outbox(queue_max, 0.0)
+        valid, refused, batch, at, made = [], 0, [], 0, 0
+
+        def take(frames):
+            nonlocal refused
+            for frame in frames:
+                try:
+                    envelope.parse(frame, LOCAL)
+                    valid.append(frame)
+                except envelope.EnvelopeError:
+                    refused += 1
+            relay._take_in(frames, None)
+
+        while at < len(data):
+            op, size = data[at] % 4, data[at + 1] if at + 1 < len(data) else 0
+            at += 1
+            if op == 0:
+                made += 1
+                batch.append(sexp.dumps({"type": "NOTIFIER", "webhook": HOOK, "payload_json":
+                                         json.dumps({"content": f"m{made}"})}).encode())
+            elif op == 1:
+                batch.append(data[at + 1:at + 1 + size])
+                at += 1 + size
+            elif op == 2:
+                batch.append(b"(" * (envelope.MAX_ENVELOPE_BYTES + 1 + size))
+                at += 1
+            else:
+                take(batch)
+                batch = []
+                relay._parse(size)
+                at += 1
+        take(batch)
+        relay._digest_all()
+        snapshot = relay.outbox.snapshot()
+        held = [item.raw.data for item, _ in relay.outbox._lanes.held()]
+        assert snapshot["received"] == sum(snapshot[key] for key in (
+            "delivered", "drops", "rejected", "deduplicated", "failed", "lost", "pending"))
+        assert (snapshot["rejected"], snapshot["drops"]) == (refused, max(0, len(valid) - queue_max)), \
+            (snapshot["rejected"], refused, snapshot["drops"], len(valid), queue_max)
+        assert held == valid[len(valid) - len(held):]
+
     def fuzz_sbcl(data):
         try:
             token = data.decode("utf-8")
@@ -205,7 +272,7 @@ def targets(work):
             (token, ours, theirs)
 
     return {"sexp": fuzz_sexp, "envelope": fuzz_envelope, "fit": fuzz_fit,
-            "snapshot": fuzz_snapshot, "sbcl": fuzz_sbcl}
+            "snapshot": fuzz_snapshot, "sbcl": fuzz_sbcl, "flood": fuzz_flood}
 
 
 def child(target, work, libfuzzer_args):

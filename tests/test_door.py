@@ -65,7 +65,7 @@ def test_a_frame_over_the_cap_costs_its_connection_and_is_counted(pull):
     assert received[0] == b"y" * door.MAX_FRAME_BYTES  # the cap itself still arrives
     other.close()
     watch(pull, gate, lambda *_: not gate._kept)
-    assert gate.oversized_total == 1  # closing a socket is not counted
+    assert gate.oversized == {"127.0.0.1": 1}  # closing a socket is not counted
 
 
 def test_a_producer_closing_or_dying_is_no_oversized_disconnect(pull):
