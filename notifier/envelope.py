@@ -45,8 +45,12 @@ DISCORD_HOSTS = frozenset(
     f"{prefix}{domain}" for domain in ("discord.com", "discordapp.com")
     for prefix in ("", "canary.", "ptb."))
 
-_WEBHOOK_PATH = re.compile(r"/api(?:/v\d+)?/webhooks/(\d{1,25})/([A-Za-z0-9_.-]{1,200})/?\Z")
-_THREAD_QUERY = re.compile(r"thread_id=\d{1,25}\Z")
+_WEBHOOK_PATH = re.compile(r"/api(?:/v[0-9]+)?/webhooks/([0-9]{1,25})/([A-Za-z0-9_-]{1,200})\Z")
+"""A webhook's path as Discord gives it: the id all digits, the token of Discord's token
+alphabet (base64url), nothing after it. So no ``.`` or ``..`` token (an HTTP client
+removes dot segments: the relay would post elsewhere than the URL says) and no empty
+segment."""
+_THREAD_QUERY = re.compile(r"thread_id=[0-9]{1,25}\Z")
 _WEBHOOK_ID = re.compile(r"/webhooks/(\d+)")
 _SLASH = r"(?:/|\\+/|\\+u002[fF]|%(?:25)*2[fF])"
 _TOKEN_IN_TEXT = re.compile(
@@ -155,7 +159,9 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
     if parts.username is not None or parts.password is not None:
         raise EnvelopeError("webhook must not carry user credentials")
     if not _WEBHOOK_PATH.match(parts.path):
-        raise EnvelopeError("webhook path must be /api/webhooks/<id>/<token>")
+        raise EnvelopeError("webhook path must be /api/webhooks/<id>/<token>: an id of digits, "
+                            "a token of letters, digits, '_' and '-' (not '.' or '..'), "
+                            "no empty segment")
     if parts.fragment or (parts.query and not _THREAD_QUERY.match(parts.query)):
         raise EnvelopeError("webhook URL may only carry a thread_id query")
     return url
