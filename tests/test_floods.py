@@ -9,6 +9,7 @@ stand-in as Discord, real ZeroMQ on loopback.
 - a drop is charged to the envelope's own webhook, never to a URL its payload quotes."""
 
 import json
+import re
 import time
 
 import pytest
@@ -144,6 +145,9 @@ def test_drops_are_charged_to_the_envelope_s_own_webhook(relays, pushers):
         hooks = {hook["id"]: dict(hook) for hook in snapshot["webhooks"]}
         assert hooks["1"]["dropped"] == snapshot["drops"] >= 2800
         assert hooks["2"]["dropped"] == 0 and snapshot["drops_webhook_unknown"] == 0
+        first = relay.status().stdout.splitlines()[0]  # status names what fills the queue
+        assert re.search(r"\(queue full at queue_max=100; holding \d+ now: \d+ for webhook 1 "
+                         r"\(sending\); dropped from webhook 1 \d+\)$", first), first
         discord.set_mode("1", "ok")
         relay.wait_metrics(lambda m: m["pending"] == 0, timeout=120, what="all delivered")
         assert contents(discord, 2) == ["to webhook 2"]  # no loss notice there
