@@ -224,3 +224,19 @@ def test_control_characters_never_split_or_color_a_log_line(discord, relays, pus
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ",
                         line), line
         assert not RAW_CONTROL.search(line), line
+
+
+@pytest.mark.parametrize("char", ["\x1b", "\r", "\n", "\x9b", "\x00", "\x7f"],
+                         ids=["ESC", "CR", "LF", "CSI", "NUL", "DEL"])
+def test_check_escapes_control_characters_on_its_output(char):
+    """Issue 18: ESC reached `check`'s standard error. `check` as a process, each place a
+    reason or a shown value quotes input (tests/test_redaction.py feeds every C0 and C1
+    character to the same code in-process): one line on standard error, no raw control
+    character; the JSON on standard output keeps its own line breaks only."""
+    for name, data in control_cases(char).items():
+        shown = subprocess.run([sys.executable, "-m", "notifier", "check", "--allowed-hosts",
+                                "127.0.0.1:8099"], input=data, capture_output=True, timeout=60)
+        err, out = shown.stderr.decode(), shown.stdout.decode()
+        assert not RAW_CONTROL.search(err.rstrip("\n")) and err.count("\n") <= 1, (name, err)
+        assert not RAW_CONTROL.search(out.replace("\n", "")), (name, out)
+        assert (shown.returncode == 0) == bool(out), (name, shown.returncode)
