@@ -305,7 +305,7 @@ def targets(work):
         with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
             notifier_main(["check", "--allowed-hosts", "127.0.0.1:8099", str(source)])
         log_line, metrics_text = seen.getvalue(), relay.settings.metrics_file.read_text()
-        no_fragment(envelope_bytes, log_line.rstrip("\n"), metrics_text.replace("\n", " "),
+        no_fragment(envelope_bytes, *log_line.splitlines(), metrics_text.replace("\n", " "),
                     shown.getvalue().replace("\n", " "), token=token)
         try:
             message = envelope.parse(envelope_bytes, LOCAL)

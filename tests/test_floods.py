@@ -58,7 +58,9 @@ def test_a_200_mib_frame_costs_its_connection_not_the_relay_s_memory(relays):
             push.send(envelope_text(url, "after, on a new connection"))
             wait_until(lambda: "after, on a new connection" in contents(discord, 1), DEADLINE,
                        what="the next message delivered")
-            snapshot = relay.wait_metrics(lambda m: m["pending"] == 0, timeout=DEADLINE)
+            snapshot = relay.wait_metrics(  # a snapshot written after the last delivery
+                lambda m: m["pending"] == 0 and m["delivered"] == len(contents(discord, 1)),
+                timeout=DEADLINE, what="the delivered messages counted")
         finally:
             context.destroy(linger=0)
         # What the producer queued behind the frame is lost if libzmq had it on the wire
