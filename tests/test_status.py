@@ -250,3 +250,8 @@ def test_queue_full_says_what_fills_the_queue_not_discord():
         "holding 1000 now: 988 for webhook 1 (held back by Discord's limits or a backoff), "
         "12 not parsed yet; dropped from webhook 1 2840, webhook unknown 3)")
     assert "Discord too slow" not in status.render(report)
+
+
+def test_a_time_ahead_of_this_clock_says_how_far_in_the_future():
+    assert status.when(NOW + 3 * 3600, NOW).endswith("(in the future by 3.0 h)")
+    assert status.when(NOW - 5, NOW).endswith("(5 s ago)")
