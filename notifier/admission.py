@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
-from notifier import envelope
+from notifier import envelope, redaction
 from notifier.config import Config
-from notifier.held import dedupe_key, raw_webhook_id
+from notifier.held import dedupe_key
 from notifier.logs import Throttle
 from notifier.outbox import Outbox
 
@@ -25,9 +25,13 @@ PREVIEW_CHARS = 80
 
 
 def preview(data: bytes) -> str:
-    """The start of a refused envelope for the log: one line, token-free."""
+    """The start of a refused envelope for the log: one line (repr escapes every control
+    character), token-free (hidden before the cut, and what the cut leaves of a run too:
+    `redaction`)."""
     text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
-    return repr(envelope.scrub(text)[:PREVIEW_CHARS])  # scrubbed before the cut, whole
+    if len(data) > PREVIEW_CHARS * 4:
+        text += redaction.CUT
+    return repr(redaction.shorten(text, PREVIEW_CHARS))
 
 
 class Admission:
@@ -46,16 +50,30 @@ class Admission:
 
     def take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
         """Hold `frames` (each from its producer, with CURVE); count and say what the
-        outbox dropped to make room, or refused for its size. A batch the outbox fails to
-        take (a bug) is counted as rejected, and the error raised for the thread's
-        supervisor to log."""
+        outbox dropped to make room, or refused for its size. At the bound, parse before
+        anything is dropped, so that junk never takes a valid message's place: first what
+        is held unparsed (the junk leaves), then, if the newcomers still do not fit, the
+        newcomers themselves (junk is never held; the valid ones make room by dropping
+        the oldest waiting messages). Taking in slows to parsing speed while the queue is
+        full; ZeroMQ's queues and the producers' own absorb that. A batch the outbox
+        fails to take (a bug) is counted as rejected, and the error raised for the
+        thread's supervisor to log."""
         if not frames:
             return
+        outbox = self.outbox
         try:
-            dropped, oversized = self.outbox.accept(frames, producers)
+            while outbox.room < len(frames) and outbox.unparsed:
+                self.parse(PARSE_WHEN_IDLE)
+            if outbox.room >= len(frames):
+                dropped, oversized = outbox.accept(frames, producers)
+            else:
+                senders = producers or [None] * len(frames)
+                dropped, oversized = outbox.accept_parsed(frames, producers, [
+                    self._parse_one(data, producer)
+                    for data, producer in zip(frames, senders)]), []
         except Exception as exc:  # a bug: the batch is counted, the thread says it
-            self.outbox.refuse(producers or [None] * len(frames),
-                               f"internal error while taking it in: {type(exc).__name__}")
+            outbox.refuse(producers or [None] * len(frames),
+                          f"internal error while taking it in: {type(exc).__name__}")
             raise
         self._unreported_drops += dropped
         for size, producer in oversized:
@@ -128,10 +146,10 @@ class Admission:
         """Say why an envelope was refused (the outbox counts it)."""
         suppressed = self._reject_log.allow()
         if suppressed is not None:
-            webhook = raw_webhook_id(data)
+            webhook = envelope.own_webhook_id(data)
             log.warning("rejected %s%sreason=%s preview=%s%s",
                         f"producer={producer} " if producer else "",
-                        f"webhook={webhook.decode()} " if webhook else "", reason, preview(data),
+                        f"webhook={webhook} " if webhook else "", reason, preview(data),
                         f" ({suppressed} rejection lines left out)" if suppressed else "")
 
     def _report_drops(self, final: bool = False) -> None:

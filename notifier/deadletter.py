@@ -47,7 +47,8 @@ from typing import Iterator
 
 from notifier import files, sexp
 from notifier.envelope import MAX_ENVELOPE_BYTES, webhook_id
-from notifier.logs import CONTROL, Throttle, one_line
+from notifier.logs import CONTROL, Throttle
+from notifier.redaction import escape_controls
 
 log = logging.getLogger("notifier.deadletter")
 
@@ -86,7 +87,7 @@ def format_entry(entry_id: str, letter: Letter) -> bytes:
     """The entry's line: one S-expression, one line, newline-terminated."""
     entry = {"id": entry_id, "failed_at": int(letter.failed_at),
              "webhook_id": webhook_id(letter.webhook), "status": letter.status,
-             "reason": one_line(letter.reason)}
+             "reason": escape_controls(letter.reason)}
     envelopes = letter.envelopes()
     if any(CONTROL.search(text) for text in envelopes):
         entry["envelopes_json"] = json.dumps(envelopes, ensure_ascii=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from notifier.envelope import scrub
+from notifier.redaction import escape_controls
 
 RETRY_SEC = 5.0
 """While the log file cannot be written, how often a line tries it again."""
@@ -38,16 +39,11 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CHUNK = 4096  # PIPE_BUF: a pipe that polls writable takes this much without blocking
 
 
-def one_line(text: str) -> str:
-    """`text` with every line break and control character written as ``\\uXXXX``, so
-    that nothing a message quotes (a file name, a producer's bytes) can forge a line."""
-    return CONTROL.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
-
-
 class ScrubbingFormatter(logging.Formatter):
-    """UTC timestamps, every webhook token in a line or traceback replaced (the last line
-    of defence, since exception messages from HTTP libraries quote URLs), and control
-    characters in the message escaped: one line per event, whatever it quotes."""
+    """UTC timestamps, and every webhook token in a line or traceback replaced: the last
+    line of defence, since exception messages from HTTP libraries quote URLs. Control
+    characters are escaped, so that one event is one line (a traceback keeps its lines)
+    and nothing in it reaches the terminal as a control sequence."""
 
     converter = time.gmtime
 
@@ -55,12 +51,17 @@ class ScrubbingFormatter(logging.Formatter):
         super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s",
                          "%Y-%m-%dT%H:%M:%S")
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = one_line(record.message)
-        return super().formatMessage(record)
-
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        return escape_controls(super().formatException(ei), keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_controls(super().formatStack(stack_info), keep_newlines=True)
 
 
 class JsonFormatter(ScrubbingFormatter):
@@ -70,7 +71,7 @@ class JsonFormatter(ScrubbingFormatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": f"{self.formatTime(record, self.datefmt)}.{int(record.msecs):03d}Z",
                 "level": record.levelname, "logger": record.name,
-                "message": scrub(record.getMessage())}
+                "message": escape_controls(scrub(record.getMessage()))}
         if record.exc_info:
             line["traceback"] = scrub(self.formatException(record.exc_info))
         return json.dumps(line, ensure_ascii=False)
@@ -160,7 +161,7 @@ class LogHandler(logging.Handler):
         try:
             text = self.format(record)
         except Exception as exc:  # a bad format string or argument: say what it was
-            text = one_line(f"unformattable log line from {record.name} "
+            text = escape_controls(f"unformattable log line from {record.name} "
                             f"({type(exc).__name__}): {record.msg!r} % {record.args!r}")
         self._write((text + "\n").encode("utf-8", "backslashreplace"))
 

@@ -73,6 +73,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries["delivered_unconfirmed"] = snapshot.get("delivered_unconfirmed", 0)
     entries.update((key, snapshot[key]) for key in THREADS if key in snapshot)
+    entries["drops_webhook_unknown"] = snapshot.get("drops_webhook_unknown", 0)
+    entries["oversized_disconnects"] = snapshot.get("oversized_disconnects", 0)
     entries.update(durable=snapshot.get("durable", False),
                    store_state=snapshot.get("store_state", "ok"),
                    store_reason=snapshot.get("store_reason"),
@@ -96,7 +98,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
                    "failing_since": _unix(hook["failing_since"])}
                   for hook in relevant(snapshot["webhooks"])],
         webhooks_left_out=max(0, len(snapshot["webhooks"]) - MAX_WEBHOOKS),
-        curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"])
+        curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"],
+        oversized_by_producer=snapshot.get("oversized_by_producer", []))
     return entries
 
 

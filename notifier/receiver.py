@@ -7,7 +7,9 @@ goes on receiving; without durable mode there is nothing to overlap, and the rec
 takes the batch in and parses it itself (`Admission`).
 
 With CURVE (`notifier.curve`) the socket admits only the producers whose keys are in
-the clients directory, and each envelope is counted under its producer's name.
+the clients directory, and each envelope is counted under its producer's name. The
+socket's monitor (`notifier.door`) says which connections libzmq dropped for a frame
+over its bound, and which failed the CURVE handshake.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ from __future__ import annotations
 import logging
 
 import zmq
-import zmq.utils.monitor
 
-from notifier import curve
+from notifier import curve, door
 from notifier.admission import Admission
 from notifier.config import Config
 from notifier.intake import Intake
@@ -37,6 +38,7 @@ def open_socket(context: zmq.Context, settings: Config
     pull = context.socket(zmq.PULL)
     pull.setsockopt(zmq.LINGER, 0)
     pull.setsockopt(zmq.IPV6, settings.ipv6)
+    door.configure(pull)
     clients = None
     try:
         if settings.curve:
@@ -64,19 +66,18 @@ class Receiver:
                  admission: Admission, intake: Intake | None):
         self._pull, self._clients, self._admission, self._intake = pull, clients, admission, \
             intake
-        self._monitor = (pull.get_monitor_socket(curve.HANDSHAKE_FAILURES)
-                         if clients is not None else None)
+        self.door = door.Door(pull, clients.name_at if clients else door.unnamed)
         address = f"inproc://relay-wake-{id(self)}"
         self._waker = context.socket(zmq.PAIR)  # the main thread's end
         self._waker.bind(address)
         self._woken = context.socket(zmq.PAIR)  # the receiver thread's end
         self._woken.connect(address)
         self._poller = zmq.Poller()
-        for sock in (pull, self._woken, self._monitor):
-            if sock is not None:
-                self._poller.register(sock, zmq.POLLIN)
+        for sock in (pull, self._woken, self.door.socket):
+            self._poller.register(sock, zmq.POLLIN)
         self._receive_batch = self._receive_curve_batch if clients else self._receive_plain
         self._refusal_log = Throttle(burst=10, interval=60.0)
+        self._oversized_log = Throttle(burst=10, interval=60.0)
 
     def loop(self) -> bool:
         try:
@@ -97,8 +98,8 @@ class Receiver:
             if inline:
                 admission.digest_all()
             return False
-        if self._monitor in events:
-            self._log_refused_connection()
+        if self.door.socket in events:
+            self._read_door()
         busy = self._receive_batch()
         if inline:
             admission.digest(busy)
@@ -116,9 +117,7 @@ class Receiver:
         """When the receiver thread ends, however it ends."""
         if self._intake is not None:
             self._intake.close()
-        if self._monitor is not None:
-            self._pull.disable_monitor()
-            self._monitor.close()
+        self.door.close()
         self._pull.close()
         self._woken.close()
 
@@ -168,11 +167,21 @@ class Receiver:
         if self._intake is None or not self._intake.put(frames, producers, more=full):
             self._admission.take_in(frames, producers)
 
-    def _log_refused_connection(self) -> None:
-        """A producer failed the CURVE handshake: nothing of it gets in; say why."""
-        event = zmq.utils.monitor.recv_monitor_message(self._monitor)
-        suppressed = self._refusal_log.allow()
-        if suppressed is not None:
-            log.warning("refused a connection: CURVE handshake failed, %s%s",
-                        curve.handshake_failure(event["event"], event["value"]),
-                        f" ({suppressed} such lines left out)" if suppressed else "")
+    def _read_door(self) -> None:
+        """What the PULL socket's monitor saw: a connection libzmq dropped for a frame
+        over the bound (what that producer queued behind it is lost with it), or a
+        failed CURVE handshake (nothing of that producer gets in)."""
+        for found in self.door.read():
+            if isinstance(found, door.Oversized):
+                suppressed = self._oversized_log.allow()
+                if suppressed is not None:
+                    log.warning("dropped the connection of producer=%s: a frame over %d bytes; "
+                                "what it had queued behind that frame is lost with the "
+                                "connection%s", found.producer, door.MAX_FRAME_BYTES,
+                                f" ({suppressed} such lines left out)" if suppressed else "")
+            elif self._clients is not None:
+                suppressed = self._refusal_log.allow()
+                if suppressed is not None:
+                    log.warning("refused a connection: CURVE handshake failed, %s%s",
+                                curve.handshake_failure(found.event, found.value),
+                                f" ({suppressed} such lines left out)" if suppressed else "")

@@ -76,7 +76,6 @@ class Relay:
                              durable=settings.durable, dead_letters=self.dead_letters)
         self.admission = Admission(self.outbox, settings)
         self.supervisor = Supervisor()
-        self.reporter: Reporter | None = None
         self._context = zmq.Context()
         self._receiver: receiver.Receiver | None = None
         self._clients: curve.Clients | None = None  # with CURVE
@@ -85,6 +84,10 @@ class Relay:
                           and not curve.is_loopback(settings.bind_addr))
         self._restorer = Restorer(self.outbox, self.store, settings.allowed_hosts,
                                   settings.data_dir, curve=settings.curve)
+        self.reporter = Reporter(settings, self.outbox, self.store, self.dead_letters,
+                                 self.supervisor, curve=settings.curve,
+                                 insecure_bind=self._insecure,
+                                 carried=lambda: self._restorer.last_stop)
 
     # ------------------------------------------------------------------ start
 
@@ -117,10 +120,7 @@ class Relay:
         self._receiver = receiver.Receiver(self._context, pull, self._clients, self.admission,
                                            intake)
         self._restorer.start(contents, settings.metrics_file)
-        self.reporter = Reporter(settings, self.outbox, self.store, self.dead_letters,
-                                 supervisor, exporter=exporter, curve=settings.curve,
-                                 insecure_bind=self._insecure,
-                                 carried=lambda: self._restorer.last_stop)
+        self.reporter.exporter, self.reporter.oversized = exporter, self._receiver.door.oversized
         supervisor.start("receiver", self._receiver)
         if intake is not None:
             supervisor.start("intake", IntakeWorker(intake, self.admission))

@@ -34,13 +34,15 @@ class Reporter:
     more at the stop (`write_final`), which no late periodic write can overwrite."""
 
     def __init__(self, settings: Config, outbox: Outbox, store: Store,
-                 dead_letters: DeadLetters, supervisor: Supervisor, *, exporter=None,
-                 curve: bool = False, insecure_bind: bool = False,
+                 dead_letters: DeadLetters, supervisor: Supervisor, *, curve: bool = False,
+                 insecure_bind: bool = False,
                  carried: Callable[[], dict] = dict, clock: Callable[[], float] = time.time):
         self.settings, self.outbox, self.store = settings, outbox, store
-        self.dead_letters, self.supervisor, self.exporter = dead_letters, supervisor, exporter
+        self.dead_letters, self.supervisor = dead_letters, supervisor
+        self.exporter = None  # the Prometheus exposition, when the settings ask (at start)
         self._curve, self._insecure, self._carried, self._clock = curve, insecure_bind, \
             carried, clock
+        self.oversized: dict[str, int] = {}  # the door's count per producer (at start)
         self._started_at = clock()
         self._file = files.WriteState("metrics file", settings.metrics_file)
         self._lock = threading.Lock()  # one write at a time; none after the final one
@@ -89,6 +91,9 @@ class Reporter:
                         senders=self.settings.senders,
                         senders_alive=self.supervisor.alive("sender-"),
                         thread_errors=self.supervisor.errors, **self._carried())
+        oversized = dict(self.oversized)  # the receiver thread adds to it
+        snapshot.update(oversized_disconnects=sum(oversized.values()), oversized_by_producer=[
+            {"producer": name, "disconnects": count} for name, count in sorted(oversized.items())])
         log_file = logs.file_state()
         if log_file is not None:
             snapshot.update(log_state=log_file[0], log_reason=log_file[1])

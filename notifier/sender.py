@@ -35,6 +35,14 @@ DEADLINE_SEC = 20.0
 trickles its answer a byte at a time holds a sender no longer than this."""
 
 
+def post_url(webhook: str) -> str:
+    """The URL a message to `webhook` is posted to, exactly as `requests` sends it (what
+    `check` shows). wait=true: Discord confirms the message was saved (without it, a
+    message Discord drops still answers 204)."""
+    url = webhook + ("&" if "?" in webhook else "?") + "wait=true"
+    return requests.Request("POST", url).prepare().url
+
+
 class Watchdog:
     """Shuts the socket of a request still unanswered at its deadline (`requests` has
     timeouts per socket read only). One per sender thread, idle between requests.
@@ -135,9 +143,7 @@ class Sender:
         if template is None:
             if len(self._templates) >= self.MAX_TEMPLATES:
                 self._templates.clear()
-            # wait=true: Discord confirms the message was saved (without it, a message
-            # Discord drops still answers 204).
-            url = webhook + ("&" if "?" in webhook else "?") + "wait=true"
+            url = post_url(webhook)
             verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
             template = self._templates[webhook] = (
                 self.session.prepare_request(requests.Request("POST", url)),

@@ -20,7 +20,7 @@ def test_a_good_envelope_prints_the_post_with_the_token_redacted(tmp_path):
     for result in (check(str(path)), check(stdin=path.read_bytes()), check("-", stdin=path.read_bytes())):
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {
-            "webhook": "https://discord.com/api/webhooks/42/<token>", "payload": PAYLOAD,
+            "webhook": "https://discord.com/api/webhooks/42/<token>?wait=true", "payload": PAYLOAD,
             "requests": [PAYLOAD]}
         assert TOKEN.encode() not in result.stdout + result.stderr
 

@@ -180,3 +180,19 @@ def test_no_rejection_ever_repeats_a_webhook_token(before, after):
             envelope.parse(data)
         except EnvelopeError as error:
             assert TOKEN not in error.reason
+
+
+@pytest.mark.parametrize("data, webhook", [
+    (json.dumps({"payload": {"content": "see https://discord.com/api/webhooks/2/other"},
+                 "type": "NOTIFIER", "webhook": HOOK}).encode(), "42"),
+    (lisp(payload_json=json.dumps({"content": "/webhooks/2/x"}), type="NOTIFIER",
+          webhook=HOOK).encode(), "42"),
+    (b'((webhook . "https://discord.com/api/v10/webhooks/77/t"))', "77"),
+    (b'{"content": "https://discord.com/api/webhooks/2/other"}', None),  # no field of its own
+    (b'{"webhook": 5}', None),
+    (b'{"webhook": "https://discord.com/api/webhook/3/t"}', None),
+    (b"junk /webhooks/2/x", None),
+    (b"(" * 100_000, None),
+])
+def test_an_envelope_s_own_webhook_is_its_field_never_a_url_it_quotes(data, webhook):
+    assert envelope.own_webhook_id(data) == webhook

@@ -194,5 +194,5 @@ def test_a_message_cannot_forge_a_line_and_a_bad_format_is_said_not_raised(tmp_p
     logger.warning("producer=%s", "evil\n2026-01-01T00:00:00.000Z INFO notifier.relay forged")
     logger.warning("%d messages", "not a number")
     lines = path.read_text().splitlines()
-    assert len(lines) == 2 and "evil\\u000a2026" in lines[0]
+    assert len(lines) == 2 and "evil\\n2026" in lines[0]
     assert "unformattable log line from notifier.test (TypeError): '%d messages'" in lines[1]
