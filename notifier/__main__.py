@@ -68,7 +68,8 @@ def check(args: argparse.Namespace) -> int:
         print(f"rejected: internal error while parsing: {type(exc).__name__} (a bug; "
               "please report it with the envelope)", file=sys.stderr)
         return 1
-    print(json.dumps({"webhook": envelope.redact(message.webhook), "payload": message.requests[0],
+    print(json.dumps({"webhook": envelope.redact(envelope.post_url(message.webhook)),
+                      "payload": message.requests[0],
                       "requests": message.requests}, ensure_ascii=False, indent=2))
     return 0
 

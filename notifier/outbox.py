@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Sequence
 from notifier import payload as discord_payload
 from notifier.deadletter import DeadLetters, Letter
 from notifier.discord import Outcome
-from notifier.envelope import MAX_ENVELOPE_BYTES, Message, too_large, webhook_id
+from notifier.envelope import MAX_ENVELOPE_BYTES, Message, identify, too_large, webhook_id
 from notifier.journal import Journal, Notices, Saved
 from notifier.limits import Limits, Ticket
 from notifier.logs import Throttle
@@ -172,6 +172,7 @@ class Lane:
     def __init__(self, webhook: str):
         self.webhook = webhook
         self.id = webhook_id(webhook)
+        self.key, self.thread = identify(webhook)  # what the policy knows it by
         self.waiting: deque[Held] = deque()
         self.job: Job | None = None
         self.busy = False  # a sender is posting the job's current part
@@ -434,7 +435,7 @@ class Outbox:
                     continue
                 lane = self._lanes.get(result.webhook) or self._new_lane(result.webhook)
                 self._seq += 1
-                if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
+                if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
                     self._fail([Held(self._seq, result, None, raw)], lane,
                                lane.dead_reason, lane.dead_status, quiet=True)
                     lane.dead_failed += 1
@@ -465,7 +466,8 @@ class Outbox:
                     del self._lanes[old.webhook]
                     if self._lanes_by_id.get(old.id) is old:
                         del self._lanes_by_id[old.id]
-                    self._limits.forget(old.webhook)
+                    if all(other.key != old.key for other in self._lanes.values()):
+                        self._limits.forget(old.key)
                     break
         lane = self._lanes[webhook] = Lane(webhook)
         self._lanes_by_id.setdefault(lane.id, lane)
@@ -514,14 +516,14 @@ class Outbox:
         or must wait for answers."""
         if lane.busy or (lane.job is None and not lane.waiting and not lane.notice_due):
             return None
-        return self._limits.ready_at(lane.webhook, now)
+        return self._limits.ready_at(lane.key, now, lane.thread)
 
     def _claim(self, lane: Lane, now: float) -> Job:
         if lane.job is None:
             lane.job = self._plan(lane)
         lane.busy = True
         job = lane.job
-        job.ticket = self._limits.sent(lane.webhook, now)
+        job.ticket = self._limits.sent(lane.key, now, lane.thread)
         return job
 
     def _plan(self, lane: Lane) -> Job:
@@ -586,7 +588,8 @@ class Outbox:
             self._changed.notify_all()
 
     def _pace_note(self, lane: Lane, outcome: Outcome, now: float) -> str:
-        pace = self._limits.pace_of(lane.webhook, now) if outcome.scope == "shared" else None
+        pace = (self._limits.pace_of(lane.key, now, lane.thread) if outcome.scope == "shared"
+                else None)
         return "" if pace is None else \
             f"; channel paced to {pace} per {self._limits.channel_period:g} s"
 
@@ -768,9 +771,9 @@ class Outbox:
 
     def _lane_report(self, lane: Lane, now: float) -> dict:
         pending = len(lane.waiting) + (len(lane.job.items) if lane.job else 0)
-        if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
+        if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
             state = "quarantined"
-        elif self._limits.waiting(lane.webhook, now):
+        elif self._limits.waiting(lane.key, now, lane.thread):
             state = "waiting"
         else:
             state = "ok"

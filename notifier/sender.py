@@ -17,6 +17,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from notifier import PROJECT_URL, __version__
 from notifier.discord import Outcome, classify, network_error
+from notifier.envelope import post_url
 from notifier.outbox import Job
 
 USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
@@ -121,9 +122,7 @@ class Sender:
         if template is None:
             if len(self._templates) >= self.MAX_TEMPLATES:
                 self._templates.clear()
-            # wait=true: Discord confirms the message was saved (without it, a message
-            # Discord drops still answers 204).
-            url = webhook + ("&" if "?" in webhook else "?") + "wait=true"
+            url = post_url(webhook)
             verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
             template = self._templates[webhook] = (
                 self.session.prepare_request(requests.Request("POST", url)),
