@@ -106,6 +106,7 @@ class RecordedRequest:
     path: str = ""
     response: object = None  # JSON (or text) body answered, None for 204
     mode: str = "ok"  # the scripted mode it was answered in
+    answered: float = 0.0  # time.monotonic() just before its status line was written
 
 
 def validate(payload):
@@ -430,6 +431,19 @@ class DiscordStandIn:
             return self._channel_of[webhook_id]
         return str(_CHANNEL_BASE + int(webhook_id)) if webhook_id.isdigit() else f"channel-{webhook_id}"
 
+    def most_in_flight(self, webhook_id, since=0.0, until=math.inf):
+        """The most requests to one webhook that were ever in flight at once, among those
+        that arrived between `since` and `until`: a request is in flight from its
+        request line until its status line is written."""
+        with self._lock:
+            records = [r for r in self._matching(webhook_id) if since <= r.time <= until]
+        events = sorted([(r.time, 1) for r in records] + [(r.answered, -1) for r in records])
+        most = current = 0
+        for _, step in events:  # at one instant an answer is counted before an arrival
+            current += step
+            most = max(most, current)
+        return most
+
     def count_status(self, status, webhook_id=None):
         """How many requests were answered with `status`, optionally for one webhook."""
         with self._lock:
@@ -519,7 +533,7 @@ class DiscordStandIn:
             else:
                 status, out, response = self._decide(webhook_id, payload, query, mode, params)
             record = RecordedRequest(webhook_id, token, payload, status, received, headers, query,
-                                     method, url.path, response, mode)
+                                     method, url.path, response, mode, time.monotonic())
             self._records.append(record)
             self._cond.notify_all()
         if response is None:
