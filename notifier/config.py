@@ -158,11 +158,13 @@ SETTINGS = (
             "wait"),
     Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0.0, allow_zero=True),
             "5", "on SIGTERM, seconds spent delivering what is pending before persisting it"),
-    Setting("durable", "SWIMMY_NOTIFIER_DURABLE", "--durable", _boolean, "0",
-            "journal every accepted message to disk before posting it, so that a crash or "
-            "SIGKILL loses nothing"),
-    Setting("journal", "SWIMMY_NOTIFIER_JOURNAL", "--journal", _path, None,
-            "durable mode's journal directory (default: $SWIMMY_HOME/data/notifier_journal)"),
+    Setting("durable", "SWIMMY_NOTIFIER_DURABLE", "--durable", _boolean, "1",
+            "commit every message taken off the socket to the store before posting it, so "
+            "that a crash, SIGKILL or power cut loses nothing taken; 0 holds messages in "
+            "memory and writes them to the store at SIGTERM"),
+    Setting("store", "SWIMMY_NOTIFIER_STORE", "--store", _path, None,
+            "the store of held messages, one relay each (default: "
+            "$SWIMMY_HOME/data/notifier_store.sqlite3)"),
     Setting("global_rate", "SWIMMY_NOTIFIER_GLOBAL_RATE", "--global-rate", _whole(1, 10_000),
             "45", "most requests per second to Discord, all webhooks together (Discord "
             "allows an IP 50)"),
@@ -207,8 +209,8 @@ class Config:
     allowed_hosts: tuple[tuple[str, int | None], ...] = ()
     senders: int = 8
     drain_sec: float = 5.0
-    durable: bool = False
-    journal: Path | None = None
+    durable: bool = True
+    store: Path | None = None
     global_rate: int = 45
     channel_period: float = 60.0
     request_deadline: float = 20.0
@@ -222,8 +224,8 @@ class Config:
     def __post_init__(self):
         if self.metrics_file is None:
             object.__setattr__(self, "metrics_file", self.data_dir / "notifier_metrics.sexp")
-        if self.journal is None:
-            object.__setattr__(self, "journal", self.data_dir / "notifier_journal")
+        if self.store is None:
+            object.__setattr__(self, "store", self.data_dir / "notifier_store.sqlite3")
 
     @property
     def data_dir(self) -> Path:
@@ -234,11 +236,6 @@ class Config:
         """Whether the relay's socket is a CURVE server: both of its settings are given
         (the relay refuses to start with only one)."""
         return self.curve_secret_key is not None and self.curve_clients is not None
-
-    @property
-    def pending_file(self) -> Path:
-        """Where a stopping relay leaves what it could not deliver (mode 0600)."""
-        return self.data_dir / "notifier_pending.sexp"
 
     @property
     def dead_letter_file(self) -> Path:

@@ -39,7 +39,7 @@ MAX_NESTING = 32
 """Deepest nesting of a payload, in every form: JSON objects and arrays, alists and
 lists (the payload itself is level 1). A Discord message needs 4 (embeds, an embed, its
 fields, a field); refusing deeper ones at the door means nothing later (json, the
-pending file's writer) can meet Python's recursion limit."""
+dead-letter file's writer) can meet Python's recursion limit."""
 
 DISCORD_HOSTS = frozenset(
     f"{prefix}{domain}" for domain in ("discord.com", "discordapp.com")

@@ -16,7 +16,7 @@ from notifier import files, sexp
 SCHEMA_VERSION = 1
 
 # Counters in the order they are written, after the header keys.
-COUNTERS = ("received", "delivered", "drops", "rejected", "deduplicated", "failed",
+COUNTERS = ("received", "delivered", "drops", "rejected", "deduplicated", "failed", "lost",
             "pending", "errors", "retries", "rate_limited", "requests", "notices",
             "restored", "restored_in_flight", "invalid_requests_10m")
 
@@ -48,8 +48,13 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries["delivered_unconfirmed"] = snapshot.get("delivered_unconfirmed", 0)
-    entries.update(journal_state=snapshot.get("journal_state", "off"),
-                   journal_corrupt_records=snapshot.get("journal_corrupt_records", 0),
+    entries.update(durable=snapshot.get("durable", False),
+                   store_state=snapshot.get("store_state", "ok"),
+                   store_reason=snapshot.get("store_reason"),
+                   store_skipped=snapshot.get("store_skipped", 0),
+                   store_moved_aside=snapshot.get("store_moved_aside"),
+                   **{key: snapshot[key] for key in ("last_stop_lost", "last_stop_at")
+                      if key in snapshot},
                    dead_letters=snapshot.get("dead_letters", 0),
                    dead_letters_rotated_out=snapshot.get("dead_letters_rotated_out", 0))
     # Each file the relay writes: <name>_state ("ok" or "failed") and <name>_reason.

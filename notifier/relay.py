@@ -2,22 +2,30 @@
 
 Threads (only at the edges; decisions live in `Outbox`, `limits` and `discord`):
 
-* receiver: polls the PULL socket (no timeout while idle: no CPU), drains it with
-  non-blocking receives into the `Outbox`, and parses envelopes when the socket is
-  empty, so a flood is taken off the socket at close to ZeroMQ's own speed and parsing
-  catches up after (a few are still parsed per batch, so a sustained flood cannot starve
-  delivery);
+* receiver: polls the PULL socket (no timeout while idle: no CPU) and drains it with
+  non-blocking receives; in durable mode into the `Intake`, otherwise into the `Outbox`
+  itself, and then it parses as the intake does;
+* intake (durable mode): commits what the receiver took to the store (several batches in
+  one transaction while the receiver goes on receiving, the GIL released inside SQLite),
+  holds it in the `Outbox`, and parses envelopes when the socket is empty, so a flood is
+  taken off the socket at close to ZeroMQ's own speed and parsing catches up after (a
+  few are still parsed per batch, so a sustained flood cannot starve delivery). Without
+  durable mode there is nothing to overlap: a second thread would only take the GIL
+  from the receiver, which pyzmq releases at every receive;
 * senders (``--senders``, default 8): take the next request a webhook may send, post it
   with their own `requests.Session`, report the answer;
 * metrics: writes the snapshot every interval (and the Prometheus text file, when asked),
   with an INFO summary line of what changed once a minute;
-* journal (durable mode only, `notifier.journal`): writes outcomes, fsyncs, compacts;
+* store (`notifier.store`): commits outcomes, notices a store removed or replaced, and
+  gets a failed store back;
 * the main thread: signals. SIGTERM or SIGINT stops receiving, delivers what it can
-  within ``--drain-sec``, gives requests in flight a short grace, saves what is still
-  undelivered to ``data/notifier_pending.sexp`` (mode 0600: it holds webhook URLs; in
-  durable mode the journal holds it already), writes the final metrics and returns.
-  The next start delivers the saved messages first. SIGHUP reopens the log file and
-  re-reads the CURVE clients directory; it never stops the relay.
+  within ``--drain-sec``, gives requests in flight a short grace, makes sure the store
+  holds what is still undelivered (in durable mode it does already), writes the final
+  metrics and returns. The next start delivers the saved messages first. SIGHUP reopens
+  the log file and re-reads the CURVE clients directory; it never stops the relay.
+
+The store is locked first, before anything is written: a second relay on the same
+store exits 2 without touching anything.
 
 With CURVE (`notifier.curve`) the socket admits only the producers whose keys are in
 the clients directory, and each envelope is counted under its producer's name.
@@ -35,15 +43,18 @@ import time
 import zmq
 import zmq.utils.monitor
 
-from notifier import curve, envelope, files, logs, metrics, pending, validate
+from notifier import curve, envelope, files, logs, metrics, migrate, validate
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy
-from notifier.journal import Journal, Notices, Saved
+from notifier.held import dedupe_key, raw_webhook_id
+from notifier.intake import Intake
+from notifier.ledger import RESTORED_PRODUCER
 from notifier.limits import Limits
 from notifier.logs import Throttle
-from notifier.outbox import RESTORED_PRODUCER, Outbox, dedupe_key, raw_webhook_id
+from notifier.outbox import Outbox
 from notifier.sender import Sender
+from notifier.store import Contents, InUse, Store
 
 log = logging.getLogger("notifier.relay")
 
@@ -66,6 +77,13 @@ class RelayError(RuntimeError):
         self.code = code
 
 
+class StoreInUse(RelayError):
+    """Another relay holds the store: only an operator can fix that (exit 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, validate.OPERATOR)
+
+
 def preview(data: bytes) -> str:
     """The start of a refused envelope for the log: one line, token-free."""
     text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
@@ -77,13 +95,13 @@ class Relay:
 
     def __init__(self, settings: Config, *, retry: RetryPolicy = RetryPolicy()):
         self.settings = settings
-        self.journal = Journal(settings.journal) if settings.durable else None
+        self.store = Store(settings.store)
         self.dead_letters = DeadLetters(settings.dead_letter_file)
         self.outbox = Outbox(settings.queue_max, settings.dedupe_window,
                              limits=Limits(settings.global_rate, retry, wall=time.time,
                                            channel_period=settings.channel_period),
-                             max_age=settings.max_age, journal=self.journal,
-                             dead_letters=self.dead_letters)
+                             max_age=settings.max_age, store=self.store,
+                             durable=settings.durable, dead_letters=self.dead_letters)
         self._context = zmq.Context()
         self._wake: zmq.Socket | None = None
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # for the main thread:
@@ -94,32 +112,46 @@ class Relay:
         self._insecure = (settings.insecure_bind and not settings.curve
                           and not curve.is_loopback(settings.bind_addr))
         self.failed = False  # a thread died of an unexpected error
-        self._stopping = threading.Event()  # the metrics and journal threads' signal
+        self._stopping = threading.Event()  # the metrics and store threads' signal
         self._threads: list[threading.Thread] = []
-        self._background: list[threading.Thread] = []  # metrics and journal threads
+        self._background: list[threading.Thread] = []  # metrics and store threads
         self._started_at = time.time()
         self._accept_log = Throttle(burst=20)
         self._reject_log = Throttle(burst=20)
         self._drop_log = Throttle(burst=1)
-        self._unreported_drops = 0
+        self._unreported_drops = 0  # the intake thread's
+        self._intake = Intake()
         self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
         self._summarized: dict = {}  # the counters when the last summary line was logged
         self._summarized_at = time.monotonic()
         self._exporter = None  # notifier.prometheus.Exporter, when asked for
+        self._last_stop: dict = {}  # the messages the last run lost at its stop, if any
+        self._stale = False  # the last run's store had failed: what it holds may be old
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Check that it can start (`validate.problems`), bind, restore what the last
-        run saved, start the threads."""
-        settings = self.settings
-        found = validate.problems(settings, trial=False)
+        """Check that it can start (`validate.problems`), lock the store (StoreInUse if
+        another relay holds it: nothing else is touched), then bind, restore what the
+        store holds and start the threads."""
+        found = validate.problems(self.settings, trial=False)
         if found:
             raise RelayError("; ".join(problem.text for problem in found),
                              validate.exit_code(found))
         try:
-            for path in (settings.metrics_file, settings.pending_file,
-                         settings.dead_letter_file):
+            contents = self.store.open(self.settings.queue_max)
+        except InUse as exc:
+            raise StoreInUse(str(exc)) from None
+        try:
+            self._start(contents)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _start(self, contents: Contents) -> None:
+        settings = self.settings
+        try:
+            for path in (settings.metrics_file, settings.dead_letter_file):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 files.remove_stale_temps(path)
         except OSError as exc:
@@ -147,18 +179,24 @@ class Relay:
         self._wake.bind(wake_address)
         wake_receiver = self._context.socket(zmq.PAIR)
         wake_receiver.connect(wake_address)
-        self._restore()
+        self._last_stop, self._stale = _previous_run(settings.metrics_file)
+        self._restore(contents)
+        self._import_legacy()
         self._write_metrics()
-        self._spawn("receiver", self._receive_loop, pull, wake_receiver)
+        self._intake_side = [self._spawn("receiver", self._receive_loop, pull, wake_receiver)]
+        if settings.durable:
+            self._intake_side.append(self._spawn("intake", self._intake_loop))
         for number in range(settings.senders):
             self._spawn(f"sender-{number + 1}", self._send_loop)
         self._background.append(self._spawn("metrics", self._metrics_loop))
-        if self.journal is not None:
-            self._background.append(self._spawn("journal", self.journal.run, self._stopping))
+        self._background.append(self._spawn(
+            "store", self.store.run, self._stopping,
+            lambda: self.outbox.holdings(everything=settings.durable), self._restore))
         log.info("relay started endpoint=%s curve=%s durable=%s queue_max=%d senders=%d "
-                 "metrics=%s pid=%d", settings.endpoint, "on" if self._clients else "off",
-                 "on" if self.journal else "off", settings.queue_max, settings.senders,
-                 settings.metrics_file, os.getpid())
+                 "store=%s metrics=%s pid=%d", settings.endpoint,
+                 "on" if self._clients else "off", "on" if settings.durable else "off",
+                 settings.queue_max, settings.senders, settings.store, settings.metrics_file,
+                 os.getpid())
         if self._insecure:
             log.warning("INSECURE: listening on %s without CURVE (SWIMMY_NOTIFIER_INSECURE_BIND"
                         "=1): anyone who reaches the port can post to the webhooks, and "
@@ -200,17 +238,19 @@ class Relay:
 
     def stop(self) -> bool:
         """Stop receiving; deliver for up to ``drain_sec``; give requests in flight
-        GRACE_SEC to come back; save what is still undelivered (in durable mode the
-        journal holds it already); stop the metrics thread, then write the final
-        metrics. True if everything held was delivered or saved. Threads stuck in a
-        request are left to die with the process (their messages are saved)."""
+        GRACE_SEC to come back; stop the metrics and store threads; make sure the store
+        holds what is still undelivered (in durable mode it does already), counting what
+        it cannot take as lost; then write the final metrics. True if nothing was lost.
+        Threads stuck in a request are left to die with the process (their messages are
+        saved, marked in flight)."""
         log.info("stopping: no longer receiving; draining for up to %.1f s",
                  self.settings.drain_sec)
         try:
             self._wake.send(b"stop", zmq.NOBLOCK)
         except zmq.Again:
             pass  # the receiver is gone already
-        self._threads[0].join()
+        for thread in self._intake_side:  # the receiver, then the intake
+            thread.join()
         while self.outbox.unparsed:  # only if the receiver died before parsing them
             self._parse(PARSE_WHEN_IDLE)
         delivered = self.outbox.wait_empty(self.settings.drain_sec)
@@ -221,22 +261,17 @@ class Relay:
         if not self.outbox.wait_idle(GRACE_SEC):
             log.warning("requests still in flight after %.1f s: their messages are saved "
                         "and may be posted twice", GRACE_SEC)
-        held, notices = self.outbox.saved()
         self.dead_letters.close()  # what failed is in the file before the final metrics
         self._stopping.set()
-        if self.journal is not None:
-            self.journal.wake()
+        self.store.wake()
         for thread in self._background:
             thread.join()
-        if self.journal is not None:
-            self.journal.close()
-            saved = self.journal.failure is None
-            where = f"kept in the journal {self.settings.journal}"
-        else:
-            saved = self._save_pending(held, notices)
-            where = f"saved to {self.settings.pending_file}"
-        self._write_metrics(saved=len(held) if saved else 0)
-        for thread in self._threads[1:]:
+        held = self.outbox.holdings()
+        lost = self._save(held)
+        self.outbox.write_off(lost)
+        self.store.close()
+        self._write_metrics(saved=len(held.raws) - lost)
+        for thread in self._threads[len(self._intake_side):]:
             thread.join(timeout=1.0)
         if self._exporter is not None:
             self._exporter.close()
@@ -244,13 +279,24 @@ class Relay:
         if self._clients is not None:
             self._clients.stop()
         self._context.destroy(linger=0)
-        if not saved and held:
-            log.error("stopped: %d messages LOST: they could not be saved (see above)",
-                      len(held))
+        if lost:
+            log.error("stopped: %d messages LOST: the store could not take them (%s); %d "
+                      "saved for the next start", lost, self.store.failure,
+                      len(held.raws) - lost)
         else:
-            log.info("stopped: %s; %d messages %s for the next start",
-                     "all delivered" if delivered else "drain time over", len(held), where)
-        return saved or not held
+            log.info("stopped: %s; %d messages saved in %s for the next start",
+                     "all delivered" if delivered else "drain time over", len(held.raws),
+                     self.settings.store)
+        return not lost
+
+    def _save(self, held) -> int:
+        """Make sure the store holds `held` (in durable mode it does, unless it failed);
+        returns how many of its messages it does not: those are lost."""
+        if self.store.flush() and all(map(self.store.stored, held.raws)):
+            return 0
+        if self.store.save_all(held):
+            return 0
+        return sum(not self.store.stored(raw) for raw in held.raws)
 
     def serve(self) -> bool:
         """Run until SIGTERM or SIGINT, then stop gracefully (returns what `stop` does);
@@ -295,28 +341,27 @@ class Relay:
         poller.register(wake, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
-        outbox = self.outbox
         receive_batch = self._receive_curve_batch if self._clients else self._receive_batch
+        inline = not self.settings.durable  # no intake thread: parse here
         try:
             while True:
-                # Never sleep with envelopes to parse; wake once a second while drops
-                # wait to be reported; otherwise block until something arrives.
-                timeout = 0 if outbox.unparsed else 1000 if self._unreported_drops else None
-                events = dict(poller.poll(timeout))
+                # Inline, never sleep with envelopes to parse, and wake once a second
+                # while drops wait to be reported; otherwise block until something comes.
+                timeout = self._idle_timeout(not self.outbox.unparsed) if inline else None
+                events = dict(poller.poll(None if timeout is None else timeout * 1000))
                 if wake in events:
                     break
                 if self._monitor in events:
                     self._log_refused_connection()
                 busy = receive_batch(pull)
-                if outbox.unparsed:
-                    self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
-                self._report_drops()
-            while receive_batch(pull):  # what already arrived is accepted too
+                if inline:
+                    self._digest(busy)
+            while receive_batch(pull):  # what already arrived is taken too
                 pass
-            while outbox.unparsed:
-                self._parse(PARSE_WHEN_IDLE)
-            self._report_drops(final=True)
+            if inline:
+                self._digest_all()
         finally:
+            self._intake.close()
             if self._monitor is not None:
                 pull.disable_monitor()
                 self._monitor.close()
@@ -332,9 +377,9 @@ class Relay:
                 append(receive(zmq.NOBLOCK))
         except zmq.Again:
             pass
-        if frames:
-            self._hold(frames)
-        return len(frames) == RECEIVE_BATCH
+        full = len(frames) == RECEIVE_BATCH
+        self._hand_over(frames, None, full)
+        return full
 
     def _receive_curve_batch(self, pull: zmq.Socket) -> bool:
         """`_receive_batch` on a CURVE socket: each frame's ZAP User-Id (its client's
@@ -360,15 +405,54 @@ class Relay:
             self.outbox.refuse(refused)
             for name in refused:
                 self._log_rejection("the producer's key is no longer allowed", b"", name)
-        if frames:
-            self._hold(frames, producers)
-        return len(frames) + len(refused) == RECEIVE_BATCH
+        full = len(frames) + len(refused) == RECEIVE_BATCH
+        self._hand_over(frames, producers, full)
+        return full
 
-    def _hold(self, frames: list[bytes], producers: list[str] | None = None) -> None:
-        dropped, oversized = self.outbox.accept(frames, producers)
-        self._unreported_drops += dropped
-        for size, producer in oversized:
-            self._log_rejection(envelope.too_large(size), b"", producer)
+    def _hand_over(self, frames: list[bytes], producers: list[str] | None, full: bool) -> None:
+        """To the intake thread (an empty batch: the socket is empty, parse ahead), or
+        without durable mode (or once that thread is gone: a bug) to the outbox."""
+        if not (self.settings.durable and self._intake.put(frames, producers, more=full)):
+            self._take_in(frames, producers)
+
+    def _take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
+        if frames:
+            dropped, oversized = self.outbox.accept(frames, producers)
+            self._unreported_drops += dropped
+            for size, producer in oversized:
+                self._log_rejection(envelope.too_large(size), b"", producer)
+
+    def _idle_timeout(self, parsed: bool) -> float | None:
+        """How long the thread that parses may wait for envelopes: not at all with some
+        to parse, a second while drops wait to be reported, else for ever."""
+        return 0 if not parsed else 1.0 if self._unreported_drops else None
+
+    def _digest(self, busy: bool) -> None:
+        """Parse a few (the socket is busy) or more (it is not), report drops."""
+        if self.outbox.unparsed:
+            self._parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
+        self._report_drops()
+
+    def _digest_all(self) -> None:
+        while self.outbox.unparsed:
+            self._parse(PARSE_WHEN_IDLE)
+        self._report_drops(final=True)
+
+    # ------------------------------------------------------------------ intake
+
+    def _intake_loop(self) -> None:
+        """Commit and hold what the receiver took; parse when the socket is empty (a few
+        per batch while a flood keeps it full); until the receiver is done."""
+        intake = self._intake
+        try:
+            # While the socket is busy, wait for the next batch (parsing a few per batch).
+            while (batch := intake.take(self._idle_timeout(
+                    intake.busy or not self.outbox.unparsed))) is not None:
+                self._take_in(*batch)
+                self._digest(intake.busy)
+            self._digest_all()
+        finally:
+            self._intake.close()
 
     def _parse(self, limit: int) -> None:
         """Parse what the outbox lends and give every envelope back, parsed or rejected,
@@ -441,8 +525,8 @@ class Relay:
         sender = Sender(self.settings.request_deadline)
         try:
             while (job := self.outbox.next_job()) is not None:
-                if self.journal is not None and job.items:
-                    self.journal.sending([item.raw.jid for item in job.items])
+                if job.items:
+                    self.store.sending(job.raws)
                 try:
                     outcome = sender.post(job)
                 except Exception as exc:  # a bug, not Discord: retry, and say so
@@ -467,9 +551,11 @@ class Relay:
                         dead_letters_rotated_out=self.dead_letters.rotated_out,
                         dead_letters_state=self.dead_letters.state,
                         dead_letters_reason=self.dead_letters.reason)
-        if self.journal is not None:
-            snapshot.update(journal_state=self.journal.state,
-                            journal_corrupt_records=self.journal.corrupt_records)
+        store = self.store
+        snapshot.update(durable=self.settings.durable, store_state=store.state,
+                        store_reason=store.failure, store_skipped=store.skipped,
+                        store_moved_aside="; ".join(store.moved_aside) or None,
+                        **self._last_stop)
         self._summarize(snapshot, final=saved is not None)
         entries = metrics.entries(snapshot, now=now, started_at=self._started_at,
                                   pid=os.getpid(), interval=self.settings.metrics_interval,
@@ -498,51 +584,91 @@ class Relay:
     def _restored_producer(self) -> str | None:
         return RESTORED_PRODUCER if self._clients is not None else None
 
-    def _save_pending(self, held: list[Saved], notices: Notices) -> bool:
-        """Write what is still undelivered for the next start; False if that failed."""
-        path = self.settings.pending_file
-        try:
-            if not held and not notices:
-                path.unlink(missing_ok=True)
-            else:
-                files.write_atomic(path, pending.dumps(held, notices), mode=0o600)
-            return True
-        except (OSError, ValueError) as exc:  # ValueError: a payload not UTF-8 (a bug)
-            log.error("cannot save %d pending messages to %s: %s", len(held), path, exc)
-            return False
+    def _restore(self, contents: Contents) -> None:
+        """Take back what the store held (at start, or once it could be read): loss
+        notices and facts are kept only for webhooks the relay may still post to."""
+        allowed = self.settings.allowed_hosts
+        notices = {key: state for key, state in contents.notices.items()
+                   if "/" not in key or _allowed(key, allowed)}
+        facts = {webhook: learned for webhook, learned in contents.facts.items()
+                 if _allowed(webhook, allowed)}
+        for key in contents.notices.keys() - notices.keys():
+            self.store.notice(key, 0, 0, None)
+        self.store.skipped += len(contents.notices) - len(notices) + len(contents.facts) \
+            - len(facts)
+        contents = contents._replace(notices=notices, facts=facts)
+        if contents.messages or contents.overflow or notices:
+            self.outbox.restore(contents, self._restored_producer, stale=self._stale)
+            log.info("restored %d messages from the store (%d possibly posted already: %s)%s",
+                     len(contents.messages), len(contents.messages) if self._stale else
+                     sum(item.in_flight for item in contents.messages),
+                     "the last run's store had failed, so it may not know what that run "
+                     "delivered" if self._stale else "they were in flight",
+                     f"; {len(contents.overflow)} more dropped: over queue_max"
+                     if contents.overflow else "")
 
-    def _restore(self) -> None:
-        """Take back, ahead of anything new, what the last run left: the journal's
-        messages in durable mode, and a pending file if there is one (it is then
-        removed: from here on its messages are held, and accounted, like any other)."""
-        if self.journal is not None:
-            replay = self.journal.open()
-            if replay.messages or replay.notices:
-                self.outbox.restore(list(replay.messages.values()), list(replay.messages),
-                                    replay.notices, self._restored_producer)
-                log.info("restored %d messages from the journal (%d possibly posted "
-                         "already: they were in flight)", len(replay.messages),
-                         sum(saved.in_flight for saved in replay.messages.values()))
-        path = self.settings.pending_file
-        try:
-            data = files.read_regular(path, pending.max_bytes(self.settings.queue_max))
-            saved, notices = pending.loads(data)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            kept = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+    def _import_legacy(self) -> None:
+        """What the previous version left (its pending file, its journal) goes into the
+        store in one transaction, then is renamed ``*.imported``: delivered exactly once.
+        One that cannot be read is moved aside; one the store cannot take waits for the
+        next start."""
+        for path in migrate.sources(self.settings.data_dir):
             try:
-                path.replace(kept)
-            except OSError as move:
-                log.error("saved messages %s unreadable (%s) and cannot be moved aside: %s",
-                          path, exc, move)
-                return
-            log.error("saved messages unreadable (%s); kept as %s", exc, kept)
-            return
-        self.outbox.restore(saved, None, notices, self._restored_producer)
-        path.unlink()
-        log.info("restored %d messages saved by the last run (%d possibly posted already: "
-                 "they were in flight)", len(saved), sum(item.in_flight for item in saved))
+                legacy = migrate.read(path)
+                marker = migrate.marker(path)
+            except (OSError, ValueError) as exc:
+                kept = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+                try:
+                    path.rename(kept)
+                except OSError as move:
+                    log.error("%s unreadable (%s) and cannot be moved aside: %s", path,
+                              str(exc)[:200], move)
+                    continue
+                self.store.moved_aside.append(f"{path.name} moved aside as {kept.name}: "
+                                              f"{str(exc)[:100]}")
+                log.error("%s unreadable (%s); kept as %s", path, str(exc)[:200], kept)
+                continue
+            stored = self.store.import_legacy(legacy.messages, legacy.notices, marker)
+            if stored is None:
+                log.error("%s not imported: the store cannot take it (%s); it stays for the "
+                          "next start", path, self.store.failure)
+                continue
+            try:
+                path.rename(path.with_name(path.name + ".imported"))
+            except OSError as exc:  # the store knows it is imported: renamed next time
+                log.error("%s imported but not renamed: %s", path, exc)
+            if not stored and not legacy.notices:
+                continue  # imported by a start that stopped before renaming it
+            self.store.skipped += legacy.skipped
+            self._restore(Contents(stored, [], legacy.notices, {}))
+            log.info("imported %d messages and %d loss notices from %s (%d entries "
+                     "unreadable); renamed %s.imported", len(stored), len(legacy.notices),
+                     path, legacy.skipped, path.name)
+
+
+def _previous_run(metrics_file) -> tuple[dict, bool]:
+    """What the last run's last snapshot says that this one must carry on: the messages
+    it lost at its stop (``last_stop_lost``, ``last_stop_at``, so that `status` still
+    says so after a restart), and whether its store had failed (then the store may still
+    hold messages that run delivered)."""
+    try:
+        previous = metrics.read(metrics_file)
+    except (OSError, ValueError):
+        return {}, False
+    lost, at = previous.get("lost"), previous.get("timestamp")
+    stale = previous.get("store_state") == "failed"
+    if previous.get("state") == "stopped" and type(lost) is int and lost > 0 \
+            and type(at) is int:
+        return {"last_stop_lost": lost, "last_stop_at": at}, stale
+    return {}, stale
+
+
+def _allowed(webhook: str, allowed_hosts) -> bool:
+    try:
+        envelope.check_webhook(webhook, allowed_hosts)
+    except envelope.EnvelopeError:
+        return False
+    return True
 
 
 def _exporter(settings: Config):

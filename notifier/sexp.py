@@ -5,12 +5,15 @@ numbers, symbols and a few ``#`` forms SBCL prints (``#A((n) base-char . "...")`
 ``#t``/``#f``), and refuses everything else (``#.`` above all) with a `SexpError` that
 carries the line and column. It is iterative, so nesting is limited by `max_depth`, not
 by Python's recursion limit, and input over `max_bytes` is refused before any work.
+Each token means what it means to SBCL 2.2.9's reader, number or symbol, value, case
+and all (`notifier.sbcl_tokens`); whitespace and invalid characters are SBCL's too.
 
 Two views of what was read:
 
 * the Lisp view (`read`): ``nil``/``()`` -> None, ``t``/``#t`` -> True, ``#f`` -> False,
-  integers, `Fraction` for ratios, floats, strings, `Symbol`, proper lists -> `list`,
-  improper lists -> `DottedList`;
+  integers, `Fraction` for ratios, floats (`WrittenFloat`, keeping the token, with
+  ``written_floats=True``), strings, `Symbol`, proper lists -> `list`, improper lists ->
+  `DottedList`;
 * the Python view (`loads` or `to_python`): the same, except that an alist (a non-empty
   proper list whose every element is a cons with a symbol car) becomes an `Alist`, an
   ordered dict whose values are each entry's cdr and whose lookups ignore package prefix,
@@ -27,17 +30,21 @@ written by Lisp can be rewritten with the untouched entries byte for byte as the
 
 from __future__ import annotations
 
+import decimal
 import functools
 import math
 import re
+import sys
 from fractions import Fraction
 from typing import Any, NamedTuple
+
+from notifier import sbcl_tokens
 
 __all__ = [
     # errors and limits
     "SexpError", "MAX_DEPTH", "MAX_BYTES", "quote",
     # data types
-    "Symbol", "DottedList", "Alist",
+    "Symbol", "DottedList", "Alist", "WrittenFloat",
     # reading
     "read", "read_alist", "loads", "to_python", "alist_entries", "read_entries", "Entry", "normalize_key",
     # writing
@@ -76,7 +83,7 @@ class Symbol:
         set_slot = object.__setattr__
         set_slot(self, "name", name)
         set_slot(self, "package", package)
-        set_slot(self, "text", name.lower() if name == name.upper() else name)
+        set_slot(self, "text", sbcl_tokens.printed_case(name))
 
     def __setattr__(self, attribute: str, value: Any) -> None:
         raise AttributeError("Symbol is immutable")
@@ -113,6 +120,27 @@ class DottedList:
 
     def __repr__(self) -> str:
         return f"DottedList({self.items!r}, {self.tail!r})"
+
+
+class WrittenFloat(float):
+    """A float that keeps the token it was read from (``read(..., written_floats=True)``),
+    for a reader of Lisp's files who wants them shown as Lisp printed them: `dumps`
+    prints the token. `single`: SBCL holds it as a single float (no marker, or ``e``,
+    ``s``, ``f``), not a double (``d``, ``l``)."""
+
+    __slots__ = ("token",)
+
+    def __new__(cls, value: float, token: str):
+        self = super().__new__(cls, value)
+        self.token = token
+        return self
+
+    @property
+    def single(self) -> bool:
+        return not any(marker in self.token for marker in "dDlL")
+
+    def __repr__(self) -> str:
+        return f"WrittenFloat({float(self)!r}, {self.token!r})"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -172,11 +200,13 @@ class Alist(dict):
 
 # --------------------------------------------------------------------------- reader
 
-_WS = r"[ \t\n\r\f\v]"
+# SBCL's standard syntax: whitespace is space, tab, newline, return and page (not
+# vertical tab, a constituent); backspace and rubout are invalid in a token unless escaped.
+_WS = r"[ \t\n\r\f]"
 _STR = r'[^"\\]*+(?:\\.[^"\\]*+)*+'
 _BAR = r"\|[^|\\]*+(?:\\.[^|\\]*+)*+\|"
-_ATOM_RE = (rf"""(?:[^ \t\n\r\f\v()";'`,|\\\#]|\\.|{_BAR})"""
-            rf"""(?:[^ \t\n\r\f\v()";'`,|\\]++|\\.|{_BAR})*+""")
+_ATOM_RE = (rf"""(?:[^ \t\n\r\f()";'`,|\\\#\x08\x7f]|\\.|{_BAR})"""
+            rf"""(?:[^ \t\n\r\f()";'`,|\\\x08\x7f]++|\\.|{_BAR})*+""")
 
 # One alternative per token kind; `lastindex` tells which matched. A whole
 # ``(key . "string")`` or ``(key . atom)`` entry, by far the most common list in envelopes
@@ -205,11 +235,6 @@ _FLAT_CLOSE = re.compile(rf"{_WS}*+\){_WS}*+\Z")
 
 _PAIR, _OPEN, _CLOSE, _STRING, _ATOM, _HASH, _COMMENT, _OTHER, _END = 1, *range(5, 13)
 
-_INTEGER = re.compile(r"[+-]?\d+\.?\Z")
-_RATIO = re.compile(r"([+-]?\d+)/(\d+)\Z")
-_FLOAT = re.compile(
-    r"[+-]?(?:\d*\.\d+(?:[esfdlESFDL][+-]?\d+)?|\d+(?:\.\d*)?[esfdlESFDL][+-]?\d+)\Z")
-_FLOAT_MARKERS = str.maketrans("sfdlSFDLE", "eeeeeeeee")
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 _DOT = object()  # the consing dot inside a list
 
@@ -267,79 +292,81 @@ def _decode(data: bytes | str, max_bytes: int) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _upcase(part: str) -> str:
-    """Lisp's reader case conversion: one character at a time (so ``ß`` stays ``ß``)."""
-    if part.isascii():
-        return part.upper()
-    return "".join(c if len(c.upper()) != 1 else c.upper() for c in part)
+_LISP_PACKAGES = {"CL", "COMMON-LISP", "CL-USER", "COMMON-LISP-USER"}
 
 
-def _symbol_parts(token: str) -> list[str]:
-    """Split a token at unescaped colons, applying bars, backslashes and case folding."""
-    parts, current = [], []
+def _symbol_parts(token: str) -> tuple[str | None, str]:
+    """The package (None if unqualified) and name of a symbol token, as SBCL's reader
+    makes them: bars and backslashes escape, each run of unescaped characters goes through
+    `sbcl_tokens.name_case` (a run goes on across empty bars ``||``, which add no
+    character), and one package marker (``:`` or ``::``) at most, with something after
+    it. ``:x`` and ``::x`` are keywords; ``||:x`` names the package ``""``. A colon right
+    after a sign and a dot is part of the name (``+.:x``): SBCL's reader has no package
+    marker in that state."""
+    package, parts, plain, barred = None, [], [], False
     i, n = 0, len(token)
+    plain_colon = 2 if token[:3] in ("+.:", "-.:") else -1
+
+    def escaped(text: str) -> None:
+        if text:
+            parts.append(sbcl_tokens.name_case("".join(plain)))
+            plain.clear()
+            parts.append(text)
+
     while i < n:
         c = token[i]
         if c == "\\":
-            current.append(token[i + 1])
+            escaped(token[i + 1])
             i += 2
         elif c == "|":
             end = i + 1
             while token[end] != "|":
                 end += 2 if token[end] == "\\" else 1
-            current.append(_unescape(token[i + 1:end]))
+            escaped(_unescape(token[i + 1:end]))
+            barred = True
             i = end + 1
-        elif c == ":":
-            parts.append("".join(current))
-            current = []
-            i += 1
+        elif c == ":" and i != plain_colon:
+            if package is not None:
+                raise SexpError(f"bad package marker in symbol {quote(token)}: more than one")
+            package = ("".join(parts) + sbcl_tokens.name_case("".join(plain))
+                       if parts or plain or barred else "KEYWORD")
+            parts, plain = [], []
+            i += 2 if token.startswith("::", i) else 1
+            if i == n:
+                raise SexpError(f"bad package marker in symbol {quote(token)}: nothing after it")
         else:
             end = i
-            while end < n and token[end] not in "\\|:":
+            while end < n and (token[end] not in "\\|:" or end == plain_colon):
                 end += 1
-            current.append(_upcase(token[i:end]))
+            plain.append(token[i:end])
             i = end
-    parts.append("".join(current))
-    return parts
+    return package, "".join(parts) + sbcl_tokens.name_case("".join(plain))
 
 
-def _symbol(token: str) -> Any:
-    if "|" not in token and "\\" not in token and ":" not in token:
-        name = _upcase(token)
-        return None if name == "NIL" else True if name == "T" else Symbol(name)
-    parts = _symbol_parts(token)
-    if len(parts) == 1:
-        return Symbol(parts[0])
-    if len(parts) == 2 and parts[0] == "" and token.startswith(":"):
-        return Symbol(parts[1], "KEYWORD")
-    if len(parts) == 2 and parts[0]:
-        return Symbol(parts[1], parts[0])
-    if len(parts) == 3 and parts[0] and parts[1] == "" and "::" in token:
-        return Symbol(parts[2], parts[0])
-    raise SexpError(f"bad package marker in symbol {quote(token)}")
+def _symbol(package: str | None, name: str) -> Any:
+    if name in ("NIL", "T") and (package is None or package in _LISP_PACKAGES):
+        return None if name == "NIL" else True
+    return Symbol(name, package)
+
+
+_ESCAPES_OR_MARKER = re.compile(r"[|\\:]")
 
 
 @functools.lru_cache(maxsize=1024)
 def _atom_value(token: str) -> Any:
-    """What an atom token means. Memoized: keys and small values repeat endlessly, and
-    every result is immutable."""
-    if token[0] in "0123456789+-.":
-        if _INTEGER.match(token):
-            return _integer(token.rstrip("."))
-        if _FLOAT.match(token):
-            value = float(token.translate(_FLOAT_MARKERS))
-            if math.isinf(value):
-                raise SexpError(f"float {quote(token)} is out of range")
-            return value
-        ratio = _RATIO.match(token)
-        if ratio:
-            numerator, denominator = map(_integer, ratio.groups())
-            if denominator == 0:
-                raise SexpError(f"ratio {quote(token)} divides by zero")
-            return Fraction(numerator, denominator)
-        if not token.strip("."):
-            raise SexpError(f"a token of only dots {quote(token)} is not data")
-    return _symbol(token)
+    """What an atom token means, as SBCL's reader decides (`sbcl_tokens`). Memoized:
+    keys and small values repeat endlessly, and every result is immutable."""
+    if _ESCAPES_OR_MARKER.search(token) is not None:  # a symbol
+        return _symbol(*_symbol_parts(token))
+    try:
+        value = sbcl_tokens.number(token)
+    except ValueError as exc:
+        raise SexpError(f"{exc}: {quote(token)}") from None
+    if value is not sbcl_tokens.NOT_A_NUMBER:
+        return value
+    if not token.strip("."):
+        raise SexpError(f"a token of only dots {quote(token)} is not data")
+    return _symbol(None, sbcl_tokens.name_case(token))
 
 
 def _atom(token: str, text: str, offset: int) -> Any:
@@ -349,11 +376,10 @@ def _atom(token: str, text: str, offset: int) -> Any:
         raise _fail(text, offset, exc.reason) from None
 
 
-def _integer(digits: str) -> int:
-    try:
-        return int(digits)
-    except ValueError:  # over Python's int_max_str_digits
-        raise SexpError(f"integer of {len(digits)} digits is too long") from None
+def _written_atom(token: str, text: str, offset: int) -> Any:
+    """`_atom`, floats kept with their token (see `WrittenFloat`)."""
+    value = _atom(token, text, offset)
+    return WrittenFloat(value, token) if type(value) is float else value
 
 
 def _base_string(form: Any, text: str, offset: int) -> str:
@@ -380,9 +406,11 @@ class _Frame:
         self.base_string = base_string
 
 
-def _parse(text: str, max_depth: int, spans: list | None = None) -> Any:
+def _parse(text: str, max_depth: int, spans: list | None = None,
+           written_floats: bool = False) -> Any:
     """Read exactly one datum from `text`; if `spans` is a list, append the (start, end)
     offsets of each element of a top-level list to it."""
+    atom = _written_atom if written_floats else _atom
     stack: list[_Frame] = []
     frame: _Frame | None = None
     result: Any = _DOT  # sentinel: nothing read yet
@@ -390,10 +418,10 @@ def _parse(text: str, max_depth: int, spans: list | None = None) -> Any:
     for match in _TOKEN.finditer(text):
         kind = match.lastindex
         if kind == _PAIR:
-            key = _atom(match[2], text, match.start(2))
+            key = atom(match[2], text, match.start(2))
             string = match[3]
             value = (_unescape(string) if string is not None
-                     else _atom(match[4], text, match.start(4)))
+                     else atom(match[4], text, match.start(4)))
             value = [key] if value is None else DottedList([key], value)
             if frame is not None and len(stack) + 1 >= max_depth:
                 raise _fail(text, match.start(kind), f"nesting deeper than {max_depth}")
@@ -401,7 +429,7 @@ def _parse(text: str, max_depth: int, spans: list | None = None) -> Any:
             value = _unescape(match[_STRING])
         elif kind == _ATOM:
             token = match[_ATOM]
-            value = _DOT if token == "." else _atom(token, text, match.start(kind))
+            value = _DOT if token == "." else atom(token, text, match.start(kind))
         elif kind == _OPEN:
             if frame is not None:
                 if len(stack) + 1 >= max_depth:
@@ -528,14 +556,18 @@ def _store_top(result: Any, value: Any, text: str, offset: int) -> Any:
     return value
 
 
-def read(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BYTES) -> Any:
-    """Read one datum in the Lisp view (see the module docstring). Raises `SexpError`."""
-    return _parse(_decode(data, max_bytes), max_depth)
+def read(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BYTES,
+         written_floats: bool = False) -> Any:
+    """Read one datum in the Lisp view (see the module docstring). Raises `SexpError`.
+    With `written_floats`, floats come back as `WrittenFloat`, keeping their token."""
+    return _parse(_decode(data, max_bytes), max_depth, written_floats=written_floats)
 
 
-def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BYTES) -> Any:
+def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int = MAX_BYTES,
+          written_floats: bool = False) -> Any:
     """Read one datum in the Python view: alists become `Alist`. Raises `SexpError`."""
-    return to_python(read(data, max_depth=max_depth, max_bytes=max_bytes))
+    return to_python(read(data, max_depth=max_depth, max_bytes=max_bytes,
+                          written_floats=written_floats))
 
 
 def _entry(item: Any) -> tuple[Symbol, Any] | None:
@@ -675,13 +707,32 @@ def _key_token(key: Any) -> str:
     return _bars(key)
 
 
-def _float_token(value: float) -> str:
-    if not math.isfinite(value):
-        raise SexpError(f"{value!r} cannot be written: Lisp has no readable NaN or infinity")
-    mantissa, _, exponent = repr(value).partition("e")
+def _double_token(decimal: str) -> str:
+    """``1.5e-7`` -> ``1.5d-7``, ``2e+20`` -> ``2.0d20``."""
+    mantissa, _, exponent = decimal.partition("e")
     if "." not in mantissa:
         mantissa += ".0"
     return f"{mantissa}d{int(exponent or 0)}"
+
+
+def _float_token(value: float) -> str:
+    if not math.isfinite(value):
+        raise SexpError(f"{value!r} cannot be written: Lisp has no readable NaN or infinity")
+    if value != 0 and abs(value) < sys.float_info.min:
+        return _subnormal_token(value)
+    return _double_token(repr(value))
+
+
+def _subnormal_token(value: float) -> str:
+    """The shortest token SBCL reads back as subnormal `value`: SBCL truncates subnormals
+    where Python rounds, so Python's shortest digits may read one step lower there."""
+    exact = decimal.Decimal(abs(value))
+    for digits in range(1, 18):
+        for rounding in (decimal.ROUND_HALF_EVEN, decimal.ROUND_CEILING):
+            token = _double_token(f"{decimal.Context(digits, rounding=rounding).plus(exact):e}")
+            if sbcl_tokens.number(token) == abs(value):
+                return ("-" if value < 0 else "") + token
+    raise AssertionError(f"no token for {value!r}")  # not reached: 17 digits rounded up do
 
 
 def _write(value: Any, out: list[str]) -> None:
@@ -694,7 +745,7 @@ def _write(value: Any, out: list[str]) -> None:
     elif isinstance(value, int):
         out.append(str(value))
     elif isinstance(value, float):
-        out.append(_float_token(value))
+        out.append(value.token if type(value) is WrittenFloat else _float_token(value))
     elif isinstance(value, dict):
         if not value:
             out.append("nil")

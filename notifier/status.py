@@ -24,10 +24,11 @@ STUCK_AFTER_SEC = 120.0
 period in which rejections with no delivery mean producers send only refused envelopes
 (with no delivery at all since the start, one rejection says so already)."""
 
-FILES = {"store": ("the message store", ""), "log": ("the log file", ""),
+FILES = {"store": ("the message store", "messages are held in memory only until it can be "
+                   "written again"),
+         "log": ("the log file", ""),
          "prometheus": ("the Prometheus text file", ""),
-         "dead_letters": ("the dead-letter file", "messages that fail are not kept for replay"),
-         "journal": ("the durable journal", "messages are held in memory only")}
+         "dead_letters": ("the dead-letter file", "messages that fail are not kept for replay")}
 """What each ``<name>_state`` of the snapshot is about, and what its failure means;
 `status` names any that failed, known or not."""
 
@@ -37,9 +38,10 @@ FAILING_AFTER_SEC = 60.0
 FUTURE_TOLERANCE_SEC = 300.0
 """A snapshot dated further ahead than this is not in Unix time."""
 
-TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at")
+TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at",
+         "last_stop_at")
 NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
-           "lost", *metrics.COUNTERS)
+           "lost", "store_skipped", "last_stop_lost", *metrics.COUNTERS)
 WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
                    "failing_since")
 
@@ -137,10 +139,14 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     interval = get("metrics_interval_sec") or 5
     stopped = get("state") == "stopped"
     lost = count("lost")
-    if stopped:
+    if stopped and lost:
+        report.problem(CRITICAL, f"stopped at {when(stamp, now)}: {lost} messages "
+                                 f"LOST (the store could not take them: "
+                                 f"{str(get('store_reason') or 'see the log')[:100]}), "
+                                 f"{count('saved')} saved for the next start")
+    elif stopped:
         report.problem(CRITICAL, f"stopped at {when(stamp, now)}, {count('saved')} saved "
-                                 "for the next start"
-                                 + (f", {lost} LOST (they could not be saved)" if lost else ""))
+                                 "for the next start")
     elif stamp > now + FUTURE_TOLERANCE_SEC:
         report.problem(CRITICAL, f"the snapshot is dated {duration(-age)} ahead: its "
                                  "timestamp is not Unix time")
@@ -169,9 +175,6 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                                 + f"; the last {_ago(now - last_rejected)}: "
                                 + str(get("last_rejected_reason") or "reason not recorded")[:200]
                                 + " (producers send what the relay refuses: grep 'rejected')")
-    if lost and not stopped:
-        report.problem(WARNING, f"{lost} messages LOST at the last stop: they could not be "
-                                "saved (see the log: grep LOST)")
     if drops:
         report.problem(WARNING, f"{drops} messages dropped since the relay started "
                                 "(queue full: Discord too slow or unreachable)")
@@ -188,16 +191,23 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                                 "port can post, and webhook tokens cross the network in the clear")
     for key, value in snapshot.items():
         name = sexp.normalize_key(str(key))
-        if name.endswith("_state") and value == "failed":
+        if name.endswith("_state") and value == "failed" and not stopped:
             name = name[:-len("_state")]
             what, meaning = FILES.get(name, (name, ""))
             reason = get(f"{name}_reason")
             report.problem(WARNING, f"{what} cannot be written"
                                     + (f": {str(reason)[:200]}" if reason else "")
                                     + (f"; {meaning}" if meaning else "") + " (see the log)")
-    if count("journal_corrupt_records"):
-        report.problem(WARNING, f"{count('journal_corrupt_records')} corrupt journal records "
-                                "at start: what followed them in their segment was skipped")
+    if count("last_stop_lost"):
+        report.problem(WARNING, f"{count('last_stop_lost')} messages LOST at the last stop "
+                                f"({when(get('last_stop_at'), now)}): the store could not "
+                                "take them (see the log)")
+    if get("store_moved_aside"):
+        report.problem(WARNING, f"the store could not be used at start and was moved aside: "
+                                f"{str(get('store_moved_aside'))[:300]}")
+    if count("store_skipped"):
+        report.problem(WARNING, f"{count('store_skipped')} unreadable entries in the store "
+                                "were skipped at start (see the log)")
     if count("invalid_requests_10m") >= 100:
         report.problem(WARNING, f"{get('invalid_requests_10m')} invalid requests "
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")
@@ -217,7 +227,10 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                          "no CURVE (loopback)"),
         f"messages:  received {count('received')}, delivered {count('delivered')}, "
         f"pending {pending}, dropped {drops}, failed {failed}, rejected {count('rejected')}, "
-        f"deduplicated {count('deduplicated')}" + (f", lost {lost}" if get("lost") is not None else ""),
+        f"deduplicated {count('deduplicated')}, lost {lost}",
+        f"store:     {get('store_state') or '?'}"
+        + (f" ({get('store_reason')})" if get("store_reason") else "")
+        + (", durable" if get("durable") else ", in memory until SIGTERM"),
         f"requests:  {count('requests')} sent, {count('errors')} errors, "
         f"{count('retries')} retries, {count('rate_limited')} rate-limited",
         f"delivered: last {when(last_delivery, now)}",

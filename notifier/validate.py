@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 import zmq
 
-from notifier import curve
+from notifier import curve, store
 from notifier.config import Config
 
 OPERATOR, TRANSIENT = 2, 1
@@ -234,11 +234,22 @@ def _listen(settings: Config) -> Problem | None:
 
 # ---------------------------------------------------------------------- the check
 
+def _store(settings: Config) -> Problem | None:
+    """Another relay holds the store (asked without taking it over), or its directory
+    cannot be written."""
+    holder = store.in_use(settings.store)
+    if holder is not None:
+        return Problem(OPERATOR, f"the store {settings.store} is in use by {holder}: one "
+                                 "relay per store")
+    return _writable_directory(settings.store.parent, "store directory")
+
+
 CHECKS: tuple[Callable[[Config], Problem | Iterable[Problem] | None], ...] = (
     _curve,
     _prometheus,
     lambda settings: _writable_directory(settings.data_dir, "data directory"),
     lambda settings: _file(settings.metrics_file, "metrics file"),
+    _store,
     lambda settings: _file(settings.log_file, "log file"),
     lambda settings: _file(settings.prometheus_file, "Prometheus file"),
 )

@@ -9,12 +9,19 @@
    and the same producer against a bare pyzmq PULL loop in the same run, for the ratio;
 4. memory: the relay's RSS growth (peak minus before) during that flood.
 
+5. restore: how long a start takes to read a store holding 100,000 messages and hand
+   them to the outbox (what the relay does before it binds), in this process.
+
 Latency, idle CPU and absorb rate are measured in the same run for each configuration:
-plain; with CURVE (keys made by zmq.auth, the producer's key allowed); in durable mode
-(every envelope journaled before it may be posted), for the ratios.
+durable (the default: every envelope committed to the store before it may be posted);
+memory (SWIMMY_NOTIFIER_DURABLE=0: written to the store only at SIGTERM); with CURVE
+(durable, keys made by zmq.auth, the producer's key allowed). `--synchronous FULL`
+runs the durable relay with SQLite's synchronous=FULL (an fsync in every commit)
+instead of the store's own NORMAL (with its -wal fsynced within 10 ms), to compare.
 
 Usage: python scripts/bench_relay.py [--messages 1000000] [--idle-seconds 30]
-                                    [--configs plain,curve,durable]
+                                    [--configs durable,memory,curve] [--restore 100000]
+                                    [--synchronous NORMAL]
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ import zmq
 from notifier import curve, metrics
 from notifier.client import NotifierClient, build_envelope
 from notifier.demo import free_port
+from notifier.held import Raw
+from notifier.outbox import Outbox
 from notifier.standin import DiscordStandIn
+from notifier.store import SYNCHRONOUS, Store
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -200,13 +210,52 @@ def flood(count: int, data_for, keys: Keys | None, settings: dict) -> tuple[floa
     return (count - first) / elapsed, rss_growth, cpu / (count - first) * 1e6
 
 
+def restore_time(count: int) -> tuple[float, float]:
+    """Seconds to open a store of `count` messages and restore them into an outbox with
+    that queue_max, and the store's size in MiB."""
+    envelope = build_envelope("https://discord.com/api/webhooks/1/tok",
+                              {"content": "disk usage 91% on trading-host-3"})
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "notifier_store.sqlite3"
+        writer = Store(path)
+        writer.open(count)
+        for start in range(0, count, 512):  # as the receiver writes them
+            writer.add([Raw(envelope, 0.0) for _ in range(min(512, count - start))],
+                       time.time())
+        writer.close()
+        size = path.stat().st_size / 2 ** 20
+        started = time.perf_counter()
+        reader = Store(path)
+        contents = reader.open(count)
+        outbox = Outbox(count, 0.0, store=reader)
+        outbox.restore(contents)
+        elapsed = time.perf_counter() - started
+        reader.close()
+    assert outbox.snapshot()["pending"] == count
+    return elapsed, size
+
+
+def sync_settings(synchronous: str, directory: Path) -> dict:
+    """The environment that makes a relay use `synchronous` (a sitecustomize in the
+    relay's PYTHONPATH, unless it is the store's own)."""
+    if synchronous == SYNCHRONOUS:
+        return {}
+    (directory / "sitecustomize.py").write_text(
+        f"import notifier.store\nnotifier.store.SYNCHRONOUS = {synchronous!r}\n")
+    return {"PYTHONPATH": str(directory)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--latency-samples", type=int, default=300)
-    parser.add_argument("--configs", default="plain,curve,durable",
+    parser.add_argument("--configs", default="durable,memory,curve",
                         help="which configurations to measure, comma-separated")
+    parser.add_argument("--restore", type=int, default=100_000,
+                        help="messages in the store whose restore is timed (0: skip)")
+    parser.add_argument("--synchronous", default=SYNCHRONOUS, choices=("FULL", "NORMAL"),
+                        help="SQLite's synchronous setting for the durable relay")
     args = parser.parse_args()
 
     def data_for(webhook: str) -> bytes:
@@ -217,12 +266,19 @@ def main() -> None:
     data = data_for("http://127.0.0.1:9/api/webhooks/1/made-up-token")
     with tempfile.TemporaryDirectory() as directory:
         keys = Keys(Path(directory))
-        configs = {"plain": (None, {}), "curve": (keys, keys.settings),
-                   "durable": (None, {"SWIMMY_NOTIFIER_DURABLE": "1"})}
+        durable = sync_settings(args.synchronous, Path(directory))
+        configs = {"durable": (None, durable),
+                   "memory": (None, {"SWIMMY_NOTIFIER_DURABLE": "0"}),
+                   "curve": (keys, {**keys.settings, **durable})}
         absorbed = {}
+        if args.restore:
+            elapsed, size = restore_time(args.restore)
+            print(f"restore: {args.restore:,} messages ({size:.1f} MiB store) read and "
+                  f"restored in {elapsed * 1000:.0f} ms", flush=True)
         for label in args.configs.split(","):
             with_keys, settings = configs[label]
-            print(f"--- {label}", flush=True)
+            print(f"--- {label}" + (f" (synchronous={args.synchronous})"
+                                     if label != "memory" else ""), flush=True)
             p50, p95 = latency(args.latency_samples, with_keys, settings)
             print(f"latency, idle relay:  p50 {p50:.2f} ms   p95 {p95:.2f} ms "
                   f"({args.latency_samples} notifications)", flush=True)
@@ -236,9 +292,9 @@ def main() -> None:
             print(f"relay CPU in flood:   {cpu:.2f} µs per envelope (all its threads)",
                   flush=True)
             print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
-    for label in absorbed.keys() - {"plain"}:
-        if "plain" in absorbed:
-            print(f"absorb {label} / plain: {absorbed[label] / absorbed['plain']:.2f}",
+    for label in absorbed.keys() - {"memory"}:
+        if "memory" in absorbed:
+            print(f"absorb {label} / memory: {absorbed[label] / absorbed['memory']:.2f}",
                   flush=True)
 
 

@@ -2,7 +2,7 @@
 """Coverage-guided fuzzing of the doors hostile input comes through (atheris, libFuzzer).
 
     .venv/bin/pip install -e '.[fuzz]'
-    .venv/bin/python scripts/fuzz.py TARGET --seconds 600   # TARGET: sexp, envelope, fit, snapshot
+    .venv/bin/python scripts/fuzz.py TARGET --seconds 600   # sexp, envelope, fit, snapshot, sbcl
     .venv/bin/python scripts/fuzz.py TARGET --run FILE...   # replay inputs (a crash file)
 
 Each target runs one input and raises only for a finding: an exception other than the
@@ -19,6 +19,9 @@ a status, so for it any exception), or a result that breaks the contract:
   the same checks, and a payload within the limits comes back unchanged.
 - snapshot: the telemetry merge reading the bytes as notifier_metrics.sexp, then merging
   into a system_metrics.sexp: the result reads back and its reason stays capped.
+- sbcl: the bytes as a token (UTF-8 without quote, dispatch, string or list characters),
+  read by `sexp.read` and by a running SBCL (tests/sbcl.py): both refuse it or both read
+  the same datum, SBCL's float bits, symbol name and package included. Needs sbcl.
 
 The seed corpus is scripts/fuzz_corpus/TARGET/ (small, in the repository). What libFuzzer
 adds during a run, and any crash file, goes to a work directory (a new temporary one
@@ -43,6 +46,9 @@ try:
 except ImportError:
     sys.exit("scripts/fuzz.py needs atheris: .venv/bin/pip install -e '.[fuzz]'")
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the SBCL helpers live with the tests
+
 # Coverage feedback is needed only where libFuzzer runs, the child process.
 with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child" in sys.argv
       else contextlib.nullcontext()):
@@ -51,15 +57,15 @@ with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child"
     from notifier.standin import validate
     from telemetry import merge
     from telemetry.config import Config
+from tests import sbcl  # noqa: E402  (not instrumented: the judge, not the judged)
 
-HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
 LOCAL = (("127.0.0.1", None),)
 HOOK = "http://127.0.0.1:8099/api/webhooks/1/tok"  # a made-up token
 MAX_MESSAGE_CHARS = 300
 """Error messages quote at most a short prefix of the input (issue 8)."""
 
-MAX_LEN = {"sexp": 4096, "envelope": 8192, "fit": 16384, "snapshot": 4096}
+MAX_LEN = {"sexp": 4096, "envelope": 8192, "fit": 16384, "snapshot": 4096, "sbcl": 64}
 """Longest input per target: fit needs room for 2000-character content and 6000
 characters of embeds to reach its splitting."""
 
@@ -75,6 +81,9 @@ DICTIONARY = {
     "snapshot": ['(schema_version . 1)', '(timestamp . ', '(queue_len . ', '(drops . ',
                  '(errors . ', '(delivered . ', '(webhooks ', ' . ', '(', ')', 'nil', '1.5d0', '"',
                  '#.'],
+    "sbcl": ['1', '.', '+', '-', '/', ':', '::', '|', '||', '\\', 'e', 'd', 'f', 's', 'l', 'r', 'E',
+             'D', '1.5', 'e+', 'd-', '+.', '٣', '١', '٠', '５', '𝟘', '𐴳', 'ı', 'ς', 'ß', 'ǅ', 'İ',
+             'ﬁ', 'ა', '\u0301', '\u0345', '\x0b', '\x08', ' ', 'nil', 'keyword:'],
 }
 """Tokens libFuzzer splices into inputs, so that mutations reach past the syntax."""
 
@@ -138,9 +147,15 @@ SYSTEM_METRICS = (b"((swimmy.school::schema_version . 1) (swimmy.school::timesta
 NOW = 1_780_000_000.0
 
 
+NOT_IN_A_TOKEN = re.compile("[#'`,\"();]")
+"""Characters that start data other than a token (or a form this reader refuses)."""
+
+
 def targets(work):
-    """The targets by name; the snapshot's reader reads a file, written in `work`."""
+    """The targets by name; the snapshot's reader reads a file, written in `work`; the
+    SBCL differential starts SBCL on its first input."""
     config = Config(work, work / "notifier_metrics.sexp", work / "system_metrics.sexp")
+    judge = []
 
     def fuzz_snapshot(data):
         config.notifier_metrics.write_bytes(data)
@@ -150,8 +165,24 @@ def targets(work):
         entries = sexp.read_entries(merged)  # the next merge (and the Lisp side) can read it
         assert entries[:3] == sexp.read_entries(SYSTEM_METRICS)
 
+    def fuzz_sbcl(data):
+        try:
+            token = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        if not token or NOT_IN_A_TOKEN.search(token) or token.startswith("\ufeff"):
+            return  # a byte-order mark opening the input is dropped on purpose
+        if not judge:
+            executable = sbcl.find_sbcl()
+            if executable is None:
+                sys.exit("the sbcl target needs sbcl (apt-get install sbcl)")
+            judge.append(sbcl.SbclTokens(executable))
+        ours, theirs = judge[0].same(token)
+        assert ours == theirs or sbcl.refused_on_purpose(token, ours, theirs), \
+            (token, ours, theirs)
+
     return {"sexp": fuzz_sexp, "envelope": fuzz_envelope, "fit": fuzz_fit,
-            "snapshot": fuzz_snapshot}
+            "snapshot": fuzz_snapshot, "sbcl": fuzz_sbcl}
 
 
 def child(target, work, libfuzzer_args):

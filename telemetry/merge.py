@@ -50,7 +50,7 @@ REQUIRED_COUNTERS = ("queue_len", "drops", "errors")
 snapshot must have."""
 
 COUNTERS = ("queue_len", "queue_max", "drops", "errors", "delivered", "failed",
-            "rejected", "deduplicated", "pending", "received")
+            "rejected", "deduplicated", "pending", "received", "lost")
 """Every counter merged, as ``notifier_<name>``. One the snapshot does not have is
 written as ``nil``, so that no number from an earlier snapshot is left looking current."""
 

@@ -2,12 +2,16 @@
 
 The Lisp side writes its ``timestamp`` in universal time (seconds since 1900); shown
 here as a date, converted exactly (Unix = universal - 2208988800), not mistaken for Unix
-time as the tool this replaces did, 70 years off. The ``notifier_*`` keys the merge
-writes follow, with how old their numbers are now.
+time as the tool this replaces did, 70 years off, and a time ahead of this machine's
+clock says by how much it is in the future. Values are shown as the file has them:
+floats with the digits and marker SBCL printed (``117.73757`` a single float,
+``1.5d0`` a double). The ``notifier_*`` keys the merge writes follow, with how old their
+numbers are now.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +27,21 @@ def _number(value: Any) -> bool:
         and 0 <= value < 1e11
 
 
+def _date(unix: float, now: float) -> str:
+    """As `status.when`, but a time a second or more after `now` says how far ahead it is
+    (the writer's clock is ahead of this machine's), not "0 s ago"."""
+    if unix - now < 1:
+        return when(unix, now)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+    return f"{stamp} (in the future by {duration(unix - now)})"
+
+
 def _value(name: str, value: Any, now: float) -> str:
     if name == "timestamp" and _number(value) and value >= UNIVERSAL_TO_UNIX:
-        return f"{when(value - UNIVERSAL_TO_UNIX, now)}, universal time {value}"
+        return f"{_date(value - UNIVERSAL_TO_UNIX, now)}, universal time {sexp.dumps(value)}"
     if name == "notifier_snapshot_unix" and _number(value):
-        return f"{when(value, now)}, Unix time {value}"
-    return sexp.dumps(value)
+        return f"{_date(value, now)}, Unix time {sexp.dumps(value)}"
+    return sexp.dumps(value)  # floats read as written print as written
 
 
 def render(metrics: sexp.Alist, path: Path, now: float) -> str:
@@ -41,7 +54,9 @@ def render(metrics: sexp.Alist, path: Path, now: float) -> str:
     lines += [f"  {key:<{width}}  {_value(names[key], metrics[key], now)}" for key in lisp]
     snapshot = metrics.get("notifier_snapshot_unix")
     if notifier:
-        age = f"{duration(now - snapshot)} old now" if _number(snapshot) else "never merged"
+        age = ("never merged" if not _number(snapshot)
+               else f"dated {duration(snapshot - now)} in the future" if snapshot - now >= 1
+               else f"{duration(now - snapshot)} old now")
         lines.append(f"notifier (merged by python -m telemetry merge; its numbers are {age}):")
         lines += [f"  {key:<{width}}  {_value(names[key], metrics[key], now)}"
                   for key in notifier]
@@ -53,7 +68,7 @@ def render(metrics: sexp.Alist, path: Path, now: float) -> str:
 def command(path: Path, now: float) -> tuple[int, str]:
     """Exit code and text: 0 shown, 8 (as for the merge) when the file cannot be read."""
     try:
-        metrics = sexp.loads(files.read_regular(path, sexp.MAX_BYTES))
+        metrics = sexp.loads(files.read_regular(path, sexp.MAX_BYTES), written_floats=True)
     except (OSError, sexp.SexpError) as exc:
         return 8, f"telemetry show: cannot read {path}: {str(exc)[:200]}"
     if not isinstance(metrics, sexp.Alist):

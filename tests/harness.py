@@ -12,11 +12,12 @@ from typing import Callable
 
 import zmq
 
-from notifier import metrics, pending, sexp
+from notifier import metrics, sexp
 from notifier.demo import free_port
 from notifier.sexp import Alist
+from notifier.store import Contents, Store
 
-BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "pending")
+BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost", "pending")
 
 
 def wait_until(condition: Callable[[], object], timeout: float, interval: float = 0.02,
@@ -44,10 +45,18 @@ def envelope_text(webhook: str, content: str) -> bytes:
                       ).encode("utf-8")
 
 
-def saved_envelopes(pending_file: Path) -> list[str]:
-    """The envelopes a stopped relay saved in its pending file, oldest first."""
-    saved, _ = pending.loads(pending_file.read_bytes())
-    return [item.envelope.decode("utf-8") for item in saved]
+def stored(store_file: Path) -> Contents:
+    """What a stopped relay left in its store (read as the next start reads it)."""
+    store = Store(store_file)
+    try:
+        return store.open(limit=10_000_000)
+    finally:
+        store.close()
+
+
+def saved_envelopes(store_file: Path) -> list[str]:
+    """The envelopes a stopped relay saved in its store, oldest first."""
+    return [item.envelope.decode("utf-8") for item in stored(store_file).messages]
 
 
 def contents(standin, webhook_id) -> list[str]:
@@ -65,7 +74,7 @@ class RelayProcess:
         self.port = port or free_port()
         self.log_file = home / "relay.log"
         self.metrics_file = home / "data" / "notifier_metrics.sexp"
-        self.pending_file = home / "data" / "notifier_pending.sexp"
+        self.store_file = home / "data" / "notifier_store.sqlite3"
         self.env = {**os.environ, "SWIMMY_HOME": str(home),
                     "SWIMMY_PORT_NOTIFIER": str(self.port),
                     "SWIMMY_NOTIFIER_ALLOWED_HOSTS": allowed,
@@ -74,6 +83,10 @@ class RelayProcess:
                     "SWIMMY_NOTIFIER_LOG_FILE": str(self.log_file),
                     "SWIMMY_NOTIFIER_LOG_LEVEL": "debug",  # tests read per-message lines
                     **{f"SWIMMY_NOTIFIER_{key.upper()}": value for key, value in settings.items()}}
+        if "metrics_file" in settings:
+            self.metrics_file = Path(settings["metrics_file"])
+        if "store" in settings:
+            self.store_file = Path(settings["store"])
         self.command = [sys.executable, "-m", "notifier"]  # tests may prefix it
         self.process: subprocess.Popen | None = None
 
@@ -123,6 +136,11 @@ class RelayProcess:
             self.process.kill()
             self.process.wait(10)
             self.process.stderr.close()
+
+    def status(self) -> subprocess.CompletedProcess:
+        """``python -m notifier status`` with this relay's settings."""
+        return subprocess.run([sys.executable, "-m", "notifier", "status"], env=self.env,
+                              capture_output=True, text=True, timeout=60)
 
     def log(self) -> str:
         try:

@@ -16,7 +16,8 @@ def test_defaults_follow_the_design_table(tmp_path, monkeypatch):
     assert (settings.port, settings.bind_addr, settings.queue_max) == (5562, "127.0.0.1", 1000)
     assert (settings.metrics_interval, settings.dedupe_window) == (5.0, 180.0)
     assert settings.metrics_file == tmp_path / "data" / "notifier_metrics.sexp"
-    assert settings.pending_file == tmp_path / "data" / "notifier_pending.sexp"
+    assert settings.store == tmp_path / "data" / "notifier_store.sqlite3"
+    assert settings.durable is True
     assert settings.log_file is None and settings.allowed_hosts == ()
     assert settings.endpoint == "tcp://127.0.0.1:5562"
 

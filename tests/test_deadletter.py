@@ -224,8 +224,8 @@ def test_on_a_full_disk_every_entry_is_whole_and_the_counter_counts_only_those(
     with DiscordStandIn() as discord:
         discord.set_mode("1", "status", status=404)
         relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}",
-                             metrics_file=str(tmp_path / "notifier_metrics.sexp"))
-        relay.metrics_file = tmp_path / "notifier_metrics.sexp"
+                             metrics_file=str(tmp_path / "notifier_metrics.sexp"),
+                             store=str(tmp_path / "notifier_store.sqlite3"))
         started.append(relay.start())
         push = pushers(relay.endpoint)
         for number in range(150):

@@ -53,3 +53,10 @@ def test_snapshot_a_long_schema_version_value_gives_a_capped_reason(tmp_path):
     assert len(reading.reason) <= MAX_MESSAGE_CHARS
     sexp.read_entries(merge.merged_text(None, reading, 1_780_000_000.0))
 
+
+
+def test_sbcl_normalization_goes_on_across_empty_bars():
+    """fuzz sbcl (issue 18): SBCL read ``u|||\\x7f|r||||||\\u0301||||s`` as ``U\\x7fŔS``,
+    composing r and the accent across the empty bars; we normalized each piece apart."""
+    assert sexp.read("r||\u0301") == sexp.Symbol("Ŕ")
+    assert sexp.read("u|||\x7f|r||||||\u0301||||s") == sexp.Symbol("U\x7fŔS")

@@ -154,17 +154,16 @@ def test_an_unexpected_parser_exception_rejects_only_that_envelope(tmp_path, mon
 
 @pytest.mark.parametrize("make", [
     lambda path: path.write_bytes(b"\x00\xff((( not lisp"),
-    lambda path: path.write_text('((schema_version . 2) (messages ((envelope . 7))))'),
     lambda path: path.write_text("(" * 100_000),
     lambda path: os.mkfifo(path),
-], ids=["garbage", "bad entry", "nesting bomb", "fifo"])
-def test_a_hostile_pending_file_is_set_aside_and_the_relay_starts(tmp_path, discord, relays,
-                                                                  make):
-    (tmp_path / "data").mkdir()
-    make(tmp_path / "data" / "notifier_pending.sexp")
+], ids=["garbage", "nesting bomb", "fifo"])
+def test_a_hostile_legacy_pending_file_is_set_aside_and_the_relay_starts(tmp_path, discord,
+                                                                         relays, make):
+    pending = tmp_path / "data" / "notifier_pending.sexp"
+    pending.parent.mkdir()
+    make(pending)
     relay = relays(allowed=f"127.0.0.1:{discord.port}")
-    assert "saved messages unreadable" in relay.log() and "Traceback" not in relay.log()
-    assert not relay.pending_file.exists()
-    assert list(relay.pending_file.parent.glob("notifier_pending.sexp.unreadable-*"))
+    assert "notifier_pending.sexp unreadable" in relay.log() and "Traceback" not in relay.log()
+    assert not pending.exists() and list(pending.parent.glob("notifier_pending.sexp.unreadable-*"))
     relay.wait_metrics(lambda m: m["received"] == 0 and m["state"] == "running")
     assert relay.stop() == 0

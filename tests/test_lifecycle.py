@@ -1,21 +1,16 @@
 """Stop, restart, crash: every accepted message is delivered or accounted for. The relay as
 a real process, real signals, the stand-in for Discord."""
 
-import contextlib
-import errno
 import json
 import os
 import signal
-import threading
 
 import pytest
 
-from notifier import journal, pending
-from notifier.journal import Journal, Saved
 from notifier.payload import fit
 from notifier.standin import DiscordStandIn
 from tests.harness import (RelayProcess, assert_balanced, contents, envelope_text, free_port,
-                           saved_envelopes, wait_until)
+                           saved_envelopes, stored, wait_until)
 
 LONG = {"content": " ".join(f"w{i}" for i in range(1000))}  # three requests
 
@@ -48,8 +43,8 @@ def test_a_split_message_stopped_after_part_1_posts_only_the_rest_after_restart(
         relay.wait_metrics(lambda m: m["retries"] > retries, what="part 2 retried")
         assert relay.stop() == 0
         assert posted(first) == parts[:1]
-    saved, _ = pending.loads(relay.pending_file.read_bytes())
-    assert [(item.part, item.attempts >= 1) for item in saved] == [(1, True)]
+    saved = stored(relay.store_file).messages
+    assert [(item.part, item.attempts >= 1, item.in_flight) for item in saved] == [(1, True, False)]
 
     with DiscordStandIn(port=port) as second:
         again = relays(allowed=f"127.0.0.1:{port}", port=relay.port)
@@ -72,7 +67,7 @@ def test_a_request_answered_during_the_grace_is_delivered_not_saved(tmp_path, re
         assert relay.process.wait(30) == 0
     final = relay.metrics()
     assert (final["delivered"], final["pending"]) == (1, 0)
-    assert not relay.pending_file.exists()
+    assert saved_envelopes(relay.store_file) == []
     assert contents(discord, 1) == ["in flight"]
 
 
@@ -87,7 +82,7 @@ def test_a_50kb_json_envelope_is_saved_and_restored_as_it_came(tmp_path, relays,
     pushers(relay.endpoint).send(data)
     relay.wait_metrics(lambda m: m["retries"] >= 1, what="a retry")
     assert relay.stop() == 0
-    assert [text.encode() for text in saved_envelopes(relay.pending_file)] == [data]
+    assert [text.encode() for text in saved_envelopes(relay.store_file)] == [data]
 
     with DiscordStandIn(port=port) as discord:
         again = relays(allowed=f"127.0.0.1:{port}", port=relay.port)
@@ -96,17 +91,27 @@ def test_a_50kb_json_envelope_is_saved_and_restored_as_it_came(tmp_path, relays,
     assert (snapshot["restored"], snapshot["rejected"]) == (1, 0)
 
 
-def test_a_failed_save_exits_non_zero_and_says_what_was_lost(tmp_path, relays, pushers):
+def test_a_failed_save_exits_1_and_counts_what_was_lost(tmp_path, relays, pushers):
+    """Without durable mode, SIGTERM writes what is held to the store; when that cannot
+    be done (here its directory was replaced by a file), the messages are counted lost,
+    not pending, and status says so first."""
     port = free_port()
-    relay = relays(allowed=f"127.0.0.1:{port}", drain_sec="0.2")
+    where = tmp_path / "store"
+    relay = relays(allowed=f"127.0.0.1:{port}", drain_sec="0.2", durable="0",
+                   store=str(where / "notifier_store.sqlite3"))
     pushers(relay.endpoint).send(envelope_text(f"http://127.0.0.1:{port}/api/webhooks/1/tok",
                                                "kept"))
     relay.wait_metrics(lambda m: m["retries"] >= 1, what="a retry")
-    relay.pending_file.mkdir()  # the save's rename cannot replace a directory
-    (relay.pending_file / "in the way").write_text("")
+    where.rename(tmp_path / "elsewhere")
+    where.write_text("not a directory")
     assert relay.stop() == 1
-    log = relay.log()
-    assert "cannot save 1 pending messages" in log and "1 messages LOST" in log
+    final = relay.metrics()
+    assert (final["lost"], final["pending"], final["saved"]) == (1, 0, 0)
+    assert final["store_state"] == "failed"
+    assert_balanced(final)
+    assert "1 messages LOST" in relay.log()
+    told = relay.status()
+    assert told.returncode == 2 and "1 messages LOST" in told.stdout.splitlines()[0]
 
 
 def test_loss_notices_still_to_post_survive_a_restart(tmp_path, relays, pushers):
@@ -151,18 +156,22 @@ def killed_after_taking(relays, pushers, count: int):
 
 def test_durable_sigkill_during_a_flood_loses_nothing_taken(tmp_path, relays, pushers):
     relay, port, _ = killed_after_taking(relays, pushers, 300)
-    assert not relay.pending_file.exists()
 
     with DiscordStandIn(port=port) as discord:
         again = durable(relays, port, port=relay.port)
         snapshot = again.wait_metrics(lambda m: m["delivered"] == 300, what="all delivered")
         assert contents(discord, 1) == [f"m{i}" for i in range(300)]
         assert again.stop() == 0
-    assert snapshot["restored"] == 300 and snapshot["journal_state"] == "ok"
+    assert snapshot["restored"] == 300 and snapshot["store_state"] == "ok"
     assert_balanced(again.metrics())
 
 
-def test_durable_sigkill_during_a_delivery_counts_it_in_flight(tmp_path, relays, pushers):
+@pytest.mark.parametrize("durable_mode", ["1", "0"])
+def test_a_sigkill_during_a_delivery_counts_it_in_flight_once(tmp_path, relays, pushers,
+                                                               durable_mode):
+    """In flight at a crash: posted again, counted once in restored_in_flight, by the
+    start that restores it, not at every later start. (Without durable mode a message
+    is in the store only once a stop saved it.)"""
     port = free_port()
     with DiscordStandIn(port=port) as discord:
         discord.set_mode(None, "hang")
@@ -171,112 +180,32 @@ def test_durable_sigkill_during_a_delivery_counts_it_in_flight(tmp_path, relays,
         wait_until(lambda: discord.hanging == 1, 30, what="the request to hang")
         relay.kill()
     with DiscordStandIn(port=port) as discord:
-        again = durable(relays, port, port=relay.port)
-        snapshot = again.wait_metrics(lambda m: m["delivered"] == 1, what="delivered again")
+        discord.set_mode(None, "status", status=500)
+        again = relays(allowed=f"127.0.0.1:{port}", port=relay.port, durable=durable_mode,
+                       drain_sec="0")
+        first = again.wait_metrics(lambda m: m["errors"] >= 1, what="posted again, a 500")
+        assert again.stop() == 0
+        discord.set_mode(None, "ok")
+        third = relays(allowed=f"127.0.0.1:{port}", port=relay.port, durable=durable_mode)
+        last = third.wait_metrics(lambda m: m["delivered"] == 1, what="delivered")
         assert contents(discord, 1) == ["hung"]
-    assert (snapshot["restored"], snapshot["restored_in_flight"]) == (1, 1)
+    assert (first["restored"], first["restored_in_flight"]) == (1, 1)
+    assert (last["restored"], last["restored_in_flight"]) == (1, 0)  # answered "not delivered"
 
 
-def test_durable_torn_journal_tail_is_counted_and_the_rest_delivered(tmp_path, relays, pushers):
+def test_a_torn_write_ahead_log_tail_is_ignored_and_the_rest_delivered(tmp_path, relays,
+                                                                       pushers):
     relay, port, webhook = killed_after_taking(relays, pushers, 20)
-    segment = max((tmp_path / "data" / "notifier_journal").glob("seg-*.log"))
-    with open(segment, "ab") as handle:  # a record cut short, as a crash mid-write leaves
-        handle.write(journal.record(b"A", b"\0" * 8 + envelope_text(webhook, "torn"))[:30])
+    wal = relay.store_file.with_name(relay.store_file.name + "-wal")
+    with open(wal, "ab") as handle:  # half a frame, as a crash mid-write leaves
+        handle.write(os.urandom(3000))
 
     with DiscordStandIn(port=port) as discord:
         again = durable(relays, port, port=relay.port)
         snapshot = again.wait_metrics(lambda m: m["delivered"] == 20, what="delivered")
         assert contents(discord, 1) == [f"m{i}" for i in range(20)]
-    assert snapshot["journal_corrupt_records"] == 1
-    assert "corrupt or torn record" in again.log()
+    assert (snapshot["store_skipped"], snapshot["store_moved_aside"]) == (0, None)
     assert again.stop() == 0
-    assert Journal(tmp_path / "data" / "notifier_journal").open().corrupt == 0  # counted once
-
-
-def test_durable_sigterm_keeps_the_journal_and_writes_no_pending_file(tmp_path, relays,
-                                                                      pushers):
-    port = free_port()
-    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"
-    relay = durable(relays, port, drain_sec="0.2")
-    pushers(relay.endpoint).send(envelope_text(webhook, "kept"))
-    relay.wait_metrics(lambda m: m["retries"] >= 1, what="a retry")
-    assert relay.stop() == 0
-    assert not relay.pending_file.exists()
-    segments = list((tmp_path / "data" / "notifier_journal").glob("seg-*.log"))
-    assert segments and all(os.stat(path).st_mode & 0o077 == 0 for path in segments)
-    with DiscordStandIn(port=port) as discord:
-        again = durable(relays, port, port=relay.port)
-        again.wait_metrics(lambda m: m["delivered"] == 1, what="delivered")
-        assert contents(discord, 1) == ["kept"]
-
-
-# ------------------------------------------------------------------ the journal alone
-
-@contextlib.contextmanager
-def running(log: Journal):
-    """The journal's thread, as the relay runs it, for the block; then a clean close."""
-    stopping = threading.Event()
-    thread = threading.Thread(target=log.run, args=(stopping,))
-    thread.start()
-    try:
-        yield
-    finally:
-        stopping.set()
-        log.wake()
-        thread.join()
-        log.close()
-
-
-def test_a_journal_that_cannot_write_carries_on_and_comes_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(journal, "RETRY_SEC", 0.05)
-    log = Journal(tmp_path / "j")
-    assert log.open().messages == {}
-    real_write = os.write
-    full = threading.Event()
-    full.set()
-
-    def write(fd, data):
-        if full.is_set():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-    monkeypatch.setattr(journal.os, "write", write)
-    with running(log):
-        jids = log.append([b"one", b"two"])
-        assert log.state == "failed" and log.failure == "No space left on device"
-        log.done(jids[:1])
-        full.clear()
-        wait_until(lambda: log.state == "ok", 10, what="the journal back")
-        log.notice("https://discord.com/api/webhooks/1/tok", 3, 0, 1.0)
-    replay = Journal(tmp_path / "j").open()
-    assert list(replay.messages.values()) == [Saved(b"two")]
-    assert replay.notices == {"https://discord.com/api/webhooks/1/tok": (3, 0, 1.0)}
-
-
-def journal_bytes(directory) -> int:
-    """The segments' size; one that compaction removes meanwhile counts as empty."""
-    total = 0
-    for path in directory.glob("seg-*.log"):
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
-
-
-def test_compaction_keeps_only_what_is_live(tmp_path):
-    log = Journal(tmp_path / "j", segment_bytes=1000)
-    log.open()
-    with running(log):
-        kept = []
-        for _ in range(300):  # 72 KB written, never more than 10 messages live
-            jids = log.append([b"x" * 100, b"y" * 100])
-            log.done(jids[:1])
-            kept.append(jids[1])
-            if len(kept) > 10:
-                log.done([kept.pop(0)])
-        wait_until(lambda: journal_bytes(tmp_path / "j") < 8000, 10, what="compaction")
-    replay = Journal(tmp_path / "j").open()
-    assert sorted(replay.messages) == kept and replay.corrupt == 0
 
 
 def test_the_final_metrics_are_the_last_written_even_after_a_slow_write(tmp_path, discord):

@@ -17,7 +17,10 @@ import pytest
 from notifier import envelope
 from notifier.discord import BAN_COOLDOWN_SEC, Outcome, RateLimit, RetryPolicy
 from notifier.limits import Limits
-from notifier.outbox import MAX_AGE_SEC, MAX_PRODUCERS, OTHER_PRODUCERS, Outbox, dedupe_key
+from notifier.held import dedupe_key
+from notifier.ledger import MAX_PRODUCERS, OTHER_PRODUCERS
+from notifier.answers import MAX_AGE_SEC
+from notifier.outbox import Outbox
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
@@ -83,7 +86,7 @@ class Rig:
     def ready_at(self, hook):
         """When the lane of `hook` may send next; None when it has nothing to send."""
         lane = self.outbox._lanes.get(HOOKS[hook])
-        return None if lane is None else self.outbox._ready_at(lane, self.now)
+        return None if lane is None else self.outbox._lanes.ready_at(lane, self.now)
 
     def ready(self):
         """The webhooks that may send right now."""
@@ -611,7 +614,7 @@ def test_an_identical_payload_to_the_same_webhook_is_suppressed_within_the_windo
 
 
 def test_idle_lanes_beyond_the_limit_are_forgotten_least_recent_first(monkeypatch):
-    monkeypatch.setattr("notifier.outbox.MAX_LANES", 2)
+    monkeypatch.setattr("notifier.lanes.MAX_LANES", 2)
     rig = Rig()
     rig.push(1, "a")
     rig.deliver(1)

@@ -3,13 +3,14 @@ envelopes (valid, invalid, oversized), parse them as the receiver does, take job
 senders do and finish them with any answer Discord gives, under drop pressure, and close.
 
 After every step the accounting holds: received = delivered + drops + rejected +
-deduplicated + failed + pending; nothing is held twice; every envelope received is
-held or went to exactly one final counter, the one its step allows (a drop on accept,
-a rejection for a bad envelope, a delivery for a 200...). At the end, if Discord then
-answers 200 to everything, everything still held is delivered: nothing is stuck.
+deduplicated + failed + lost + pending (lost never moves before a stop); nothing is held
+twice; every envelope received is held or went to exactly one final counter, the one
+its step allows (a drop on accept, a rejection for a bad envelope, a delivery for a
+200...). At the end, if Discord then answers 200 to everything, everything still held
+is delivered: nothing is stuck.
 
 `next_job` blocks until some lane may send, and the fake clock never moves while it
-waits, so it is only called when the scheduler's own `_ready_at` says a lane is ready
+waits, so it is only called when the scheduler's own `ready_at` says a lane is ready
 now (as in test_outbox.py); the clock is advanced by rules of its own.
 """
 
@@ -27,12 +28,13 @@ from notifier import envelope, payload
 from notifier.discord import RetryPolicy, classify, network_error
 from notifier.envelope import MAX_ENVELOPE_BYTES
 from notifier.limits import Limits
-from notifier.outbox import Outbox, dedupe_key
+from notifier.held import dedupe_key
+from notifier.outbox import Outbox
 from notifier.standin import validate
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = [f"https://discord.com/api/webhooks/{n}/tok{n}" for n in (1, 2, 3)]
-FINAL = ("delivered", "drops", "rejected", "deduplicated", "failed")
+FINAL = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost")
 KINDS = ("valid", "valid", "valid", "long", "invalid", "oversized")
 BATCHES = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2), st.booleans()),
                    min_size=1, max_size=6)
@@ -134,7 +136,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
     def held(self):
         """Markers of everything the outbox holds (what a stop would save)."""
-        return Counter(marker(saved.envelope) for saved in self.outbox.saved()[0])
+        return Counter(marker(raw.data) for raw in self.outbox.holdings().raws)
 
     def step(self, received, allowed, do):
         """Run `do`, having received `received` new markers; every message that leaves
@@ -198,8 +200,8 @@ class OutboxMachine(RuleBasedStateMachine):
 
     def ready_times(self):
         """When each lane with something to send may send it, as the scheduler says."""
-        return [at for lane in self.outbox._lanes.values()
-                if (at := self.outbox._ready_at(lane, self.now)) is not None]
+        return [at for lane in self.outbox._lanes
+                if (at := self.outbox._lanes.ready_at(lane, self.now)) is not None]
 
     def ready(self):
         return any(at <= self.now for at in self.ready_times())
@@ -252,7 +254,7 @@ class OutboxMachine(RuleBasedStateMachine):
             self.parse(limit=512)
         self.step([], (), self.outbox.close)
         assert self.outbox.next_job() is None
-        assert is_subsequence([marker(saved.envelope) for saved in self.outbox.saved()[0]],
+        assert is_subsequence([marker(raw.data) for raw in self.outbox.holdings().raws],
                               self.received)
         self.closed = True
 
@@ -267,7 +269,7 @@ class OutboxMachine(RuleBasedStateMachine):
         assert snapshot["received"] == sum(snapshot[key] for key in FINAL) + snapshot["pending"]
         assert not held - Counter(self.received)
         lanes = snapshot["webhooks"]
-        early = sum(drops for drops, _ in self.outbox._early_drops.values())
+        early = sum(drops for drops, _ in self.outbox._ledger.early.values())
         assert sum(lane["dropped"] for lane in lanes) + early == snapshot["drops"]
         for key in ("delivered", "failed"):
             assert sum(lane[key] for lane in lanes) == snapshot[key]
@@ -277,9 +279,9 @@ class OutboxMachine(RuleBasedStateMachine):
     @invariant()
     def nothing_held_twice(self):
         """Each envelope received is its own bytes object, so one held twice shows."""
-        envelopes = [id(saved.envelope) for saved in self.outbox.saved()[0]]
+        envelopes = [id(raw.data) for raw in self.outbox.holdings().raws]
         assert len(envelopes) == len(set(envelopes))
-        for lane in self.outbox._lanes.values():
+        for lane in self.outbox._lanes:
             assert lane.busy == any(job.lane is lane for job in self.jobs)
 
     def teardown(self):

@@ -13,7 +13,7 @@ from tests.harness import assert_balanced, envelope_text, wait_until
 from tests.test_status import NOW, snapshot
 
 OUTCOMES = {"delivered": "delivered", "dropped": "drops", "rejected": "rejected",
-            "deduplicated": "deduplicated", "failed": "failed"}
+            "deduplicated": "deduplicated", "failed": "failed", "lost": "lost"}
 
 
 def samples(text):
@@ -50,8 +50,8 @@ def exposition(entries):
 
 
 def test_the_series_follow_the_snapshot_and_its_identity():
-    entries = dict(snapshot(received=20, delivered=12, drops=3, rejected=2, deduplicated=1,
-                            failed=1, pending=1, queue_len=1, requests=15, errors=2,
+    entries = dict(snapshot(received=22, delivered=12, drops=3, rejected=2, deduplicated=1,
+                            failed=1, lost=2, pending=1, queue_len=1, requests=15, errors=2,
                             rate_limited=1, state="running", delivered_unconfirmed=1),
                    rate_limited_by_scope={"route": 1, "shared": 0, "global": 0, "ban": 0})
     entries["webhooks"][0]["failing_since"] = None

@@ -55,10 +55,14 @@ def test_outage_then_errors_then_recovery_loses_and_duplicates_nothing(tmp_path,
     assert "retry webhook=1" in relay.log()
 
 
-def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(tmp_path, relays, pushers):
+@pytest.mark.parametrize("durable", ["1", "0"])
+def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(
+        tmp_path, relays, pushers, durable):
     port = free_port()
     webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"
-    relay = relays(allowed=f"127.0.0.1:{port}", drain_sec="0.3")
+    relay = relays(allowed=f"127.0.0.1:{port}", drain_sec="0.3", durable=durable)
+    wal = relay.store_file.with_name(relay.store_file.name + "-wal")
+    assert stat.S_IMODE(os.stat(wal).st_mode) == 0o600  # it holds webhook URLs too
     pusher = pushers(relay.endpoint)
     for i in range(25):
         pusher.send(envelope_text(webhook, f"m{i}"))
@@ -73,18 +77,18 @@ def test_sigterm_saves_what_is_pending_and_the_next_start_delivers_it_first(tmp_
                           capture_output=True, text=True, timeout=60)
     assert told.returncode == 2
     assert told.stdout.startswith("NOTIFIER CRITICAL - stopped at ") and "25 saved" in told.stdout
-    assert stat.S_IMODE(os.stat(relay.pending_file).st_mode) == 0o600
-    saved = saved_envelopes(relay.pending_file)
-    assert len(saved) == 25 and "tok" in saved[0]
+    assert stat.S_IMODE(os.stat(relay.store_file).st_mode) == 0o600
+    saved = saved_envelopes(relay.store_file)
+    assert saved == [envelope_text(webhook, f"m{i}").decode() for i in range(25)]
 
     with DiscordStandIn(port=port) as discord:
-        second = relays(allowed=f"127.0.0.1:{port}", port=relay.port)
+        second = relays(allowed=f"127.0.0.1:{port}", port=relay.port, durable=durable)
         pusher.send(envelope_text(webhook, "after restart"))
         snapshot = second.wait_metrics(lambda m: m["delivered"] == 26, what="26 delivered")
         assert contents(discord, 1) == [f"m{i}" for i in range(25)] + ["after restart"]
     assert snapshot["restored"] == 25 and snapshot["received"] == 26
     assert_balanced(snapshot)
-    assert not relay.pending_file.exists()
+    assert second.stop() == 0 and saved_envelopes(relay.store_file) == []
 
 
 def test_sigkill_never_leaves_a_missing_or_torn_metrics_file(tmp_path, discord):
@@ -212,7 +216,7 @@ def test_the_log_file_is_reopened_after_logrotate_moves_it(discord, relays, push
 
 
 def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discord):
-    """A receiver that fails must not leave a relay that runs on without receiving: it
+    """An intake that fails must not leave a relay that runs on without receiving: it
     stops, saves what it holds, and exits 1 for its supervisor to restart it."""
     port = free_port()
     webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"  # nothing listens: it waits
@@ -232,7 +236,7 @@ def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discor
         relay.wait_metrics(lambda m: m["received"] == 1 and m["unparsed"] == 0)
         pusher.send(envelope_text(webhook, "poison"))
         assert relay.process.wait(30) == 1
-    assert "receiver thread failed; stopping the relay" in relay.log()
-    saved = saved_envelopes(relay.pending_file)
+    assert "intake thread failed; stopping the relay" in relay.log()
+    saved = saved_envelopes(relay.store_file)
     assert len(saved) == 1 and "kept" in saved[0]
     assert_balanced(relay.metrics())

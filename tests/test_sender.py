@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from notifier.outbox import Job, Lane
+from notifier.lanes import Job, Lane
 from notifier.sender import Sender
 from notifier.standin import DiscordStandIn
 

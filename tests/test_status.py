@@ -15,7 +15,7 @@ def snapshot(**overrides):
     base = {"schema_version": 1, "timestamp": NOW - 2, "pid": 4242, "started_at": NOW - 3600,
             "uptime_sec": 3600, "metrics_interval_sec": 5.0, "queue_len": 0, "queue_max": 1000,
             "received": 10, "delivered": 10, "drops": 0, "rejected": 0, "deduplicated": 0,
-            "failed": 0, "pending": 0, "errors": 0, "retries": 0, "rate_limited": 0,
+            "failed": 0, "lost": 0, "pending": 0, "errors": 0, "retries": 0, "rate_limited": 0,
             "requests": 10, "invalid_requests_10m": 0, "last_delivery_at": NOW - 30,
             "last_error_at": None, "last_error": None,
             "webhooks": [{"id": "42", "state": "ok", "pending": 0, "delivered": 10,
@@ -54,8 +54,13 @@ def test_a_delivering_relay_is_ok():
       "last_delivery_at": NOW - 600}, status.WARNING,
      "5 envelopes rejected and nothing delivered for 10 min; the last 10 s ago"),
     ({"timestamp": NOW + 3600}, status.CRITICAL, "not Unix time"),
-    ({"journal_state": "failed"}, status.WARNING, "durable journal cannot be written"),
-    ({"journal_corrupt_records": 2}, status.WARNING, "2 corrupt journal records"),
+    ({"store_state": "failed", "store_reason": "disk full"}, status.WARNING,
+     "the message store cannot be written: disk full"),
+    ({"store_skipped": 2}, status.WARNING, "2 unreadable entries in the store"),
+    ({"store_moved_aside": "notifier_store.sqlite3 moved aside as x: it is a FIFO"},
+     status.WARNING, "moved aside: notifier_store.sqlite3 moved aside as x"),
+    ({"last_stop_lost": 30, "last_stop_at": NOW - 60}, status.WARNING,
+     "30 messages LOST at the last stop"),
 ])
 def test_drops_failures_staleness_and_stalls_are_never_reported_healthy(overrides, level, words):
     report = status.judge(snapshot(**overrides), NOW)
@@ -100,12 +105,14 @@ def test_any_file_the_relay_cannot_write_is_named(name, words):
 
 
 def test_messages_lost_at_the_last_stop_are_named():
-    stopped = status.judge(snapshot(state="stopped", saved=0, lost=7, timestamp=NOW - 5), NOW)
-    assert stopped.worst.endswith("0 saved for the next start, 7 LOST (they could not be saved)")
-    running = status.judge(snapshot(lost=7), NOW)
+    stopped = status.judge(snapshot(state="stopped", saved=0, lost=7, timestamp=NOW - 5,
+                                    store_reason="disk full"), NOW)
+    assert stopped.worst.endswith("7 messages LOST (the store could not take them: disk "
+                                  "full), 0 saved for the next start")
+    assert "deduplicated 0, lost 7" in status.render(stopped)
+    running = status.judge(snapshot(last_stop_lost=7, last_stop_at=NOW - 60), NOW)
     assert running.level == status.WARNING
     assert running.worst.startswith("7 messages LOST at the last stop")
-    assert "deduplicated 0, lost 7" in status.render(running)
     assert status.judge(snapshot(lost=0), NOW).level == status.OK
 
 
@@ -121,6 +128,20 @@ def test_a_stopped_relay_says_when_and_how_many_were_saved():
     assert text.splitlines()[0] == ("NOTIFIER CRITICAL - stopped at 2027-01-15 07:59:55 UTC "
                                     "(5 s ago), 1 saved for the next start")
     assert "queue:     1 saved for the next start" in text
+
+
+def test_a_relay_that_lost_messages_at_its_stop_says_how_many_on_the_first_line():
+    stopped = snapshot(state="stopped", saved=0, lost=30, received=40, timestamp=NOW - 5,
+                       store_state="failed", store_reason="disk full")
+    first = status.render(status.judge(stopped, NOW)).splitlines()[0]
+    assert first == ("NOTIFIER CRITICAL - stopped at 2027-01-15 07:59:55 UTC (5 s ago): 30 "
+                     "messages LOST (the store could not take them: disk full), 0 saved for "
+                     "the next start")
+    restarted = status.render(status.judge(snapshot(last_stop_lost=30, last_stop_at=NOW - 60),
+                                           NOW))
+    assert restarted.splitlines()[0] == ("NOTIFIER WARNING - 30 messages LOST at the last stop "
+                                         "(2027-01-15 07:59:00 UTC (60 s ago)): the store "
+                                         "could not take them (see the log)")
 
 
 def test_a_webhook_failing_briefly_or_old_rejections_with_deliveries_are_fine():

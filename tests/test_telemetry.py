@@ -20,7 +20,7 @@ UNIVERSAL_OFFSET = 2_208_988_800
 SNAPSHOT = {
     "schema_version": 1, "timestamp": int(NOW) - 3, "pid": 1234, "uptime_sec": 3600,
     "queue_len": 5, "queue_max": 1000, "received": 1200, "delivered": 1150, "drops": 2,
-    "rejected": 3, "deduplicated": 4, "failed": 1, "pending": 40, "errors": 7,
+    "rejected": 3, "deduplicated": 4, "failed": 1, "lost": 0, "pending": 40, "errors": 7,
     "retries": 9, "rate_limited": 0, "requests": 1160, "last_delivery_at": int(NOW) - 10,
     "last_error_at": None, "last_error": "HTTP 500 from webhook 42",
     "webhooks": [{"id": "42", "delivered": 1150}],
@@ -31,7 +31,7 @@ MERGED_TEXT = (  # what a merge of SNAPSHOT at NOW appends, exactly
     ' (notifier_queue_len . 5) (notifier_queue_max . 1000) (notifier_drops . 2)'
     ' (notifier_errors . 7) (notifier_delivered . 1150) (notifier_failed . 1)'
     ' (notifier_rejected . 3) (notifier_deduplicated . 4) (notifier_pending . 40)'
-    ' (notifier_received . 1200) (notifier_snapshot_unix . 1764201597)')
+    ' (notifier_received . 1200) (notifier_lost . 0) (notifier_snapshot_unix . 1764201597)')
 
 LISP_TEXT = (METRICS[0] / "system_metrics.sexp").read_text(encoding="utf-8")
 
@@ -95,7 +95,7 @@ def test_each_lisp_file_gets_the_notifier_keys_and_keeps_every_entry_as_printed(
         "notifier_queue_len": 5, "notifier_queue_max": 1000, "notifier_drops": 2,
         "notifier_errors": 7, "notifier_delivered": 1150, "notifier_failed": 1,
         "notifier_rejected": 3, "notifier_deduplicated": 4, "notifier_pending": 40,
-        "notifier_received": 1200, "notifier_snapshot_unix": int(NOW) - 3}
+        "notifier_received": 1200, "notifier_lost": 0, "notifier_snapshot_unix": int(NOW) - 3}
 
 
 def test_a_later_merge_replaces_the_keys_in_place(tmp_path):
