@@ -210,8 +210,8 @@ class Outbox:
                     holding.release(1)
                     finished.append(raw)
                     continue
-                lane = self._lanes.get(result.webhook) or self._lanes.add(result.webhook)
-                if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
+                lane = self._lanes.get(result.key) or self._lanes.add(result.key)
+                if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
                     self._answers.fail([holding.parsed(result, None, raw)], lane,
                                        lane.dead_reason, lane.dead_status, quiet=True)
                     lane.dead_failed += 1  # (not seen, so not forgotten: key None)

@@ -249,3 +249,25 @@ def test_a_thread_is_a_channel_of_its_own():
     post(limits, A, 60.0, ok(channel="chan"))
     post(limits, A, 60.1, ok(channel="71"), thread="71")
     assert limits.pace_of(A, 60.2, "70") == 5 and limits.ready_at(A, 60.2) <= 60.2
+
+
+def test_a_late_answer_does_not_give_back_requests_its_bucket_has_spent():
+    """Answers can come back out of order: the one Discord gave first says more
+    requests are left than the one it gave last."""
+    limits = Limits()
+    for remaining in (4, 3, 2):
+        post(limits, A, 0.0, ok(remaining=remaining, reset_after=2.0))
+    early, late = limits.sent(A, 0.1), limits.sent(A, 0.1)  # the bucket's last two
+    assert limits.ready_at(A, 0.1) == 2.0
+    limits.answered(late, ok(remaining=0, reset_after=1.9), 0.2)
+    limits.answered(early, ok(remaining=1, reset_after=1.9), 0.2)
+    assert limits.ready_at(A, 0.2) == 2.0  # one window: Remaining 0 holds, not 1
+
+
+def test_a_new_window_counts_the_requests_put_in_flight_in_it():
+    limits = Limits()
+    post(limits, A, 0.0, Outcome("delivered", rate=RateLimit("hash", 2, 0, 2.0)))
+    for _ in range(2):  # the new window's two, sent before any of its answers
+        assert limits.ready_at(A, 2.0) <= 2.0
+        limits.sent(A, 2.0)
+    assert limits.ready_at(A, 2.0) is None  # until answers say more

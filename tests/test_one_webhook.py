@@ -89,7 +89,7 @@ def test_a_hanging_webhook_through_eight_thread_urls_holds_one_sender(start):
         assert discord.wait_for(lambda d: d.hanging == 1, DEADLINE)
         push(discord.webhook_url(2), {"content": "healthy"})
         assert discord.wait_for(lambda d: d.messages("2"), DEADLINE)  # long before 600 s
-        assert discord.hanging == 1 and len(discord.requests) == 2
+        assert discord.hanging == 1 and len(discord.requests) == 1  # the hung one not yet recorded
         discord.set_mode(1, "ok")
         discord.release_hangs()
         settled(relay, "all delivered", lambda m: m["delivered"] == 9)
