@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from notifier import sexp
+from notifier.payload import LOSS_THREAD_NAME
 from notifier.standin import DiscordStandIn
 from tests.harness import assert_balanced
 
@@ -139,3 +140,22 @@ def test_dot_segment_tokens_are_refused_and_nothing_is_posted(start):
         snapshot = settled(relay, "four rejected", lambda m: m["rejected"] == 4)
         assert snapshot["delivered"] == 0 and discord.requests == []
         assert "webhook token must be Discord's" in relay.log()
+
+
+def test_a_forum_webhooks_loss_notice_makes_its_own_thread_after_a_restart(start, relays):
+    """Found against Discord's imitation: that a webhook creates threads was not kept,
+    and after a restart its pending loss notice went without thread_name (400, code
+    220001). Learned through one spelling, lost through another, kept per webhook."""
+    with DiscordStandIn(forums={"7"}) as discord:
+        relay, push = start(discord)
+        push(discord.webhook_url(7, version=10), {"content": "report", "thread_name": "Daily"})
+        settled(relay, "the first post", lambda m: m["delivered"] == 1)
+        (thread, _), = discord.threads("7")
+        discord.set_mode(7, "status", status=400, times=1)
+        push(discord.webhook_url(7, thread=thread), {"content": "refused"})
+        settled(relay, "the loss", lambda m: m["failed"] == 1)
+        assert relay.stop() == 0
+        again = relays(allowed=f"127.0.0.1:{discord.port}", port=relay.port)
+        settled(again, "the notice", lambda m: m["notices"] == 1)
+        assert [name for _, name in discord.threads("7")] == ["Daily", LOSS_THREAD_NAME]
+        assert discord.count_status(400) == 1  # the scripted refusal only: no 220001

@@ -21,6 +21,8 @@ from notifier.held import dedupe_key
 from notifier.ledger import MAX_PRODUCERS, OTHER_PRODUCERS
 from notifier.answers import MAX_AGE_SEC
 from notifier.outbox import Outbox
+from notifier.payload import LOSS_THREAD_NAME
+from notifier.store import Contents, NoStore
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
@@ -701,3 +703,33 @@ def test_producers_beyond_the_bound_are_counted_together():
     outbox.refuse(names)
     producers = {p["name"]: p["received"] for p in outbox.snapshot()["producers"]}
     assert len(producers) == MAX_PRODUCERS + 1 and producers[OTHER_PRODUCERS] == 5
+
+
+class RecordingStore(NoStore):
+    """Keeps the loss-notice states the outbox writes, as the store would."""
+
+    def __init__(self):
+        self.notices = {}
+
+    def notice(self, key, dropped, failed, since):
+        self.notices[key] = (dropped, failed, since)
+
+
+def test_losses_kept_per_url_by_an_earlier_version_are_one_notice_per_webhook():
+    """Before webhooks had one key, losses (and forum facts) were kept per URL: a
+    thread, an API version. Restored, they are one notice for the webhook, kept by its
+    key from then on, and the forum fact is the webhook's."""
+    store, now = RecordingStore(), 1000.0
+    outbox = Outbox(100, 0.0, monotonic=lambda: now, wall=lambda: EPOCH + now, store=store)
+    versioned = HOOKS[1].replace("/api/", "/api/v10/")
+    outbox.restore(Contents([], [], {HOOKS[4]: (2, 0, EPOCH + 5), versioned: (1, 1, EPOCH + 3),
+                                     "3": (4, 0, None)}, {HOOKS[5]: {"forum": True}}))
+    lane = outbox._lanes.get(HOOKS[1])
+    assert [lane.key for lane in outbox._lanes] == [HOOKS[1]]
+    assert lane.notice_due and lane.forum and lane.account.notice == (3, 1, EPOCH + 3)
+    assert store.notices == {HOOKS[4]: (0, 0, None), versioned: (0, 0, None),
+                             HOOKS[1]: (3, 1, EPOCH + 3)}
+    assert outbox.holdings().facts == {HOOKS[1]: {"forum": True}}
+    job = outbox.next_job()  # a forum's notice makes a thread of its own
+    assert job.webhook == HOOKS[1] and job.payload["thread_name"] == LOSS_THREAD_NAME
+    assert "3 dropped" in job.payload["content"] and "1 failed" in job.payload["content"]
