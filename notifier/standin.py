@@ -431,13 +431,15 @@ class DiscordStandIn:
             return self._channel_of[webhook_id]
         return str(_CHANNEL_BASE + int(webhook_id)) if webhook_id.isdigit() else f"channel-{webhook_id}"
 
-    def most_in_flight(self, webhook_id, since=0.0, until=math.inf):
+    def most_in_flight(self, webhook_id, since=0.0, until=math.inf, deadline=math.inf):
         """The most requests to one webhook that were ever in flight at once, among those
         that arrived between `since` and `until`: a request is in flight from its
-        request line until its status line is written."""
+        request line until its status line is written, or until the client's `deadline`
+        (seconds) gave it up."""
         with self._lock:
             records = [r for r in self._matching(webhook_id) if since <= r.time <= until]
-        events = sorted([(r.time, 1) for r in records] + [(r.answered, -1) for r in records])
+        events = sorted([(r.time, 1) for r in records]
+                        + [(min(r.answered, r.time + deadline), -1) for r in records])
         most = current = 0
         for _, step in events:  # at one instant an answer is counted before an arrival
             current += step

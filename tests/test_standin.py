@@ -431,6 +431,8 @@ def test_requests_in_flight_at_once_are_counted_per_webhook(discord, http):
         thread.join(DEADLINE)
     assert discord.most_in_flight("1") == 2 and discord.most_in_flight("2") == 0
     hung = next(r for r in discord.requests if r.mode == "hang")
+    later = max(r.time for r in discord.requests)
+    assert discord.most_in_flight("1", deadline=(later - hung.time) / 2) == 1  # given up
     assert discord.most_in_flight("1", until=hung.time) == 1
     assert all(r.time <= r.answered for r in discord.requests)
 
