@@ -49,7 +49,7 @@ DISCORD_ORIGIN = "https://discord.com"
 """Where every spelling of a Discord host (and API version) points: a webhook's key says
 this whatever host the producer wrote."""
 
-_WEBHOOK_PATH = re.compile(r"/api(?:/v\d{1,3})?/webhooks/([^/]+)/([^/]+)/?\Z")
+_WEBHOOK_PATH = re.compile(r"/api(?:/v\d{1,3})?/webhooks/([^/]+)/([^/]+)\Z")
 _SNOWFLAKE = re.compile(r"[1-9][0-9]{0,24}\Z")
 """A Discord id (webhook, thread): digits, no leading zero, so one id has one spelling."""
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}\Z")
@@ -153,6 +153,8 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
         raise EnvelopeError("webhook must be an http or https URL")
     if parts.username is not None or parts.password is not None:
         raise EnvelopeError("webhook must not carry user credentials")
+    if parts.path.endswith("/") and _WEBHOOK_PATH.match(parts.path.rstrip("/")):
+        raise EnvelopeError("webhook URL must not end with '/': Discord answers 404 to it")
     path = _WEBHOOK_PATH.match(parts.path)
     if path is None:
         raise EnvelopeError("webhook path must be /api/webhooks/<id>/<token> (or "
@@ -182,7 +184,7 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
 def webhook_key(url: str) -> str:
     """The webhook a checked URL posts to, spelled one way: its (id, token) at its
     origin. Every spelling Discord accepts for one webhook (``discord.com`` or
-    ``discordapp.com``, ``canary.`` or ``ptb.``, any API version, a trailing slash, any
+    ``discordapp.com``, ``canary.`` or ``ptb.``, any API version, any
     thread) gives the same key, so everything kept per webhook (its rate limits, its
     order, its one request in flight, its quarantine, its losses) is kept once. The key
     is itself a URL of that webhook: `webhook_id`, `redact` and `scrub` work on it."""

@@ -12,7 +12,7 @@ channel; ``use_channel`` fills part of it as another poster would), and forum ch
 (``forums={"7"}``), where a message needs ``thread_name`` (which creates a thread) or
 ``?thread_id=``. A webhook is one webhook whatever the URL says after its id and token:
 its thread URLs (``webhook_url(1, thread=5)``) and its API-versioned paths share its
-bucket. Tests script faults per webhook (error statuses, hangs, answers trickled or
+bucket (a trailing slash is answered 404, as Discord answers it). Tests script faults per webhook (error statuses, hangs, answers trickled or
 broken off after the status line, route 429s with bad bodies, global, shared and
 Cloudflare 429s) and simulate an outage by stopping it and starting a new one on the
 same port::
@@ -44,7 +44,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-_WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)/?$")
+_WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)$")  # no trailing slash: 404
 _DISCORD_EPOCH_MS = 1420070400000
 _CHANNEL_BASE = 1100000000000000000  # a webhook's own channel: this plus its id
 _BUCKET_HASH = hashlib.sha1(b"webhook execute").hexdigest()[:32]  # one for all, as on Discord

@@ -5,7 +5,7 @@ is compared with the relay's counters. Everything runs on 127.0.0.1.
 
 A producer pushes tagged messages (``soak-<n>``; about 2% go to a webhook the relay does
 not allow, so they must be rejected) to three webhooks, each named by any of its URLs
-(one per burst): an API version, a trailing slash, one of its threads (``?thread_id=``).
+(one per burst): as written, with an API version, or one of its threads (``?thread_id=``).
 A weather thread switches the stand-in between ok, HTTP 500, hang (at most 3 s, under
 the relay's deadline, so a hang never turns into a timeout's duplicate), global and
 per-channel 429s, and down (stopped, then started again on the same port). The main thread sends bursts,
@@ -84,7 +84,7 @@ from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
 
 WEBHOOKS = ("1", "2", "3")
-SPELLINGS = ("plain", "plain", "version", "slash", "thread", "versioned thread")
+SPELLINGS = ("plain", "plain", "v10", "v6", "thread", "v10 thread")
 THREADS = 3  # threads per webhook the producer posts into, besides its channel
 REFUSED_SHARE = 0.02  # tags sent to a webhook the relay does not allow
 WEATHER = {"ok": 4, "status": 1, "hang": 1, "global_429": 1, "channel_429": 1, "down": 1}
@@ -107,13 +107,13 @@ DROPPED_LINE = re.compile(r" dropped (\d+) oldest messages", re.M)
 
 # Discord's answers read for what they mean (issue 19): a 200 whose body is reset, or
 # trickled past the relay's deadline (saved once: the run that posted it never posts it
-# again), a route 429 whose retry_after is NaN beside valid headers (its webhook waits,
-# no run ever counts a ban), and a hidden channel limit that another poster fills now and
-# then (its pace learned, probed and forgotten under the chaos). Windows are ten times
-# shorter than Discord's, for the stand-in and the relay alike.
+# again), a route 429 whose retry_after is missing, negative or NaN beside valid headers
+# (its webhook waits, no run ever counts a ban), and a hidden channel limit that another
+# poster fills now and then (its pace learned, probed and forgotten under the chaos).
+# Windows are ten times shorter than Discord's, for the stand-in and the relay alike.
 ANSWER_WEATHER = {"reset": 1, "trickle": 1, "route_429": 1, "neighbour": 1}
-ANSWER_PARAMS = {"trickle": {"interval": 0.5, "framing": "close"},
-                 "route_429": {"retry_after": float("nan")}}
+ANSWER_PARAMS = {"trickle": {"interval": 0.5, "framing": "close"}}
+BAD_RETRY_AFTERS = (None, -1.0, float("nan"))  # a route 429's body: missing, negative, NaN
 ANSWER_HOLD_SEC = (0.2, 8.0)  # a trickle held past 4 s outlasts the relay's deadline
 DEADLINE_SEC = 4.0
 GIVEN_UP_SLACK_SEC = 0.25  # the relay's deadline starts before the stand-in sees the request
@@ -216,6 +216,8 @@ class Weather(threading.Thread):
                 self.standin.use_channel("900", NEIGHBOUR_POSTS)
             else:
                 params = MODE_PARAMS.get(mode) or ANSWER_PARAMS.get(mode, {})
+                if mode == "route_429":
+                    params = {"retry_after": self.rng.choice(BAD_RETRY_AFTERS)}
                 self.standin.set_mode(target, mode, **params)
             hold = ANSWER_HOLD_SEC if mode in ANSWER_WEATHER else (0.2, 3.0)
             self.stopping.wait(self.rng.uniform(*hold))
@@ -388,9 +390,8 @@ class Soak:
         how = self.rng.choice(SPELLINGS)
         self.result.spellings[how] += 1
         thread = 500 + self.rng.randrange(THREADS) if "thread" in how else None
-        version = 10 if how in ("version", "versioned thread") else None
-        url = self.standin.webhook_url(hook, thread=thread, version=version)
-        return url + "/" if how == "slash" else url
+        version = int(how.split()[0][1:]) if how.startswith("v") else None
+        return self.standin.webhook_url(hook, thread=thread, version=version)
 
     # ------------------------------------------------------------------ relay
 

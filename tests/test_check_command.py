@@ -41,8 +41,8 @@ def test_a_long_message_shows_every_request_as_the_relay_would_post_it():
 def test_the_url_shown_is_exactly_the_one_posted():
     """What `check` shows is the request's URL as requests prepares it, token aside."""
     for url, shown in [
-            (f"HTTPS://PTB.Discord.com:443/api/v10/webhooks/42/{TOKEN}/?thread_id=9",
-             "https://ptb.discord.com/api/v10/webhooks/42/<token>/?thread_id=9&wait=true"),
+            (f"HTTPS://PTB.Discord.com:443/api/v10/webhooks/42/{TOKEN}?thread_id=9",
+             "https://ptb.discord.com/api/v10/webhooks/42/<token>?thread_id=9&wait=true"),
             (f"https://discordapp.com/api/webhooks/42/{TOKEN}?",
              "https://discordapp.com/api/webhooks/42/<token>?wait=true")]:
         result = check(stdin=lisp(type="NOTIFIER", webhook=url, payload=PAYLOAD).encode())

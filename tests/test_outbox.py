@@ -247,7 +247,8 @@ def test_threads_of_one_webhook_are_one_webhook_one_request_at_a_time():
 
 def test_every_spelling_of_a_webhook_is_one_lane_and_each_posts_where_it_asked():
     rig = Rig()
-    spellings = [HOOKS[1], HOOKS[1].replace("/api/", "/api/v10/"), HOOKS[1] + "/",
+    spellings = [HOOKS[1], HOOKS[1].replace("/api/", "/api/v10/"),
+                 HOOKS[1].replace("discord.com", "canary.discord.com"),
                  HOOKS[1].replace("discord.com", "ptb.discordapp.com"), HOOKS[4]]
     for i, url in enumerate(spellings):
         rig.outbox.accept([json.dumps({"type": "NOTIFIER", "webhook": url,

@@ -1,7 +1,7 @@
 """The Outbox under random sequences of what the relay's threads do (issue 8): accept
 envelopes (valid, invalid, oversized), parse them as the receiver does, take jobs as
 senders do and finish them with any answer Discord gives, under drop pressure, and close.
-Webhooks are named by several URLs each (API versions, hosts, a trailing slash, threads),
+Webhooks are named by several URLs each (API versions, hosts, threads),
 and some messages are forum posts (``thread_name``).
 
 After every step the accounting holds: received = delivered + drops + rejected +
@@ -39,7 +39,7 @@ from notifier.standin import validate
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 _ONE, _TWO, _THREE = (f"https://discord.com/api/webhooks/{n}/tok{n}" for n in (1, 2, 3))
 HOOKS = [_ONE, _TWO, _THREE, _ONE.replace("/api/", "/api/v10/"),
-         _ONE.replace("discord.com", "ptb.discordapp.com") + "/", _ONE + "?thread_id=11",
+         _ONE.replace("discord.com", "ptb.discordapp.com"), _ONE + "?thread_id=11",
          _ONE.replace("/api/", "/api/v9/") + "?thread_id=12", _TWO + "?thread_id=21"]
 """Three webhooks, the first two also named by other spellings and threads."""
 FINAL = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost")

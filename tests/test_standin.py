@@ -415,6 +415,11 @@ def test_hang_holds_only_its_webhook(discord, http):
         thread.join(DEADLINE)
 
 
+def test_a_trailing_slash_is_not_found_as_on_discord(discord, http):
+    response = post(http, discord.webhook_url(1) + "/")
+    assert response.status_code == 404 and discord.messages() == []
+
+
 def test_requests_in_flight_at_once_are_counted_per_webhook(discord, http):
     """What the soak checks the relay by: one request per webhook in flight at a time,
     whatever URL it is addressed through."""
