@@ -5,13 +5,13 @@ is compared with the relay's counters. Everything runs on 127.0.0.1.
 
 A producer pushes tagged messages (``soak-<n>``; about 2% go to a webhook the relay does
 not allow, so they must be rejected) to three webhooks, each named by any of its URLs
-(one per burst): as written, with an API version, or one of its threads (``?thread_id=``).
-A weather thread switches the stand-in between ok, HTTP 500, hang (at most 3 s, under
-the relay's deadline, so a hang never turns into a timeout's duplicate), global and
-per-channel 429s, and down (stopped, then started again on the same port). The main thread sends bursts,
-pauses, and ends relay runs with SIGKILL or SIGTERM; with ``--sighup`` it also moves
-the log aside and sends SIGHUP, which must not stop the relay and must make it write a
-new log.
+(for a few bursts, then another): as written, with an API version, or one of its threads
+(``?thread_id=``). A weather thread switches the stand-in between ok, HTTP 500, hang
+(at most 3 s, under the relay's deadline, so a hang never turns into a timeout's
+duplicate), global and per-channel 429s, and down (stopped, then started again on the
+same port). The main thread sends bursts, pauses, and ends relay runs with SIGKILL or
+SIGTERM; with ``--sighup`` it also moves the log aside and sends SIGHUP, which must not
+stop the relay and must make it write a new log.
 
 Each relay run gets its own PUSH socket, so every tag belongs to exactly one run, which
 takes a prefix of its tags in order. Before a SIGTERM or a SIGKILL the producer waits
@@ -86,6 +86,7 @@ from notifier.standin import DiscordStandIn
 WEBHOOKS = ("1", "2", "3")
 SPELLINGS = ("plain", "plain", "v10", "v6", "thread", "v10 thread")
 THREADS = 3  # threads per webhook the producer posts into, besides its channel
+URL_CHANGE_SHARE = 0.25  # bursts after which the producer names a webhook by another URL
 REFUSED_SHARE = 0.02  # tags sent to a webhook the relay does not allow
 WEATHER = {"ok": 4, "status": 1, "hang": 1, "global_429": 1, "channel_429": 1, "down": 1}
 MODE_PARAMS = {"status": {"status": 500}, "global_429": {"retry_after": 1.0},
@@ -355,6 +356,7 @@ class Soak:
         self.runs: list[Run] = []
         self.refused: set[int] = set()
         self.sent_to: dict[int, str] = {}  # tag -> the URL it was sent to
+        self.urls: dict[str, str] = {}  # webhook -> the URL the producer names it by now
         self.next_tag = 0
 
     # ------------------------------------------------------------------ producer
@@ -369,9 +371,14 @@ class Soak:
         return self.runs[-1]
 
     def send_burst(self, run: Run) -> None:
-        """1-30 tags; each webhook is named by one of its URLs in a burst (as a producer
-        names it for a purpose), by another in the next."""
-        urls = {hook: self.url(hook) for hook in WEBHOOKS}
+        """1-30 tags; each webhook is named by one of its URLs for a few bursts (as a
+        producer names it for a purpose), then by another. (Messages are combined only
+        with those asking for the same URL: a URL changed at every burst would leave
+        little to combine, and the channel's hidden limit would outlast the drain.)"""
+        for hook in WEBHOOKS:
+            if hook not in self.urls or self.rng.random() < URL_CHANGE_SHARE:
+                self.urls[hook] = self.url(hook)
+        urls = self.urls
         for _ in range(self.rng.randint(1, 30)):
             tag = self.next_tag
             self.next_tag += 1
