@@ -357,6 +357,7 @@ class Soak:
         self.refused: set[int] = set()
         self.sent_to: dict[int, str] = {}  # tag -> the URL it was sent to
         self.urls: dict[str, str] = {}  # webhook -> the URL the producer names it by now
+        self.url_rng = random.Random(seed + 3)  # apart: the other decisions stay as they were
         self.next_tag = 0
 
     # ------------------------------------------------------------------ producer
@@ -376,7 +377,7 @@ class Soak:
         with those asking for the same URL: a URL changed at every burst would leave
         little to combine, and the channel's hidden limit would outlast the drain.)"""
         for hook in WEBHOOKS:
-            if hook not in self.urls or self.rng.random() < URL_CHANGE_SHARE:
+            if hook not in self.urls or self.url_rng.random() < URL_CHANGE_SHARE:
                 self.urls[hook] = self.url(hook)
         urls = self.urls
         for _ in range(self.rng.randint(1, 30)):
@@ -394,9 +395,9 @@ class Soak:
 
     def url(self, hook: str) -> str:
         """One of the URLs of webhook `hook`, at random: one webhook whatever it says."""
-        how = self.rng.choice(SPELLINGS)
+        how = self.url_rng.choice(SPELLINGS)
         self.result.spellings[how] += 1
-        thread = 500 + self.rng.randrange(THREADS) if "thread" in how else None
+        thread = 500 + self.url_rng.randrange(THREADS) if "thread" in how else None
         version = int(how.split()[0][1:]) if how.startswith("v") else None
         return self.standin.webhook_url(hook, thread=thread, version=version)
 
