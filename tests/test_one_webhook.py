@@ -14,6 +14,7 @@ from notifier import sexp
 from notifier.payload import LOSS_THREAD_NAME
 from notifier.standin import DiscordStandIn
 from tests.harness import assert_balanced
+from tests.test_discord_limits import alone
 
 DEADLINE = 30.0  # generous: the machine may be loaded
 
@@ -21,11 +22,6 @@ DEADLINE = 30.0  # generous: the machine may be loaded
 def envelope(url, payload):
     return sexp.dumps({"type": "NOTIFIER", "webhook": url,
                        "payload_json": json.dumps(payload)}).encode("utf-8")
-
-
-def alone(i):
-    """A message that cannot be combined with the others: one request each."""
-    return {"content": f"m{i}", "username": f"bot {i}"}
 
 
 @pytest.fixture
