@@ -76,6 +76,10 @@ def duration(seconds: float) -> str:
 
 
 def _ago(seconds: float) -> str:
+    """How long ago; a second or more ahead of this clock (the writer's clock is ahead)
+    says how far ahead, never "0 s ago"."""
+    if seconds <= -1:
+        return f"in the future by {duration(-seconds)}"
     return f"{duration(seconds)} ago"
 
 

@@ -11,7 +11,6 @@ numbers are now.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +26,11 @@ def _number(value: Any) -> bool:
         and 0 <= value < 1e11
 
 
-def _date(unix: float, now: float) -> str:
-    """As `status.when`, but a time a second or more after `now` says how far ahead it is
-    (the writer's clock is ahead of this machine's), not "0 s ago"."""
-    if unix - now < 1:
-        return when(unix, now)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
-    return f"{stamp} (in the future by {duration(unix - now)})"
-
-
 def _value(name: str, value: Any, now: float) -> str:
     if name == "timestamp" and _number(value) and value >= UNIVERSAL_TO_UNIX:
-        return f"{_date(value - UNIVERSAL_TO_UNIX, now)}, universal time {sexp.dumps(value)}"
+        return f"{when(value - UNIVERSAL_TO_UNIX, now)}, universal time {sexp.dumps(value)}"
     if name == "notifier_snapshot_unix" and _number(value):
-        return f"{_date(value, now)}, Unix time {sexp.dumps(value)}"
+        return f"{when(value, now)}, Unix time {sexp.dumps(value)}"
     return sexp.dumps(value)  # floats read as written print as written
 
 

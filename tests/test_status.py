@@ -230,3 +230,8 @@ def test_a_relay_that_only_rejects_is_not_ok(tmp_path, relays, pushers):
                             "since the start; the last "), first
     assert "bad S-expression: unterminated string" in first
     assert relay.stop() == 0
+
+
+def test_a_time_ahead_of_this_clock_says_how_far_in_the_future():
+    assert status.when(NOW + 3 * 3600, NOW).endswith("(in the future by 3.0 h)")
+    assert status.when(NOW - 5, NOW).endswith("(5 s ago)")
