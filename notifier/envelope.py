@@ -50,6 +50,8 @@ DISCORD_ORIGIN = "https://discord.com"
 this whatever host the producer wrote."""
 
 _WEBHOOK_PATH = re.compile(r"/api(?:/v\d{1,3})?/webhooks/([^/]+)/([^/]+)\Z")
+_PATH_RULE = ("webhook path must be /api/webhooks/<id>/<token> (or "
+              "/api/v<N>/webhooks/<id>/<token>)")
 _SNOWFLAKE = re.compile(r"[1-9][0-9]{0,24}\Z")
 """A Discord id (webhook, thread): digits, no leading zero, so one id has one spelling."""
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}\Z")
@@ -154,17 +156,17 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
     if parts.username is not None or parts.password is not None:
         raise EnvelopeError("webhook must not carry user credentials")
     if parts.path.endswith("/") and _WEBHOOK_PATH.match(parts.path.rstrip("/")):
-        raise EnvelopeError("webhook URL must not end with '/': Discord answers 404 to it")
+        raise EnvelopeError(f"{_PATH_RULE}, without a trailing '/' (Discord answers 404 to it)")
     path = _WEBHOOK_PATH.match(parts.path)
     if path is None:
-        raise EnvelopeError("webhook path must be /api/webhooks/<id>/<token> (or "
-                            "/api/v<N>/webhooks/<id>/<token>)")
+        raise EnvelopeError(f"{_PATH_RULE}: an id of digits, a token of letters, digits, '_' "
+                            "and '-' (not '.' or '..'), no empty segment")
     webhook, token = path.groups()
     if not _SNOWFLAKE.match(webhook):
-        raise EnvelopeError("webhook id must be a Discord id: digits, without a leading 0")
+        raise EnvelopeError(f"{_PATH_RULE}: the id a Discord id (digits, without a leading 0)")
     if not _TOKEN.match(token):
-        raise EnvelopeError("webhook token must be Discord's: letters, digits, '_' and '-' "
-                            "(up to 200)")
+        raise EnvelopeError(f"{_PATH_RULE}: the token of letters, digits, '_' and '-', up to "
+                            "200 (not '.' or '..')")
     if parts.fragment or "#" in url:
         raise EnvelopeError("webhook URL may only carry a thread_id query, no fragment")
     if parts.query:

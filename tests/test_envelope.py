@@ -177,9 +177,9 @@ def test_keys_tell_apart_what_is_not_one_webhook():
     (f"https://discord.com:8443/api/webhooks/42/{TOKEN}", "must use https on Discord's default"),
     (f"https://user:pw@discord.com/api/webhooks/42/{TOKEN}", "must not carry user credentials"),
     (f"https://discord.com/api/channels/42/{TOKEN}", "path must be /api/webhooks/<id>/<token>"),
-    (f"https://discord.com/api/webhooks/x42/{TOKEN}", "webhook id must be a Discord id"),
-    (f"https://discord.com/api/webhooks/042/{TOKEN}", "webhook id must be a Discord id"),
-    (f"https://discord.com/api/webhooks/%34%32/{TOKEN}", "webhook id must be a Discord id"),
+    (f"https://discord.com/api/webhooks/x42/{TOKEN}", "the id a Discord id"),
+    (f"https://discord.com/api/webhooks/042/{TOKEN}", "the id a Discord id"),
+    (f"https://discord.com/api/webhooks/%34%32/{TOKEN}", "the id a Discord id"),
     ("https://discord.com/api/webhooks/42/", "path must be"),
     (f"https://discord.com/api/webhooks/42//{TOKEN}", "path must be"),
     (f"https://discord.com/api/webhooks//42/{TOKEN}", "path must be"),
@@ -187,17 +187,17 @@ def test_keys_tell_apart_what_is_not_one_webhook():
     (f"https://discord.com/api/webhook/42/{TOKEN}", "path must be"),
     (f"https://discord.com/api/webhooks/42/{TOKEN}/extra", "path must be"),
     (f"https://discord.com/api/vX/webhooks/42/{TOKEN}", "path must be"),
-    ("https://discord.com/api/webhooks/42/..", "webhook token must be Discord's"),
-    ("https://discord.com/api/webhooks/42/.", "webhook token must be Discord's"),
-    ("https://discord.com/api/webhooks/42/../", "must not end with '/': Discord answers 404"),
-    (f"https://discord.com/api/webhooks/42/{TOKEN}/", "must not end with '/': Discord answers 404"),
-    (f"https://discord.com/api/v10/webhooks/42/{TOKEN}/?thread_id=9", "must not end with '/'"),
-    ("https://discord.com/api/webhooks/42/%2e%2e", "webhook token must be Discord's"),
+    ("https://discord.com/api/webhooks/42/..", "the token of letters"),
+    ("https://discord.com/api/webhooks/42/.", "the token of letters"),
+    ("https://discord.com/api/webhooks/42/../", "without a trailing '/' (Discord answers 404"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}/", "without a trailing '/' (Discord answers 404"),
+    (f"https://discord.com/api/v10/webhooks/42/{TOKEN}/?thread_id=9", "without a trailing '/'"),
+    ("https://discord.com/api/webhooks/42/%2e%2e", "the token of letters"),
     ("https://discord.com/api/webhooks/../42/tok", "path must be"),
     ("https://discord.com/api/webhooks/./42/tok", "path must be"),
-    (f"https://discord.com/api/webhooks/42/{TOKEN}.", "webhook token must be Discord's"),
-    (f"https://discord.com/api/webhooks/42/{TOKEN}%41", "webhook token must be Discord's"),
-    (f"https://discord.com/api/webhooks/42/{TOKEN}" + "x" * 200, "webhook token must be"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}.", "the token of letters"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}%41", "the token of letters"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}" + "x" * 200, "the token of letters"),
     (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=", "thread_id must be a thread's id"),
     (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=x9", "thread_id must be a thread's id"),
     (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=09", "thread_id must be a thread's id"),
@@ -269,7 +269,8 @@ def test_what_is_accepted_is_posted_as_checked_and_keyed_by_its_id_and_token(hos
     try:
         checked = envelope.check_webhook(url, (("127.0.0.1", 8099), ("::1", None)))
     except EnvelopeError as error:
-        assert token not in error.reason or len(token) < 3
+        quoted = error.reason.replace(envelope._PATH_RULE, "")  # the rule names "webhooks"
+        assert token not in quoted or len(token) < 3
         return
     posted = envelope.post_url(checked)
     assert requests.Request("POST", posted).prepare().url == posted

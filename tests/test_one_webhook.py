@@ -138,8 +138,8 @@ def test_dot_segment_tokens_and_a_trailing_slash_are_refused_and_nothing_is_post
         push(discord.webhook_url(456) + "/", {"content": "x"})
         snapshot = settled(relay, "five rejected", lambda m: m["rejected"] == 5)
         assert snapshot["delivered"] == 0 and discord.requests == []
-        assert "webhook token must be Discord's" in relay.log()
-        assert "webhook URL must not end with '/': Discord answers 404" in relay.log()
+        assert "the token of letters, digits, '_' and '-', up to 200 (not '.'" in relay.log()
+        assert "without a trailing '/' (Discord answers 404 to it)" in relay.log()
 
 
 def test_a_forum_webhooks_loss_notice_makes_its_own_thread_after_a_restart(start, relays):
