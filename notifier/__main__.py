@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from notifier import __version__, config, envelope, logs, program_name
 from notifier import standin as discord_standin
 from notifier.client import add_send_parser
+from notifier.redaction import escape_controls
 from notifier.replay import add_replay_parser
 
 
@@ -19,7 +20,7 @@ def _settings(args: argparse.Namespace, command: str) -> config.Config | None:
     try:
         return config.load(os.environ, vars(args))
     except config.ConfigError as exc:
-        print(f"notifier {command}: {exc}", file=sys.stderr)
+        print(f"notifier {command}: {escape_controls(str(exc))}", file=sys.stderr)
         return None
 
 
@@ -68,9 +69,10 @@ def check(args: argparse.Namespace) -> int:
         print(f"rejected: internal error while parsing: {type(exc).__name__} (a bug; "
               "please report it with the envelope)", file=sys.stderr)
         return 1
-    print(json.dumps({"webhook": envelope.redact(envelope.post_url(message.webhook)),
-                      "payload": message.requests[0],
-                      "requests": message.requests}, ensure_ascii=False, indent=2))
+    shown = json.dumps({"webhook": envelope.redact(envelope.post_url(message.webhook)),
+                        "payload": message.requests[0],
+                        "requests": message.requests}, ensure_ascii=False, indent=2)
+    print(escape_controls(shown, keep_newlines=True))  # the C1 ones json leaves raw
     return 0
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 ZAP_DOMAIN = "swimmy-notifier"
@@ -120,6 +121,27 @@ def set_client(socket: zmq.Socket, server_public: bytes, public: bytes, secret: 
     socket.curve_secretkey = secret
 
 
+class _Authenticator(ThreadAuthenticator):
+    """zmq.auth's authenticator, noting which CURVE keys connect from which address: a
+    connection libzmq drops (`notifier.door`) is named by the producer at its address."""
+
+    MAX_ADDRESSES = 1024
+
+    def __init__(self, context: zmq.Context):
+        super().__init__(context)
+        self.keys_at: dict[str, frozenset[str]] = {}  # replaced, never changed: read
+        # from the relay's receiver thread while this one writes
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        await super().handle_zap_message(msg)  # a coroutine since pyzmq 25
+        if len(msg) >= 7 and msg[5] == b"CURVE" and len(msg[6]) == 32:
+            address = msg[3].decode("utf-8", "replace")
+            keys = self.keys_at.pop(address, frozenset())
+            if len(self.keys_at) >= self.MAX_ADDRESSES:
+                del self.keys_at[next(iter(self.keys_at))]
+            self.keys_at[address] = keys | {zmq.utils.z85.encode(msg[6]).decode("ascii")}
+
+
 class Clients:
     """The ZAP authenticator of the relay's context and `names`, the keys it admits
     (Z85 User-Id -> producer name). `reload` re-reads the directory: a new key can
@@ -131,7 +153,7 @@ class Clients:
         self.names: dict[str, str] = {}
         self.former: dict[str, str] = {}  # revoked key -> its name
         names = load_clients(directory)
-        self._auth = ThreadAuthenticator(context)
+        self._auth = _Authenticator(context)
         self._auth.start()
         try:
             self._configure(names)
@@ -165,6 +187,12 @@ class Clients:
                 del self.former[next(iter(self.former))]
         added = [name for key, name in self.names.items() if key not in old]
         return sorted(added), sorted(removed.values())
+
+    def name_at(self, address: str) -> str | None:
+        """The producer that connected from `address`, if only one did."""
+        keys = self._auth.keys_at.get(address, frozenset())
+        names = {self.names.get(key) or self.former.get(key) for key in keys} - {None}
+        return names.pop() if len(names) == 1 else None
 
     def alive(self) -> bool:
         return self._auth.is_alive()

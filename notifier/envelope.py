@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from notifier import payload as discord_payload
-from notifier import sexp
+from notifier import message_fields, redaction, sexp
 
 MAX_ENVELOPE_BYTES = 64 * 1024
 """Largest envelope accepted. A Discord message tops out near 6,000 characters of embed
@@ -70,9 +70,11 @@ _PAYLOAD_KEYS = ("payload", "payload_json", "data")
 
 
 class EnvelopeError(ValueError):
-    """A refused envelope; `reason` says what to fix and never contains a token."""
+    """A refused envelope; `reason` says what to fix and never contains a token or a
+    control character (what it quotes of the envelope went through `_preview`)."""
 
     def __init__(self, reason: str):
+        reason = redaction.escape_controls(reason)
         super().__init__(reason)
         self.reason = reason
 
@@ -105,6 +107,24 @@ def webhook_id(url: str) -> str:
     """The numeric id of a webhook URL, the only part of it that may be logged."""
     match = _WEBHOOK_ID.search(url)
     return match.group(1) if match else "?"
+
+
+def own_webhook_id(data: bytes) -> str | None:
+    """The id of an envelope's own webhook: its `webhook` field's, never a URL quoted
+    anywhere else in it (a JSON payload may come first and quote another webhook). None
+    when the envelope cannot be read or its field is not a webhook URL. Reads the whole
+    envelope: for the few envelopes dropped or counted before they are parsed."""
+    try:
+        url = _fields(data)[0].get("webhook")
+    except (EnvelopeError, sexp.SexpError, RecursionError):
+        return None
+    if not isinstance(url, str):
+        return None
+    try:
+        match = _WEBHOOK_PATH.match(urlsplit(url).path)
+    except ValueError:
+        return None
+    return match.group(1) if match and _SNOWFLAKE.match(match.group(1)) else None
 
 
 def redact(url: str) -> str:
@@ -147,7 +167,7 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
     if not extra:
         if host not in DISCORD_HOSTS:
             raise EnvelopeError(
-                f"webhook host {sexp.quote(host) if host else '(none)'} is not Discord's; add it to "
+                f"webhook host {_preview(host) if host else '(none)'} is not Discord's; add it to "
                 "SWIMMY_NOTIFIER_ALLOWED_HOSTS to allow it")
         if parts.scheme != "https" or port not in (None, 443):
             raise EnvelopeError("webhook must use https on Discord's default port")
@@ -220,11 +240,15 @@ def too_large(size: int) -> str:
     return f"envelope of {size} bytes is over the {MAX_ENVELOPE_BYTES}-byte limit"
 
 
+PREVIEW_CHARS = 40
+"""Most characters of a bad value a reason quotes."""
+
+
 def _preview(value: Any) -> str:
-    """A short rendering of a bad value for a reason: Lisp data as Lisp prints it."""
+    """A short, token-free rendering of a bad value for a reason: Lisp data as Lisp
+    prints it."""
     lisp = isinstance(value, (sexp.Symbol, sexp.DottedList, Fraction))
-    text = sexp.dumps(value) if lisp else repr(value)
-    return scrub(text if len(text) <= 40 else text[:37] + "...")
+    return redaction.shorten(sexp.dumps(value) if lisp else repr(value), PREVIEW_CHARS)
 
 
 def _json_value(value: Any, path: str) -> Any:
@@ -238,8 +262,8 @@ def _json_value(value: Any, path: str) -> Any:
     kind = ("a symbol" if isinstance(value, sexp.Symbol) else
             "a ratio" if isinstance(value, Fraction) else
             "a dotted list" if isinstance(value, sexp.DottedList) else type(value).__name__)
-    raise EnvelopeError(f"{path} is {kind} ({_preview(value)}), which has no JSON form; "
-                        "send a string or a number")
+    raise EnvelopeError(f"{redaction.shorten(path, PREVIEW_CHARS)} is {kind} "
+                        f"({_preview(value)}), which has no JSON form; send a string or a number")
 
 
 def _too_deep() -> EnvelopeError:
@@ -272,7 +296,7 @@ def _fields(data: bytes) -> tuple[dict, bool]:
         try:
             entries = sexp.read_alist(data, max_bytes=MAX_ENVELOPE_BYTES)
         except sexp.SexpError as exc:
-            raise EnvelopeError(f"bad S-expression: {scrub(str(exc))}") from None
+            raise EnvelopeError(f"bad S-expression: {redaction.hide_tokens(str(exc))}") from None
         if entries is None:
             raise EnvelopeError("envelope must be an alist of (key . value) entries")
         fields: dict[str, Any] = {}
@@ -327,7 +351,10 @@ def _payload(fields: dict, is_sexp: bool) -> dict:
         raise EnvelopeError(f"{key}.embeds must be a list of objects (alists)")
     if not ((content and not content.isspace()) or embeds or value.get("poll")):
         raise EnvelopeError(f"{key} has no content, embeds or poll: Discord would refuse it")
-    return value
+    try:
+        return message_fields.conform(value)
+    except message_fields.FieldError as exc:
+        raise EnvelopeError(f"{key}.{exc}") from None
 
 
 def _check_depth(value: Any, data: bytes) -> None:

@@ -5,7 +5,9 @@ Everything held counts against `queue_max`: envelopes not parsed yet (the newest
 those lent to the receiver for parsing, and the parsed messages waiting in the lanes or
 being sent. When full, the oldest waiting message is dropped first (parsed ones are
 older than raw ones); a message being sent or parsed is never dropped, so when nothing
-else is left the newcomers are refused instead.
+else is left the newcomers are refused instead. (The relay parses what it holds, and
+the newcomers, before it gets here at the bound: an envelope dropped unparsed is rare,
+charged to the webhook its own field names, `envelope.own_webhook_id`.)
 """
 
 from __future__ import annotations
@@ -20,25 +22,6 @@ from notifier.envelope import Message
 DEDUPE_MAX_ENTRIES = 10_000
 """Most payloads remembered for duplicate suppression; past this the oldest are
 forgotten early, so a flood of distinct messages cannot grow memory."""
-
-
-def raw_webhook_id(envelope: bytes) -> bytes | None:
-    """The id of the first webhook URL in an envelope not parsed yet (a fair guess for
-    any real envelope), found with bytes.find: this runs for every envelope a flood
-    drops, at hundreds of thousands a second."""
-    start = envelope.find(b"/webhooks/")
-    if start < 0:
-        return None
-    start += len(b"/webhooks/")
-    end = envelope.find(b"/", start, start + 26)
-    webhook = envelope[start:end]
-    return webhook if end > start and webhook.isdigit() else None
-
-
-def webhook_of(envelope: bytes) -> str | None:
-    """`raw_webhook_id` as text."""
-    found = raw_webhook_id(envelope)
-    return None if found is None else found.decode()
 
 
 def dedupe_key(message: Message) -> bytes:
@@ -114,21 +97,29 @@ class Holding:
         """Hold `raws` within the bound, dropping the oldest waiting messages of `lanes`
         (objects with a `waiting` deque of Held), then the oldest raw envelopes, to make
         room; newcomers are refused only when nothing else can go."""
-        excess = self.count + len(raws) - self.queue_max
-        room = Room([], [], [])
-        if excess > 0:
-            room.dropped.extend(self._drop_waiting(excess, list(lanes)))
-            raw = self.raw
-            room.dropped_raw.extend(raw.popleft()
-                                    for _ in range(min(excess - len(room.dropped), len(raw))))
-            short = excess - len(room.dropped) - len(room.dropped_raw)
-            if short > 0:
-                room.refused.extend(raws[:short])
-                raws = raws[short:]
-            self.count -= len(room.dropped) + len(room.dropped_raw)
+        room = Room(*self.make_room(len(raws), lanes, drop_raw=True), [])
+        short = self.count + len(raws) - self.queue_max
+        if short > 0:
+            room.refused.extend(raws[:short])
+            raws = raws[short:]
         self.count += len(raws)
         self.raw.extend(raws)
         return room
+
+    def make_room(self, newcomers: int, lanes: Iterable, drop_raw: bool = False
+                  ) -> tuple[list[tuple[object, Held]], list[Raw]]:
+        """Make room for `newcomers` within the bound: drop the oldest waiting messages
+        of `lanes`, then (`drop_raw`) the oldest raw envelopes. Returns both; what room
+        is still short, nothing else could give."""
+        excess = self.count + newcomers - self.queue_max
+        if excess <= 0:
+            return [], []
+        dropped = self._drop_waiting(excess, list(lanes))
+        raw = self.raw
+        dropped_raw = [raw.popleft() for _ in range(min(excess - len(dropped), len(raw)))] \
+            if drop_raw else []
+        self.count -= len(dropped) + len(dropped_raw)
+        return dropped, dropped_raw
 
     @staticmethod
     def _drop_waiting(count: int, lanes: list) -> list[tuple[object, Held]]:

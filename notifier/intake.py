@@ -3,9 +3,10 @@
 The receiver only takes envelopes off the socket; the intake thread commits them to the
 store (in durable mode), holds them in the outbox and parses them. While it commits, with
 the GIL released inside SQLite, the receiver goes on receiving, and what piled up
-meanwhile is committed in one transaction. At most `most` batches wait here: beyond that
-the receiver waits too, and ZeroMQ's queues hold the rest, as they would for a slow
-receiver. A message counts as received once the intake thread holds it (committed).
+meanwhile is committed in one transaction. At most `most` batches, and MOST_BYTES of
+envelopes (a batch of large frames weighs much more than one of notifications), wait
+here: beyond that the receiver waits too, and ZeroMQ's queues hold the rest, as they
+would for a slow receiver. A message counts as received once the intake thread holds it (committed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from collections import deque
 
 MOST_BATCHES = 8
 """Batches of up to 512 envelopes waiting for the intake thread at most."""
+MOST_BYTES = 16 << 20
+"""Bytes of envelopes waiting for the intake thread at most (one batch is let in
+whatever its size)."""
 
 
 class Intake:
@@ -23,6 +27,7 @@ class Intake:
     def __init__(self, most: int = MOST_BATCHES):
         self._most = most
         self._batches: deque[tuple[list[bytes], list[str] | None]] = deque()
+        self._bytes = 0  # of the envelopes in `_batches`
         self._closed = False
         self._changed = threading.Condition()
         self.more = False  # the last batch was full: the socket had more
@@ -38,12 +43,14 @@ class Intake:
                     self.more = False
                     self._changed.notify_all()
                 return True
-            while len(self._batches) >= self._most and not self._closed:
+            while self._batches and (len(self._batches) >= self._most
+                                     or self._bytes >= MOST_BYTES) and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return False
             self.more = more
             self._batches.append((frames, producers))
+            self._bytes += sum(map(len, frames))
             self._changed.notify_all()
             return True
 
@@ -58,6 +65,7 @@ class Intake:
                 return None if self._closed else ([], None)
             batches = list(self._batches)
             self._batches.clear()
+            self._bytes = 0
             self._changed.notify_all()
         frames = [frame for batch, _ in batches for frame in batch]
         if batches[0][1] is None:

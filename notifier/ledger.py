@@ -17,9 +17,11 @@ from typing import Callable, Iterable
 
 COUNTERS = ("received", "delivered", "drops", "rejected", "deduplicated", "failed", "lost",
             "errors", "retries", "rate_limited", "requests", "notices", "restored",
-            "restored_in_flight", "delivered_unconfirmed")
+            "restored_in_flight", "delivered_unconfirmed", "drops_webhook_unknown")
 """The totals; `delivered_unconfirmed` counts 2xx answers whose body broke off (their
-messages are in `delivered`)."""
+messages are in `delivered`), `drops_webhook_unknown` the drops no webhook could be
+charged with (in `drops`: an envelope dropped unparsed whose own webhook field could
+not be read)."""
 
 MAX_PRODUCERS = 256
 """Producers (CURVE certificate names) counted one by one; any further ones are counted
@@ -140,7 +142,8 @@ class Ledger:
         unparsed ones as (webhook id found in the envelope, producer). An unparsed drop
         is charged to the account of its webhook id (`account_of`), or, before any
         message to that webhook was parsed, to the id itself (for at most EARLY_DROP_IDS
-        ids), which the account it gets later adopts."""
+        ids), which the account it gets later adopts; one whose webhook is not known
+        (None) is counted as such, and no channel hears of it."""
         self.counts["drops"] += len(parsed) + len(unparsed)
         accounts = {}
         for account, producer in parsed:
@@ -152,7 +155,9 @@ class Ledger:
         per_webhook: dict[str, int] = {}
         for webhook_id, producer in unparsed:
             self.charge(producer, "drops")
-            if webhook_id is not None:
+            if webhook_id is None:
+                self.counts["drops_webhook_unknown"] += 1
+            else:
                 per_webhook[webhook_id] = per_webhook.get(webhook_id, 0) + 1
         for webhook_id, count in per_webhook.items():
             account = account_of(webhook_id)

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from notifier.envelope import scrub
+from notifier.redaction import escape_controls
 
 
 class ScrubbingFormatter(logging.Formatter):
     """UTC timestamps, and every webhook token in a line or traceback replaced: the last
-    line of defence, since exception messages from HTTP libraries quote URLs."""
+    line of defence, since exception messages from HTTP libraries quote URLs. Control
+    characters are escaped, so that one event is one line (a traceback keeps its lines)
+    and nothing in it reaches the terminal as a control sequence."""
 
     converter = time.gmtime
 
@@ -29,6 +32,15 @@ class ScrubbingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        return escape_controls(super().formatException(ei), keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_controls(super().formatStack(stack_info), keep_newlines=True)
+
 
 class JsonFormatter(ScrubbingFormatter):
     """The same fields as the text line, as one JSON object per line, for log shippers:
@@ -37,7 +49,7 @@ class JsonFormatter(ScrubbingFormatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": f"{self.formatTime(record, self.datefmt)}.{int(record.msecs):03d}Z",
                 "level": record.levelname, "logger": record.name,
-                "message": scrub(record.getMessage())}
+                "message": escape_controls(scrub(record.getMessage()))}
         if record.exc_info:
             line["traceback"] = scrub(self.formatException(record.exc_info))
         return json.dumps(line, ensure_ascii=False)

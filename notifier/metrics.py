@@ -48,6 +48,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries["delivered_unconfirmed"] = snapshot.get("delivered_unconfirmed", 0)
+    entries["drops_webhook_unknown"] = snapshot.get("drops_webhook_unknown", 0)
+    entries["oversized_disconnects"] = snapshot.get("oversized_disconnects", 0)
     entries.update(durable=snapshot.get("durable", False),
                    store_state=snapshot.get("store_state", "ok"),
                    store_reason=snapshot.get("store_reason"),
@@ -70,7 +72,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}
                   for hook in snapshot["webhooks"]],
-        curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"])
+        curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"],
+        oversized_by_producer=snapshot.get("oversized_by_producer", []))
     return entries
 
 

@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 from notifier.answers import MAX_AGE_SEC, Answers
 from notifier.deadletter import DeadLetters, Letter
 from notifier.discord import Outcome
-from notifier.envelope import MAX_ENVELOPE_BYTES, Message, too_large
-from notifier.held import Dedupe, Holding, Raw, webhook_of
+from notifier.envelope import MAX_ENVELOPE_BYTES, Message, own_webhook_id, too_large
+from notifier.held import Dedupe, Holding, Raw
 from notifier.lanes import Job, Lane, Lanes
 from notifier.ledger import Ledger
 from notifier.limits import Limits
@@ -135,6 +135,47 @@ class Outbox:
                 self._ledger.rejected(producer, too_large(size))
             return self._hold(raws), oversized
 
+    @property
+    def room(self) -> int:
+        """Messages that fit before the bound (read without the lock: only the thread
+        that takes envelopes in makes it smaller, restores aside)."""
+        return self.queue_max - self._holding.count
+
+    def accept_parsed(self, envelopes: list[bytes], producers: list[str] | None,
+                      results: list[tuple[Message | str, bytes | None]]) -> int:
+        """`accept` at the bound, for envelopes the receiver parsed first (`results`, one
+        each, as `add_parsed` takes them): a rejected one is counted with its reason and
+        never held, so it takes no message's place; the valid ones are held as the
+        newest, the oldest waiting messages dropped to make room for them (or, when
+        nothing waits, the oldest of them). Returns the drops."""
+        now = self._monotonic()
+        senders = producers or [None] * len(envelopes)
+        valid = [(Raw(data, now, producer=producer), result, key)
+                 for data, producer, (result, key) in zip(envelopes, senders, results)
+                 if not isinstance(result, str)]
+        if self._durable and valid:
+            self._store.add([raw for raw, _, _ in valid], self._wall())
+        with self._locked():
+            self._ledger.received(len(envelopes), producers)
+            for producer, (result, _) in zip(senders, results):
+                if isinstance(result, str):
+                    self._ledger.rejected(producer, result)
+            holding, finished, held = self._holding, [], []
+            holding.count += len(valid)  # as if held: `_place` releases what it does not hold
+            for raw, message, key in valid:
+                if (placed := self._place(message, key, raw, now, finished)) is not None:
+                    held.append(placed)
+            holding.count -= len(held)  # held again below, within the bound
+            dropped, _ = holding.make_room(len(held), self._lanes)
+            cut = max(0, holding.count + len(held) - self.queue_max)
+            for lane, item in held[cut:]:
+                lane.waiting.append(item)
+            holding.count += len(held) - cut
+            self._store.done(finished)
+            self._dropped(dropped + held[:cut])
+            self._changed.notify_all()
+            return len(dropped) + cut
+
     def refuse(self, producers: list[str]) -> None:
         """Count envelopes refused as they arrived, never held: from a producer whose key
         was revoked after it connected."""
@@ -175,14 +216,20 @@ class Outbox:
         while those are being sent, the newcomers) to make room. Returns the drops."""
         room = self._holding.admit(raws, self._lanes)
         unparsed = room.dropped_raw + room.refused
-        if room.dropped or unparsed:
-            for _, item in room.dropped:
-                self._dedupe.forget(item)
-            self._ledger.dropped([(lane.account, item.raw.producer) for lane, item in room.dropped],
-                                 [(webhook_of(raw.data), raw.producer) for raw in unparsed],
-                                 self._lanes.account_of)
-            self._store.done([item.raw for _, item in room.dropped] + unparsed)
+        self._dropped(room.dropped, unparsed)
         return len(room.dropped) + len(unparsed)
+
+    def _dropped(self, parsed: list[tuple[Lane, Held]], unparsed: list[Raw] = ()) -> None:
+        """Count messages dropped to make room, each charged to its own webhook (an
+        unparsed one to the webhook its envelope's own field names), and forget them."""
+        if not (parsed or unparsed):
+            return
+        for _, item in parsed:
+            self._dedupe.forget(item)
+        self._ledger.dropped([(lane.account, item.raw.producer) for lane, item in parsed],
+                             [(own_webhook_id(raw.data), raw.producer) for raw in unparsed],
+                             self._lanes.account_of)
+        self._store.done([item.raw for _, item in parsed] + list(unparsed))
 
     def take_unparsed(self, limit: int) -> list[tuple[bytes, str | None]]:
         """Up to `limit` raw envelopes (with their producer), oldest first, for the
@@ -200,30 +247,39 @@ class Outbox:
         """Give back what `take_unparsed` lent, parsed: ``(message or rejection reason,
         dedupe key or None)`` each, in the same order."""
         now = self._monotonic()
-        holding, ledger = self._holding, self._ledger
-        finished = []
+        holding, finished = self._holding, []
         with self._locked():
             for result, key in results:
                 raw = holding.give_back()
                 if isinstance(result, str):
-                    ledger.rejected(raw.producer, result)
+                    self._ledger.rejected(raw.producer, result)
                     holding.release(1)
                     finished.append(raw)
-                    continue
-                lane = self._lanes.get(result.key) or self._lanes.add(result.key)
-                if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
-                    self._answers.fail([holding.parsed(result, None, raw)], lane,
-                                       lane.dead_reason, lane.dead_status, quiet=True)
-                    lane.dead_failed += 1  # (not seen, so not forgotten: key None)
-                elif key is not None and self._dedupe.seen(key, now):
-                    ledger.counts["deduplicated"] += 1
-                    holding.release(1)
-                    finished.append(raw)
-                    self._log_duplicate(lane)
-                else:
-                    lane.waiting.append(holding.parsed(result, key, raw))
+                elif (placed := self._place(result, key, raw, now, finished)) is not None:
+                    lane, item = placed
+                    lane.waiting.append(item)
             self._store.done(finished)
             self._changed.notify_all()
+
+    def _place(self, message: Message, key: bytes | None, raw: Raw, now: float,
+               finished: list[Raw]) -> tuple[Lane, Held] | None:
+        """A message just parsed (counted as held): failed at once to a quarantined
+        webhook, or suppressed as a duplicate (`finished`: for the store), else
+        (its lane, itself) to wait there."""
+        holding = self._holding
+        lane = self._lanes.get(message.key) or self._lanes.add(message.key)
+        if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
+            self._answers.fail([holding.parsed(message, None, raw)], lane,
+                               lane.dead_reason, lane.dead_status, quiet=True)
+            lane.dead_failed += 1  # (not seen, so not forgotten: key None)
+            return None
+        if key is not None and self._dedupe.seen(key, now):
+            self._ledger.counts["deduplicated"] += 1
+            holding.release(1)
+            finished.append(raw)
+            self._log_duplicate(lane)
+            return None
+        return lane, holding.parsed(message, key, raw)
 
     def _log_duplicate(self, lane: Lane) -> None:
         """A suppressed duplicate is said, not silent: the producer's send succeeded."""

@@ -65,6 +65,13 @@ def families(entries: dict[str, Any]) -> list[Metric]:
         _family(counter, "notifier_delivered_unconfirmed_total", "2xx answers whose body "
                 "broke off or outlasted the deadline: delivered, not posted again",
                 [((), entries.get("delivered_unconfirmed", 0))]),
+        _family(counter, "notifier_drops_webhook_unknown_total", "Drops no webhook could be "
+                "charged with (in notifier_messages_total{outcome=\"dropped\"})",
+                [((), entries.get("drops_webhook_unknown", 0))]),
+        _family(counter, "notifier_oversized_disconnects_total", "Producer connections "
+                "dropped for a frame over the bound (what they queued behind it was lost)",
+                [((str(entry["producer"]),), entry["disconnects"])
+                 for entry in entries.get("oversized_by_producer", [])], ("producer",)),
         _family(gauge, "notifier_invalid_requests", "401/403/429 responses in the last 10 "
                 "minutes (Discord bans an IP at 10,000)", [((), entries["invalid_requests_10m"])]),
         _family(gauge, "notifier_running", "1 while the relay runs, 0 once it has stopped",

@@ -41,13 +41,12 @@ import threading
 import time
 
 import zmq
-import zmq.utils.monitor
 
-from notifier import curve, envelope, files, logs, metrics, migrate, validate
+from notifier import curve, door, envelope, files, logs, metrics, migrate, redaction, validate
 from notifier.config import Config
 from notifier.deadletter import DeadLetters
 from notifier.discord import Outcome, RetryPolicy
-from notifier.held import dedupe_key, raw_webhook_id
+from notifier.held import dedupe_key
 from notifier.intake import Intake
 from notifier.ledger import RESTORED_PRODUCER
 from notifier.limits import Limits
@@ -85,9 +84,13 @@ class StoreInUse(RelayError):
 
 
 def preview(data: bytes) -> str:
-    """The start of a refused envelope for the log: one line, token-free."""
+    """The start of a refused envelope for the log: one line (repr escapes every control
+    character), token-free (hidden before the cut, and what the cut leaves of a run too:
+    `redaction`)."""
     text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
-    return repr(envelope.scrub(text)[:PREVIEW_CHARS])  # scrubbed before the cut, whole
+    if len(data) > PREVIEW_CHARS * 4:
+        text += redaction.CUT
+    return repr(redaction.shorten(text, PREVIEW_CHARS))
 
 
 class Relay:
@@ -107,8 +110,9 @@ class Relay:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()  # for the main thread:
         # a signal number, or "stop" from a failed thread
         self._clients: curve.Clients | None = None  # with CURVE
-        self._monitor: zmq.Socket | None = None  # the PULL socket's failed handshakes
+        self._door: door.Door | None = None  # the PULL socket's monitor
         self._refusal_log = Throttle(burst=10, interval=60.0)
+        self._oversized_log = Throttle(burst=10, interval=60.0)
         self._insecure = (settings.insecure_bind and not settings.curve
                           and not curve.is_loopback(settings.bind_addr))
         self.failed = False  # a thread died of an unexpected error
@@ -162,6 +166,7 @@ class Relay:
         pull = self._context.socket(zmq.PULL)
         pull.setsockopt(zmq.LINGER, 0)
         pull.setsockopt(zmq.IPV6, settings.ipv6)
+        door.configure(pull)
         try:
             if settings.curve:
                 self._set_up_curve(pull)
@@ -174,6 +179,7 @@ class Relay:
                 raise
             raise RelayError(f"cannot bind {settings.endpoint}: {exc}",
                              validate.code_for(exc)) from None
+        self._door = door.Door(pull, self._clients.name_at if self._clients else door.unnamed)
         wake_address = f"inproc://relay-wake-{id(self)}"
         self._wake = self._context.socket(zmq.PAIR)
         self._wake.bind(wake_address)
@@ -209,7 +215,6 @@ class Relay:
             public, secret = curve.load_secret(settings.curve_secret_key)
             self._clients = curve.Clients(self._context, settings.curve_clients)
             curve.set_server(pull, public, secret)
-            self._monitor = pull.get_monitor_socket(curve.HANDSHAKE_FAILURES)
         except curve.CurveError as exc:  # changed since the start check
             raise RelayError(f"cannot set up CURVE: {exc}", validate.OPERATOR) from None
         except zmq.ZMQError as exc:
@@ -339,8 +344,7 @@ class Relay:
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
-        if self._monitor is not None:
-            poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._door.socket, zmq.POLLIN)
         receive_batch = self._receive_curve_batch if self._clients else self._receive_batch
         inline = not self.settings.durable  # no intake thread: parse here
         try:
@@ -351,8 +355,8 @@ class Relay:
                 events = dict(poller.poll(None if timeout is None else timeout * 1000))
                 if wake in events:
                     break
-                if self._monitor in events:
-                    self._log_refused_connection()
+                if self._door.socket in events:
+                    self._read_door()
                 busy = receive_batch(pull)
                 if inline:
                     self._digest(busy)
@@ -362,9 +366,7 @@ class Relay:
                 self._digest_all()
         finally:
             self._intake.close()
-            if self._monitor is not None:
-                pull.disable_monitor()
-                self._monitor.close()
+            self._door.close()
             pull.close()
             wake.close()
 
@@ -416,11 +418,26 @@ class Relay:
             self._take_in(frames, producers)
 
     def _take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
-        if frames:
-            dropped, oversized = self.outbox.accept(frames, producers)
-            self._unreported_drops += dropped
+        """Hold what the socket gave. At the bound, parse before anything is dropped, so
+        that junk never takes a valid message's place: first what is held unparsed (the
+        junk leaves), then, if the newcomers still do not fit, the newcomers themselves
+        (junk is never held; the valid ones make room by dropping the oldest waiting
+        messages). Taking in slows to parsing speed while the queue is full; ZeroMQ's
+        queues and the producers' own absorb that."""
+        if not frames:
+            return
+        outbox = self.outbox
+        while outbox.room < len(frames) and outbox.unparsed:
+            self._parse(PARSE_WHEN_IDLE)
+        if outbox.room >= len(frames):
+            dropped, oversized = outbox.accept(frames, producers)
             for size, producer in oversized:
                 self._log_rejection(envelope.too_large(size), b"", producer)
+        else:
+            senders = producers or [None] * len(frames)
+            dropped = outbox.accept_parsed(frames, producers, [
+                self._parse_one(data, producer) for data, producer in zip(frames, senders)])
+        self._unreported_drops += dropped
 
     def _idle_timeout(self, parsed: bool) -> float | None:
         """How long the thread that parses may wait for envelopes: not at all with some
@@ -498,20 +515,30 @@ class Relay:
     def _log_rejection(self, reason: str, data: bytes, producer: str | None = None) -> None:
         suppressed = self._reject_log.allow()
         if suppressed is not None:
-            webhook = raw_webhook_id(data)
+            webhook = envelope.own_webhook_id(data)
             log.warning("rejected %s%sreason=%s preview=%s%s",
                         f"producer={producer} " if producer else "",
-                        f"webhook={webhook.decode()} " if webhook else "", reason, preview(data),
+                        f"webhook={webhook} " if webhook else "", reason, preview(data),
                         f" ({suppressed} rejection lines left out)" if suppressed else "")
 
-    def _log_refused_connection(self) -> None:
-        """A producer failed the CURVE handshake: nothing of it gets in; say why."""
-        event = zmq.utils.monitor.recv_monitor_message(self._monitor)
-        suppressed = self._refusal_log.allow()
-        if suppressed is not None:
-            log.warning("refused a connection: CURVE handshake failed, %s%s",
-                        curve.handshake_failure(event["event"], event["value"]),
-                        f" ({suppressed} such lines left out)" if suppressed else "")
+    def _read_door(self) -> None:
+        """What the PULL socket's monitor saw: a connection libzmq dropped for a frame
+        over the bound (what that producer queued behind it is lost with it), or a
+        failed CURVE handshake (nothing of that producer gets in)."""
+        for found in self._door.read():
+            if isinstance(found, door.Oversized):
+                suppressed = self._oversized_log.allow()
+                if suppressed is not None:
+                    log.warning("dropped the connection of producer=%s: a frame over %d bytes; "
+                                "what it had queued behind that frame is lost with the "
+                                "connection%s", found.producer, door.MAX_FRAME_BYTES,
+                                f" ({suppressed} such lines left out)" if suppressed else "")
+            elif self._clients is not None:
+                suppressed = self._refusal_log.allow()
+                if suppressed is not None:
+                    log.warning("refused a connection: CURVE handshake failed, %s%s",
+                                curve.handshake_failure(found.event, found.value),
+                                f" ({suppressed} such lines left out)" if suppressed else "")
 
     def _report_drops(self, final: bool = False) -> None:
         if self._unreported_drops and (final or self._drop_log.allow() is not None):
@@ -556,6 +583,9 @@ class Relay:
                         store_reason=store.failure, store_skipped=store.skipped,
                         store_moved_aside="; ".join(store.moved_aside) or None,
                         **self._last_stop)
+        oversized = self._door.oversized if self._door is not None else {}
+        snapshot.update(oversized_disconnects=sum(oversized.values()), oversized_by_producer=[
+            {"producer": name, "disconnects": count} for name, count in sorted(oversized.items())])
         self._summarize(snapshot, final=saved is not None)
         entries = metrics.entries(snapshot, now=now, started_at=self._started_at,
                                   pid=os.getpid(), interval=self.settings.metrics_interval,

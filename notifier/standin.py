@@ -137,9 +137,77 @@ def validate(payload):
             embed_errors.update(_errors("MAX_EMBED_SIZE_EXCEEDED", f"Embed size exceeds maximum size of 6000 (got {total})."))
         if embed_errors:
             errors["embeds"] = embed_errors
+    errors.update(_check_fields(payload))
     if (not errors and not (isinstance(content, str) and content.strip()) and not embeds
             and not payload.get("poll")):
         errors["content"] = _errors("BASE_TYPE_REQUIRED", "Cannot send an empty message: give non-empty content or embeds.")
+    return errors
+
+
+def _check_fields(payload):
+    """Discord's errors for the fields of a webhook message besides content and embeds:
+    the webhook name's length (after trimming) and words, the URL of its avatar, the
+    thread's name, the flags a webhook may set, mentions, forum tags and polls."""
+    errors = {}
+
+    def text(path, value, low, high):
+        if not isinstance(value, str):
+            _put(errors, path, _errors("BASE_TYPE_STRING", "Must be a string."))
+        elif not low <= len(value.strip()) <= high:
+            _put(errors, path, _errors("BASE_TYPE_BAD_LENGTH", f"Must be between {low} and {high} in length."))
+
+    def snowflakes(path, value, most):
+        if not isinstance(value, list) or len(value) > most:
+            _put(errors, path, _errors("BASE_TYPE_MAX_LENGTH", f"Must be {most} or fewer in length."))
+        elif not all(re.fullmatch(r"\d{1,20}", str(item)) and not isinstance(item, bool) for item in value):
+            _put(errors, path, _errors("NUMBER_TYPE_COERCE", "Value is not snowflake."))
+
+    username, avatar = payload.get("username"), payload.get("avatar_url")
+    if username is not None:
+        text(("username",), username, 1, 80)
+        if isinstance(username, str) and any(word in username.lower() for word in ("clyde", "discord")):
+            _put(errors, ("username",), _errors("USERNAME_INVALID_CONTAINS", "Username cannot contain a word Discord reserves."))
+    if avatar is not None:
+        parts = urlsplit(avatar) if isinstance(avatar, str) and avatar.isprintable() and " " not in avatar else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            _put(errors, ("avatar_url",), _errors("URL_TYPE_INVALID_URL", "Not a well formed URL."))
+    if payload.get("thread_name") is not None:
+        text(("thread_name",), payload["thread_name"], 1, 100)
+    if payload.get("tts") is not None and not isinstance(payload["tts"], bool):
+        _put(errors, ("tts",), _errors("BASE_TYPE_BOOLEAN", "Must be either true or false."))
+    flags = payload.get("flags")
+    if flags is not None and (not isinstance(flags, int) or isinstance(flags, bool) or flags & ~(4 | 4096) or flags < 0):
+        _put(errors, ("flags",), _errors("MESSAGE_FLAGS_INVALID", "Invalid flags for a webhook message."))
+    if payload.get("applied_tags") is not None:
+        snowflakes(("applied_tags",), payload["applied_tags"], 5)
+    mentions = payload.get("allowed_mentions")
+    if isinstance(mentions, dict):
+        parse = mentions.get("parse") or []
+        if not isinstance(parse, list) or not set(parse) <= {"roles", "users", "everyone"}:
+            _put(errors, ("allowed_mentions", "parse"), _errors("BASE_TYPE_CHOICES", "Value must be one of ('roles', 'users', 'everyone')."))
+            parse = []
+        for kind in ("roles", "users"):
+            if mentions.get(kind) is not None:
+                snowflakes(("allowed_mentions", kind), mentions[kind], 100)
+                if mentions[kind] and kind in parse:
+                    _put(errors, ("allowed_mentions",), _errors("MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE", f"parse:[\"{kind}\"] and {kind}: [ids...] are mutually exclusive."))
+    elif mentions is not None:
+        _put(errors, ("allowed_mentions",), _errors("DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType"))
+    poll = payload.get("poll")
+    if isinstance(poll, dict):
+        question, answers = poll.get("question"), poll.get("answers")
+        text(("poll", "question", "text"), question.get("text") if isinstance(question, dict) else None, 1, 300)
+        if not isinstance(answers, list) or not 1 <= len(answers) <= 10:
+            _put(errors, ("poll", "answers"), _errors("BASE_TYPE_BAD_LENGTH", "Must be between 1 and 10 in length."))
+        else:
+            for i, answer in enumerate(answers):
+                media = answer.get("poll_media") if isinstance(answer, dict) else None
+                text(("poll", "answers", str(i), "poll_media", "text"), media.get("text") if isinstance(media, dict) else None, 1, 55)
+        duration = poll.get("duration")
+        if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool) or not 1 <= duration <= 768):
+            _put(errors, ("poll", "duration"), _errors("NUMBER_TYPE_MAX", "int value should be between 1 and 768."))
+    elif poll is not None:
+        _put(errors, ("poll",), _errors("DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType"))
     return errors
 
 

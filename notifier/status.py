@@ -41,7 +41,8 @@ FUTURE_TOLERANCE_SEC = 300.0
 TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at",
          "last_stop_at")
 NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
-           "lost", "store_skipped", "last_stop_lost", *metrics.COUNTERS)
+           "lost", "store_skipped", "last_stop_lost", "unparsed", "drops_webhook_unknown",
+           "oversized_disconnects", *metrics.COUNTERS)
 WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
                    "failing_since")
 
@@ -181,7 +182,7 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
                                 + " (producers send what the relay refuses: grep 'rejected')")
     if drops:
         report.problem(WARNING, f"{drops} messages dropped since the relay started "
-                                "(queue full: Discord too slow or unreachable)")
+                                f"({_crowd(snapshot)})")
     if failed:
         report.problem(WARNING, f"{failed} messages failed since the relay started "
                                 "(see the log: grep 'failed webhook')")
@@ -251,6 +252,32 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
             f"producer {producer.get('name')}: received {producer.get('received')}, "
             f"rejected {producer.get('rejected')}, dropped {producer.get('drops')}")
     return report
+
+
+HOOK_STATES = {"ok": "sending", "waiting": "held back by Discord's limits or a backoff",
+               "quarantined": "quarantined"}
+
+
+def _crowd(snapshot: sexp.Alist) -> str:
+    """Why the queue was full, for the drops: whose messages fill it now (the webhooks
+    holding most, and in what state; envelopes not parsed yet: a flood faster than
+    parsing) and whose messages were dropped, rather than a guess at Discord."""
+    get = snapshot.get
+    hooks = [hook for hook in get("webhooks") or [] if hook.get("pending") or hook.get("dropped")]
+    filling = [f"{hook.get('pending')} for webhook {str(hook.get('id'))[:25]} ("
+               + HOOK_STATES.get(hook.get("state"), str(hook.get("state"))[:20]) + ")"
+               for hook in sorted(hooks, key=lambda hook: -(hook.get("pending") or 0))[:3]
+               if hook.get("pending")]
+    if get("unparsed"):
+        filling.append(f"{get('unparsed')} not parsed yet")
+    dropped = [f"webhook {str(hook.get('id'))[:25]} {hook.get('dropped')}"
+               for hook in sorted(hooks, key=lambda hook: -(hook.get("dropped") or 0))[:3]
+               if hook.get("dropped")]
+    if get("drops_webhook_unknown"):
+        dropped.append(f"webhook unknown {get('drops_webhook_unknown')}")
+    return (f"queue full at queue_max={get('queue_max')}; holding {get('queue_len') or 0} now"
+            + (": " + ", ".join(filling) if filling else "")
+            + ("; dropped from " + ", ".join(dropped) if dropped else ""))
 
 
 def render(report: Report) -> str:

@@ -59,8 +59,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
-from notifier.envelope import MAX_ENVELOPE_BYTES
-from notifier.held import webhook_of
+from notifier.envelope import MAX_ENVELOPE_BYTES, own_webhook_id
 
 log = logging.getLogger("notifier.store")
 
@@ -475,7 +474,7 @@ class Database:
                     messages.append(Stored(sid, envelope, received_at, producer,
                                            *progress.get(sid, (0, 0, False))))
                 else:
-                    overflow.append((sid, webhook_of(envelope), producer))
+                    overflow.append((sid, own_webhook_id(envelope), producer))
         notices: Notices = {}
         for webhook, dropped, failed, since in db.execute(_select("notices")):
             if (_text(webhook) and _count(dropped, MAX_COUNT) and _count(failed, MAX_COUNT)

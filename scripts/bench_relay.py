@@ -11,6 +11,13 @@
 
 5. restore: how long a start takes to read a store holding 100,000 messages and hand
    them to the outbox (what the relay does before it binds), in this process.
+6. hostile producers (issue 18, `--hostile`, durable relay): beside the normal flood
+   and its bare pyzmq loop, the same flood with 3,000 junk frames spread among the valid
+   envelopes (absorb rate, RSS, every junk frame rejected and none dropped for it), and
+   the same flood while another producer sends frames over the cap (16 of 48 MiB and
+   one of 400 MiB, each on a connection of its own): RSS peak, disconnects counted.
+   `--baseline REF` runs the normal flood on REF's code too (`git archive`), in the same
+   run, for the ratio of this code's absorb rate to REF's (parse-before-drop's cost).
 
 Latency, idle CPU and absorb rate are measured in the same run for each configuration:
 durable (the default: every envelope committed to the store before it may be posted);
@@ -21,7 +28,7 @@ instead of the store's own NORMAL (with its -wal fsynced within 10 ms), to compa
 
 Usage: python scripts/bench_relay.py [--messages 1000000] [--idle-seconds 30]
                                     [--configs durable,memory,curve] [--restore 100000]
-                                    [--synchronous NORMAL]
+                                    [--synchronous NORMAL] [--hostile] [--baseline main]
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -60,14 +68,16 @@ def wait_for(condition, timeout: float, interval: float = 0.01):
 
 
 class Relay:
-    def __init__(self, home: Path, allowed: str, **settings: str):
+    def __init__(self, home: Path, allowed: str, cwd: Path | None = None, **settings: str):
         self.port = free_port()
         self.metrics_file = home / "data" / "notifier_metrics.sexp"
         env = {**os.environ, "SWIMMY_HOME": str(home), "SWIMMY_PORT_NOTIFIER": str(self.port),
                "SWIMMY_NOTIFIER_ALLOWED_HOSTS": allowed,
                "SWIMMY_NOTIFIER_LOG_FILE": str(home / "relay.log"),
                "SWIMMY_NOTIFIER_DRAIN_SEC": "0", **settings}
-        self.process = subprocess.Popen([sys.executable, "-m", "notifier"], env=env)
+        if cwd is not None:  # another checkout's code (python -m looks in cwd first)
+            env["PYTHONPATH"] = str(cwd)
+        self.process = subprocess.Popen([sys.executable, "-m", "notifier"], env=env, cwd=cwd)
         wait_for(lambda: self.snapshot().get("pid") == self.process.pid, 30)
 
     @property
@@ -143,9 +153,16 @@ def idle_cpu(seconds: float, settings: dict) -> float:
     return used
 
 
-def produce(endpoint: str, count: int, data: bytes, keys: tuple | None) -> None:
+JUNK = [b"not an envelope", b'{"type": "NOTIFIER"}', b'((type . "NOTIFIER") (webhook',
+        b'{"type":"NOTIFIER","webhook":"https://evil.example/api/webhooks/2/x",'
+        b'"payload":{"content":"x"}}']
+"""Frames a broken producer sends: not an envelope, fields missing, cut off, refused."""
+
+
+def produce(endpoint: str, count: int, data: bytes, keys: tuple | None, junk: int = 0) -> None:
     """The producer: as fast as pyzmq sends, blocking when the socket's queue is full,
-    so that every envelope reaches the receiver and the receiver sets the pace."""
+    so that every envelope reaches the receiver and the receiver sets the pace. `junk`
+    frames are spread evenly among the `count` envelopes."""
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 10_000)
@@ -153,8 +170,11 @@ def produce(endpoint: str, count: int, data: bytes, keys: tuple | None) -> None:
         curve.set_client(push, *keys)
     push.connect(endpoint)
     send = push.send
-    for _ in range(count):
+    every = count // junk if junk else count + 1
+    for i in range(count):
         send(data)
+        if i % every == every - 1 and i // every < junk:
+            send(JUNK[i // every % len(JUNK)])
     push.close(linger=-1)
     context.term()
 
@@ -183,31 +203,117 @@ def raw_pull_rate(count: int, data: bytes, keys: Keys | None) -> float:
     return rate
 
 
-def flood(count: int, data_for, keys: Keys | None, settings: dict) -> tuple[float, float, float]:
-    """Absorb rate (envelopes/s), RSS growth (MiB) and CPU per envelope (µs) of the relay
-    while Discord is down."""
+def flood(count: int, data_for, keys: Keys | None, settings: dict, *, junk: int = 0,
+          during=None, cwd: Path | None = None) -> tuple[float, float, float]:
+    """Absorb rate (envelopes/s, junk frames included), RSS growth (MiB) and CPU per
+    envelope (µs) of the relay while Discord is down. `junk` frames are spread among
+    the envelopes; `during(relay)` runs beside the producer (another producer); `cwd`
+    runs another checkout's relay."""
     down = free_port()  # nothing listens there: every request is refused
+    total = count + junk
     with tempfile.TemporaryDirectory() as home:
-        relay = Relay(Path(home), f"127.0.0.1:{down}",
+        relay = Relay(Path(home), f"127.0.0.1:{down}", cwd,
                       SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC="0.05",
                       **settings)
         data = data_for(f"http://127.0.0.1:{down}/api/webhooks/1/made-up-token")
         rss_before = relay.memory_kib("VmRSS")
         producer = multiprocessing.Process(target=produce, args=(
-            relay.endpoint, count, data, keys.socket if keys else None))
+            relay.endpoint, count, data, keys.socket if keys else None, junk))
         producer.start()
+        beside = threading.Thread(target=during, args=(relay,)) if during else None
+        if beside:
+            beside.start()
         wait_for(lambda: relay.snapshot().get("received", 0) > 0, 30, interval=0.001)
         started, cpu_before = time.perf_counter(), relay.cpu_seconds()
         first = relay.snapshot()["received"]
-        last = wait_for(lambda: (s := relay.snapshot()).get("received") == count and s,
+        last = wait_for(lambda: (s := relay.snapshot()).get("received") == total and s,
                         600, interval=0.005)
         elapsed = time.perf_counter() - started
         cpu = relay.cpu_seconds() - cpu_before
+        if beside:
+            beside.join()
+        last = wait_for(lambda: (s := relay.snapshot()).get("unparsed", 0) == 0 and s, 60)
         rss_growth = (relay.memory_kib("VmHWM") - rss_before) / 1024
         producer.join()
         relay.stop()
-    assert last["received"] == count
-    return (count - first) / elapsed, rss_growth, cpu / (count - first) * 1e6
+    assert last["received"] == total
+    assert last["rejected"] == junk, (last["rejected"], junk)  # every junk frame, no valid one
+    return (total - first) / elapsed, rss_growth, cpu / (total - first) * 1e6, last
+
+
+OVERSIZED = [48 << 20] * 16 + [400 << 20]
+"""The frames over the cap the issue sent: eight of 48 MiB peaked at 365 MiB, one of
+400 MiB took the relay from 36 to 835 MiB."""
+
+
+def send_oversized(relay: Relay, sizes=OVERSIZED) -> int:
+    """Send each frame over the cap on a connection of its own, as a producer that has
+    been connected a moment does (a connection and its oversized frame within one read
+    of the relay's monitor are not counted: the count is a floor), and wait until libzmq
+    dropped it (the producer's monitor says so); return how many were sent."""
+    context = zmq.Context()
+    frames = {size: zmq.Frame(bytes(size)) for size in set(sizes)}
+    for size in sizes:
+        push = context.socket(zmq.PUSH)
+        monitor = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        push.connect(relay.endpoint)
+        if not monitor.poll(60_000):
+            raise TimeoutError("no connection to the relay")
+        monitor.recv_multipart()
+        time.sleep(0.05)  # a moment connected
+        push.send(frames[size], copy=False)
+        if not monitor.poll(60_000):
+            raise TimeoutError("the relay did not drop a connection with an oversized frame")
+        push.disable_monitor()
+        monitor.close()
+        push.close(linger=0)
+    context.destroy(linger=0)
+    return len(sizes)
+
+
+def export(ref: str, directory: Path) -> Path:
+    """REF's code, as `git archive` gives it, in `directory`."""
+    archive = subprocess.run(["git", "archive", ref], capture_output=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
+def hostile(count: int, data, data_for, settings: dict, baseline: str | None) -> None:
+    """Issue 18's floods, each beside the normal one, in the same run. Discord is down:
+    with the default queue_max the queue is full, and each envelope is parsed before
+    anything is dropped (parse-before-drop); with room for the whole flood it is not."""
+    print(f"--- hostile producers (durable, {count:,} envelopes a flood)", flush=True)
+    raw = raw_pull_rate(count, data, None)
+    print(f"bare pyzmq PULL loop: {raw:,.0f}/s", flush=True)
+    room = {**settings, "SWIMMY_NOTIFIER_QUEUE_MAX": str(count + 3000)}
+    ours = {}
+    with tempfile.TemporaryDirectory() as directory:
+        code = {"this code": None}
+        if baseline:
+            code[baseline] = export(baseline, Path(directory))
+        for label, how in (("queue full", settings), ("room for all", room)):
+            for name, cwd in code.items():
+                rate, growth, _, _ = flood(count, data_for, None, how, cwd=cwd)
+                ours.setdefault(label, {})[name] = rate
+                print(f"normal flood, {label}, {name}: {rate:,.0f}/s (ratio to the bare loop "
+                      f"{rate / raw:.2f}), RSS growth {growth:.1f} MiB", flush=True)
+            if baseline:
+                print(f"  this code / {baseline}: "
+                      f"{ours[label]['this code'] / ours[label][baseline]:.2f}", flush=True)
+    normal = ours["queue full"]["this code"]
+    rate, growth, _, last = flood(count, data_for, None, settings, junk=3000)
+    print(f"3,000 junk among them, queue full: {rate:,.0f} frames/s (ratio to the bare loop "
+          f"{rate / raw:.2f}, to the normal flood {rate / normal:.2f}), RSS growth "
+          f"{growth:.1f} MiB; rejected {last['rejected']:,}, dropped {last['drops']:,}, "
+          f"deduplicated {last['deduplicated']:,}", flush=True)
+    sent = []
+    rate, growth, _, last = flood(count, data_for, None, settings,
+                                  during=lambda relay: sent.append(send_oversized(relay)))
+    print(f"frames over the cap beside the normal flood: {sent[0]} ({sum(OVERSIZED) >> 20:,} "
+          f"MiB: 16 of 48 MiB, one of 400 MiB): RSS growth {growth:.1f} MiB (peak minus "
+          f"before), oversized_disconnects {last['oversized_disconnects']}, the flood at "
+          f"{rate:,.0f}/s", flush=True)
 
 
 def restore_time(count: int) -> tuple[float, float]:
@@ -256,6 +362,10 @@ def main() -> None:
                         help="messages in the store whose restore is timed (0: skip)")
     parser.add_argument("--synchronous", default=SYNCHRONOUS, choices=("FULL", "NORMAL"),
                         help="SQLite's synchronous setting for the durable relay")
+    parser.add_argument("--hostile", action="store_true",
+                        help="also measure the floods of broken producers (issue 18)")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="with --hostile: the normal flood on REF's code too, same run")
     args = parser.parse_args()
 
     def data_for(webhook: str) -> bytes:
@@ -275,7 +385,7 @@ def main() -> None:
             elapsed, size = restore_time(args.restore)
             print(f"restore: {args.restore:,} messages ({size:.1f} MiB store) read and "
                   f"restored in {elapsed * 1000:.0f} ms", flush=True)
-        for label in args.configs.split(","):
+        for label in filter(None, args.configs.split(",")):
             with_keys, settings = configs[label]
             print(f"--- {label}" + (f" (synchronous={args.synchronous})"
                                      if label != "memory" else ""), flush=True)
@@ -285,13 +395,15 @@ def main() -> None:
             cpu = idle_cpu(args.idle_seconds, settings)
             print(f"idle CPU:             {cpu:.3f} s in {args.idle_seconds:g} s", flush=True)
             raw = raw_pull_rate(args.messages, data, with_keys)
-            absorbed[label], growth, cpu = flood(args.messages, data_for, with_keys, settings)
+            absorbed[label], growth, cpu, _ = flood(args.messages, data_for, with_keys, settings)
             print(f"absorb, Discord down: {absorbed[label]:,.0f} envelopes/s  "
                   f"(bare pyzmq PULL loop: {raw:,.0f}/s; ratio {absorbed[label] / raw:.2f}), "
                   f"{len(data)}-byte envelopes, {args.messages:,} pushed", flush=True)
             print(f"relay CPU in flood:   {cpu:.2f} µs per envelope (all its threads)",
                   flush=True)
             print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
+        if args.hostile:
+            hostile(args.messages, data, data_for, durable, args.baseline)
     for label in absorbed.keys() - {"memory"}:
         if "memory" in absorbed:
             print(f"absorb {label} / memory: {absorbed[label] / absorbed['memory']:.2f}",

@@ -2,7 +2,7 @@
 """Coverage-guided fuzzing of the doors hostile input comes through (atheris, libFuzzer).
 
     .venv/bin/pip install -e '.[fuzz]'
-    .venv/bin/python scripts/fuzz.py TARGET --seconds 600   # sexp, envelope, fit, snapshot, sbcl
+    .venv/bin/python scripts/fuzz.py TARGET --seconds 600   # sexp, envelope, fit, snapshot, sbcl, flood, urls
     .venv/bin/python scripts/fuzz.py TARGET --run FILE...   # replay inputs (a crash file)
 
 Each target runs one input and raises only for a finding: an exception other than the
@@ -13,12 +13,27 @@ a status, so for it any exception), or a result that breaks the contract:
   with the general reader; error messages stay short.
 - envelope: `envelope.parse` (the stand-in's host allowed); an accepted message can be
   posted: every request `fit` makes of it encodes as strict UTF-8 JSON, is within
-  Discord's limits and passes the stand-in's validator, and its URL is one `requests`
-  takes.
+  Discord's limits (its other fields too) and passes the stand-in's validator, and its
+  URL is one `requests` takes; a refused one's reason and log preview hold no control
+  character and no 6 characters in a row of a made-up token the input holds whole
+  (however malformed the URL around it).
 - fit: `payload.fit` on JSON payloads the relay accepts (the fuzz bytes are the payload),
   the same checks, and a payload within the limits comes back unchanged.
 - snapshot: the telemetry merge reading the bytes as notifier_metrics.sexp, then merging
   into a system_metrics.sexp: the result reads back and its reason stays capped.
+- flood: the bytes as what producers send (valid envelopes to two webhooks, frames of
+  fuzz bytes, frames over the envelope cap, in batches, with parsing in between as the
+  receiver does when the socket is idle) into the relay's intake with a small bound:
+  every frame `envelope.parse` refuses is rejected, never dropped; the accounting
+  identity holds; the messages held are exactly the newest valid ones (a valid message
+  is dropped only for newer valid ones).
+- urls: the bytes choose a malformed webhook URL around a made-up random token (the
+  ways people break one: scheme, host, the word webhooks, slashes, id, dot segments,
+  what follows, escaped or percent-encoded; tests/test_redaction.py's pieces) plus a
+  free piece of fuzz text, and the place an envelope quotes it: the relay takes and
+  parses it, `check` shows it; no 6 characters in a row of the token in the log line,
+  the metrics file or `check`'s output (unless the input holds them elsewhere too), no
+  control character there; an accepted URL is posted to exactly its own path.
 - sbcl: the bytes as a token (UTF-8 without quote, dispatch, string or list characters),
   read by `sexp.read` and by a running SBCL (tests/sbcl.py): both refuse it or both read
   the same datum, SBCL's float bits, symbol name and package included. Needs sbcl.
@@ -33,13 +48,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
+import logging
+import random
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 try:
     import atheris
@@ -53,19 +72,28 @@ sys.path.insert(0, str(HERE.parent))  # the SBCL helpers live with the tests
 with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child" in sys.argv
       else contextlib.nullcontext()):
     import requests
-    from notifier import envelope, payload, sexp
+    from notifier import config as relay_config, envelope, logs, payload, sexp
+    from notifier.__main__ import main as notifier_main
+    from notifier.logs import Throttle
+    from notifier.outbox import Outbox
+    from notifier.relay import Relay, preview
     from notifier.standin import validate
     from telemetry import merge
     from telemetry.config import Config
 from tests import sbcl  # noqa: E402  (not instrumented: the judge, not the judged)
+from tests import test_redaction as broken  # noqa: E402  (how people break webhook URLs)
 
 CORPUS = HERE / "fuzz_corpus"
 LOCAL = (("127.0.0.1", None),)
 HOOK = "http://127.0.0.1:8099/api/webhooks/1/tok"  # a made-up token
+TOKEN = "mAdE-uP_t0kEn-Xq7Lr2Vw9Zk4Hs8Jd3Nf6Bp1Cy5Gt0Mv7Ql2Wr9Ek4Ux8Io3Sa6Dz1Fh5Yj0"
+"""A made-up token of Discord's length and alphabet, in the envelope target's dictionary
+in malformed URLs: no 6 characters of it in a row may reach a reason or a preview."""
 MAX_MESSAGE_CHARS = 300
 """Error messages quote at most a short prefix of the input (issue 8)."""
 
-MAX_LEN = {"sexp": 4096, "envelope": 8192, "fit": 16384, "snapshot": 4096, "sbcl": 64}
+MAX_LEN = {"sexp": 4096, "envelope": 8192, "fit": 16384, "snapshot": 4096, "sbcl": 64,
+           "flood": 4096, "urls": 256}
 """Longest input per target: fit needs room for 2000-character content and 6000
 characters of embeds to reach its splitting."""
 
@@ -74,13 +102,20 @@ DICTIONARY = {
              ':key', 'swimmy.core::', '1.0d0', '1.5e7', '1/3', ';', '\n'],
     "envelope": ['(type . "NOTIFIER")', '(schema_version . 1)', '(action . "SEND")', '(payload ',
                  '(payload_json . "', '"type":"NOTIFIER"', '"webhook":', '"payload":', '"data":',
-                 '"payload_json":', '"content":', '"embeds":', '\\u', '\\/', '%2F', HOOK],
+                 '"payload_json":', '"content":', '"embeds":', '\\u', '\\/', '%2F', HOOK,
+                 TOKEN, '/webhook/', '//', '/webhooks//', '/api/webhook/1/', '"username":',
+                 '"thread_name":', '"poll":', '"allowed_mentions":', '"flags":'],
     "fit": ['"content":', '"embeds":', '"title":', '"description":', '"fields":', '"name":',
             '"value":', '"footer":', '"author":', '"text":', '"poll":', '"username":', '```',
             '\\n', ' ', '\\u200d', '\\ud83c\\udde6', '\\u0301', '>>> ', '[', '{', '],', '},'],
     "snapshot": ['(schema_version . 1)', '(timestamp . ', '(queue_len . ', '(drops . ',
                  '(errors . ', '(delivered . ', '(webhooks ', ' . ', '(', ')', 'nil', '1.5d0', '"',
                  '#.'],
+    "flood": ['((type . "NOTIFIER") (webhook . "' + HOOK + '") (payload_json . "{\\"content',
+              '{"type":"NOTIFIER","webhook":"' + HOOK + '","payload":{"content":"x"}}', '\x00',
+              '\x01', '\x02', '\x03'],
+    "urls": ['/', '//', '\\/', '%2F', '%252F', '..', '.', 'webhooks', 'webhook', '?wait=true',
+             '?thread_id=', '\\u002f', '#', '@', ':', '%', '\x00', '\n'],
     "sbcl": ['1', '.', '+', '-', '/', ':', '::', '|', '||', '\\', 'e', 'd', 'f', 's', 'l', 'r', 'E',
              'D', '1.5', 'e+', 'd-', '+.', '٣', '١', '٠', '５', '𝟘', '𐴳', 'ı', 'ς', 'ß', 'ǅ', 'İ',
              'ﬁ', 'ა', '\u0301', '\u0345', '\x0b', '\x08', ' ', 'nil', 'keyword:'],
@@ -117,11 +152,26 @@ def fuzz_sexp(data):
     sexp.to_python(value)
 
 
+def no_fragment(data, *shown, token=TOKEN):
+    """No 6 characters in a row of `token`, where the input holds it whole, in what is
+    shown, unless the input holds them elsewhere too; no control character either."""
+    text = data.decode("utf-8", "replace")
+    if token in text:
+        elsewhere = text.replace(token, "\0")
+        for part in shown:
+            for i in range(len(token) - 5):
+                fragment = token[i:i + 6]
+                assert fragment not in part or fragment in elsewhere, (fragment, part)
+    for part in shown:
+        assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", part), part
+
+
 def fuzz_envelope(data):
     try:
         message = envelope.parse(data, LOCAL)
     except envelope.EnvelopeError as exc:
         short(exc.reason)
+        no_fragment(data, exc.reason, preview(data))
         return
     postable(message.webhook, payload.fit(message.payload))
 
@@ -165,6 +215,104 @@ def targets(work):
         entries = sexp.read_entries(merged)  # the next merge (and the Lisp side) can read it
         assert entries[:3] == sexp.read_entries(SYSTEM_METRICS)
 
+    home = work / "relay"
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    logging.getLogger("notifier").setLevel(logging.ERROR)  # its rejection lines: not shown
+    relay = Relay(relay_config.load({"SWIMMY_HOME": str(home), "SWIMMY_NOTIFIER_DURABLE": "0",
+                                     "SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC": "0",
+                                     "SWIMMY_NOTIFIER_ALLOWED_HOSTS": "127.0.0.1:8099"}))
+
+    def fuzz_flood(data):
+        """Byte 0: the bound (1 to 16); then per operation a byte: 0 a valid envelope,
+        1 a frame of the next n bytes (n: the byte after), 2 a frame over the cap, 3 end
+        the batch and parse n (the byte after) as the idle receiver does."""
+        if not data:
+            return
+        queue_max, data = data[0] % 16 + 1, data[1:]
+        relay.outbox = Outbox(queue_max, 0.0)
+        valid, refused, batch, at, made = [], 0, [], 0, 0
+
+        def take(frames):
+            nonlocal refused
+            for frame in frames:
+                try:
+                    envelope.parse(frame, LOCAL)
+                    valid.append(frame)
+                except envelope.EnvelopeError:
+                    refused += 1
+            relay._take_in(frames, None)
+
+        while at < len(data):
+            op, size = data[at] % 4, data[at + 1] if at + 1 < len(data) else 0
+            at += 1
+            if op == 0:
+                made += 1
+                batch.append(sexp.dumps({"type": "NOTIFIER", "webhook": HOOK, "payload_json":
+                                         json.dumps({"content": f"m{made}"})}).encode())
+            elif op == 1:
+                batch.append(data[at + 1:at + 1 + size])
+                at += 1 + size
+            elif op == 2:
+                batch.append(b"(" * (envelope.MAX_ENVELOPE_BYTES + 1 + size))
+                at += 1
+            else:
+                take(batch)
+                batch = []
+                relay._parse(size)
+                at += 1
+        take(batch)
+        relay._digest_all()
+        snapshot = relay.outbox.snapshot()
+        held = [item.raw.data for item, _ in relay.outbox._lanes.held()]
+        assert snapshot["received"] == sum(snapshot[key] for key in (
+            "delivered", "drops", "rejected", "deduplicated", "failed", "lost", "pending"))
+        assert (snapshot["rejected"], snapshot["drops"]) == (refused, max(0, len(valid) - queue_max)), \
+            (snapshot["rejected"], refused, snapshot["drops"], len(valid), queue_max)
+        assert held == valid[len(valid) - len(held):]
+
+    seen = io.StringIO()
+
+    def fuzz_urls(data):
+        """The bytes pick each piece of a malformed URL (`broken.malformed_url`), a free
+        piece of text put at a picked place in it, the token's seed and the place in an
+        envelope; the relay and `check` then meet it as they meet any envelope."""
+        if not seen.tell() and not logging.getLogger("notifier").handlers:
+            handler = logging.StreamHandler(seen)
+            handler.setFormatter(logs.ScrubbingFormatter())
+            logger = logging.getLogger("notifier")
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            relay._reject_log = Throttle(burst=10 ** 9)
+        provider = atheris.FuzzedDataProvider(data)
+        token = broken.token_from(random.Random(provider.ConsumeUInt(4)),
+                                  provider.ConsumeIntInRange(60, 80))  # Discord: 68
+        url = broken.malformed_url(provider.PickValueInList, token, [*broken.HOSTS, "127.0.0.1"])
+        free, at = provider.ConsumeUnicodeNoSurrogates(12), provider.ConsumeIntInRange(0, 200)
+        url = url[:at] + free + url[at:] if provider.ConsumeBool() else url
+        text = broken.PLACES[provider.PickValueInList(sorted(broken.PLACES))](url)
+        envelope_bytes = text.encode("utf-8", "surrogatepass")
+        seen.seek(0)
+        seen.truncate()
+        relay.outbox = Outbox(4, 0.0)
+        relay.outbox.accept([envelope_bytes])
+        relay._parse(1)
+        relay._write_metrics()
+        shown = io.StringIO()
+        source = work / "envelope"
+        source.write_bytes(envelope_bytes)
+        with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
+            notifier_main(["check", "--allowed-hosts", "127.0.0.1:8099", str(source)])
+        log_line, metrics_text = seen.getvalue(), relay.settings.metrics_file.read_text()
+        no_fragment(envelope_bytes, *log_line.splitlines(), metrics_text.replace("\n", " "),
+                    shown.getvalue().replace("\n", " "), token=token)
+        try:
+            message = envelope.parse(envelope_bytes, LOCAL)
+        except envelope.EnvelopeError:
+            return
+        posted = envelope.post_url(message.webhook)
+        assert urlsplit(posted).path == urlsplit(message.webhook).path, (message.webhook, posted)
+
     def fuzz_sbcl(data):
         try:
             token = data.decode("utf-8")
@@ -182,7 +330,8 @@ def targets(work):
             (token, ours, theirs)
 
     return {"sexp": fuzz_sexp, "envelope": fuzz_envelope, "fit": fuzz_fit,
-            "snapshot": fuzz_snapshot, "sbcl": fuzz_sbcl}
+            "snapshot": fuzz_snapshot, "sbcl": fuzz_sbcl, "flood": fuzz_flood,
+            "urls": fuzz_urls}
 
 
 def child(target, work, libfuzzer_args):

@@ -148,10 +148,14 @@ class RelayProcess:
         except FileNotFoundError:
             return ""
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, key: str = "VmRSS") -> int:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines()
-                        if line.startswith("VmRSS:")))
+                        if line.startswith(key + ":")))
+
+    def peak_rss_kib(self) -> int:
+        """The highest RSS the process has had (VmHWM)."""
+        return self.rss_kib("VmHWM")
 
 
 class Pusher:

@@ -278,3 +278,19 @@ def test_what_is_accepted_is_posted_as_checked_and_keyed_by_its_id_and_token(hos
     assert path.split("/")[-2:] == ["42", path.rsplit("/", 1)[1]]
     assert envelope.webhook_key(checked).endswith(f"/api/webhooks/42/{path.rsplit('/', 1)[1]}")
     assert not {".", ".."} & set(path.split("/"))
+
+
+@pytest.mark.parametrize("data, webhook", [
+    (json.dumps({"payload": {"content": "see https://discord.com/api/webhooks/2/other"},
+                 "type": "NOTIFIER", "webhook": HOOK}).encode(), "42"),
+    (lisp(payload_json=json.dumps({"content": "/webhooks/2/x"}), type="NOTIFIER",
+          webhook=HOOK).encode(), "42"),
+    (b'((webhook . "https://discord.com/api/v10/webhooks/77/t"))', "77"),
+    (b'{"content": "https://discord.com/api/webhooks/2/other"}', None),  # no field of its own
+    (b'{"webhook": 5}', None),
+    (b'{"webhook": "https://discord.com/api/webhook/3/t"}', None),
+    (b"junk /webhooks/2/x", None),
+    (b"(" * 100_000, None),
+])
+def test_an_envelope_s_own_webhook_is_its_field_never_a_url_it_quotes(data, webhook):
+    assert envelope.own_webhook_id(data) == webhook

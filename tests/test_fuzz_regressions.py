@@ -54,6 +54,16 @@ def test_snapshot_a_long_schema_version_value_gives_a_capped_reason(tmp_path):
     sexp.read_entries(merge.merged_text(None, reading, 1_780_000_000.0))
 
 
+def test_envelope_a_symbol_of_control_characters_is_quoted_short_once_escaped():
+    """fuzz envelope (issue 18, a minute after control characters were escaped): a symbol
+    of 35 control characters, quoted within 40 characters, then escaped to six characters
+    each, gave a reason of 311 characters. Now the quote is escaped before it is cut."""
+    data = (b'((type . "NOTIFIER") (webhook . "https://discord.com/api/webhooks/1/tok") '
+            b'(payload (content . "x") (footer (text ' + b"\x12" * 35 + b'. "s"))))')
+    reason = refusal(lambda d: envelope.parse(d, LOCAL), data, envelope.EnvelopeError)
+    assert "is a symbol" in reason and len(reason) <= MAX_MESSAGE_CHARS
+    assert "\x12" not in reason and "\\u0012" in reason
+
 
 def test_sbcl_normalization_goes_on_across_empty_bars():
     """fuzz sbcl (issue 18): SBCL read ``u|||\\x7f|r||||||\\u0301||||s`` as ``U\\x7fŔS``,

@@ -5,6 +5,8 @@ and the good envelopes around it are delivered."""
 import json
 import logging
 import os
+import random
+import re
 import subprocess
 import sys
 
@@ -14,6 +16,8 @@ from notifier import config, envelope, sexp
 from notifier.relay import Relay, preview
 from notifier.standin import DiscordStandIn
 from tests.harness import assert_balanced, contents, envelope_text
+from tests.test_redaction import (CONTROLS, PLACES, RAW_CONTROL, control_cases, leaked,
+                                  malformed_url, token_from)
 
 TOKEN = "hostileTOKEN123"
 
@@ -167,3 +171,72 @@ def test_a_hostile_legacy_pending_file_is_set_aside_and_the_relay_starts(tmp_pat
     assert not pending.exists() and list(pending.parent.glob("notifier_pending.sexp.unreadable-*"))
     relay.wait_metrics(lambda m: m["received"] == 0 and m["state"] == "running")
     assert relay.stop() == 0
+
+
+def test_malformed_webhook_urls_leave_no_token_fragment_in_the_log_metrics_or_check(
+        discord, relays, pushers):
+    """Issue 18: `…/webhooks/123456//TOKEN` and `…/webhook/123456/TOKEN` showed 26 and 28
+    of the token's characters in the rejection line. Sixty malformed URLs around made-up
+    tokens, in every place an envelope can quote them: no 6 characters of a token in a
+    row anywhere a person reads."""
+    rng = random.Random(18)
+    hosts = [f"127.0.0.1:{discord.port}", "evil.example", "discord.com.evil.example"]
+    sent = []
+    for i in range(60):
+        token = token_from(rng)
+        place = sorted(PLACES)[i % len(PLACES)]
+        sent.append((token, PLACES[place](malformed_url(rng.choice, token, hosts)).encode()))
+    relay = relays(allowed=f"127.0.0.1:{discord.port}", log_level="info")
+    pusher = pushers(relay.endpoint)
+    for _, data in sent:
+        pusher.send(data)
+    snapshot = relay.wait_metrics(lambda m: m["received"] == len(sent) and m["pending"] == 0,
+                                  what="every envelope handled")
+    assert relay.stop() == 0
+    log, metrics = relay.log(), relay.metrics_file.read_text()
+    shown = [subprocess.run([sys.executable, "-m", "notifier", "check", "--allowed-hosts",
+                             f"127.0.0.1:{discord.port}"], input=data, capture_output=True,
+                            timeout=60) for _, data in sent[:12]]
+    assert snapshot["rejected"] > 40 and " rejected " in log
+    for token, _ in sent:
+        for where, text in (("log", log), ("metrics", metrics),
+                            *((f"check {i}", (result.stdout + result.stderr).decode())
+                              for i, result in enumerate(shown))):
+            assert not leaked(token, text), (where, leaked(token, text))
+
+
+def test_control_characters_never_split_or_color_a_log_line(discord, relays, pushers):
+    """Issue 18: a newline or CR after `#` split the rejection line, ESC reached the log.
+    Every C0 and C1 character, in each place a reason or preview quotes: each event one
+    line, no raw control character in the text log."""
+    relay = relays(allowed=f"127.0.0.1:{discord.port}")
+    pusher = pushers(relay.endpoint)
+    cases = [data for char in CONTROLS for data in control_cases(char).values()]
+    hook = f"http://127.0.0.1:{discord.port}/api/webhooks/7/tok"
+    for data in cases:
+        pusher.send(data.replace(b"http://127.0.0.1:8099/api/webhooks/7/tok", hook.encode()))
+    relay.wait_metrics(lambda m: m["received"] == len(cases) and m["pending"] == 0,
+                       what="every envelope handled")
+    assert relay.stop() == 0
+    lines = relay.log().split("\n")
+    assert lines[-1] == "" and len(lines) > 40
+    for line in lines[:-1]:
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ",
+                        line), line
+        assert not RAW_CONTROL.search(line), line
+
+
+@pytest.mark.parametrize("char", ["\x1b", "\r", "\n", "\x9b", "\x00", "\x7f"],
+                         ids=["ESC", "CR", "LF", "CSI", "NUL", "DEL"])
+def test_check_escapes_control_characters_on_its_output(char):
+    """Issue 18: ESC reached `check`'s standard error. `check` as a process, each place a
+    reason or a shown value quotes input (tests/test_redaction.py feeds every C0 and C1
+    character to the same code in-process): one line on standard error, no raw control
+    character; the JSON on standard output keeps its own line breaks only."""
+    for name, data in control_cases(char).items():
+        shown = subprocess.run([sys.executable, "-m", "notifier", "check", "--allowed-hosts",
+                                "127.0.0.1:8099"], input=data, capture_output=True, timeout=60)
+        err, out = shown.stderr.decode(), shown.stdout.decode()
+        assert not RAW_CONTROL.search(err.rstrip("\n")) and err.count("\n") <= 1, (name, err)
+        assert not RAW_CONTROL.search(out.replace("\n", "")), (name, out)
+        assert (shown.returncode == 0) == bool(out), (name, shown.returncode)

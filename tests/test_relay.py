@@ -142,7 +142,8 @@ def test_a_flood_keeps_memory_flat_drops_the_oldest_and_keeps_the_newest(discord
 HOSTILE = [
     b'((type . "NOTIFIER") (webhook . "x") (payload_json . "{\\"content\\": \\"unterminated',
     b'((type . "NOTIFIER") (x . #.(sb-ext:run-program "/bin/sh" nil)))',
-    b"(" * 100_000,
+    b"(" * 80_000,  # over the envelope cap, within the frame bound (a larger frame costs its
+    # connection: tests/test_floods.py)
     b"(" * 1000 + b")" * 1000,
     bytes(range(256)) * 10,
     b"\xff\xfe garbage",

@@ -232,6 +232,26 @@ def test_a_relay_that_only_rejects_is_not_ok(tmp_path, relays, pushers):
     assert relay.stop() == 0
 
 
+def test_queue_full_says_what_fills_the_queue_not_discord():
+    """Issue 18: junk and a flood to one webhook had status say "queue full: Discord too
+    slow or unreachable" with Discord healthy. The reason names what fills the queue
+    (the webhooks holding most and their state, envelopes not parsed yet) and whose
+    messages were dropped, a drop no webhook could be charged with included."""
+    report = status.judge(snapshot(
+        drops=2843, received=3853, pending=1000, queue_len=1000, unparsed=12,
+        drops_webhook_unknown=3, webhooks=[
+            {"id": "1", "state": "waiting", "pending": 988, "delivered": 0, "dropped": 2840,
+             "failed": 0, "last_success_at": None},
+            {"id": "2", "state": "ok", "pending": 0, "delivered": 10, "dropped": 0,
+             "failed": 0, "last_success_at": NOW - 30}]), NOW)
+    [problem] = [text for text in report.problems if "dropped" in text]
+    assert problem == (
+        "2843 messages dropped since the relay started (queue full at queue_max=1000; "
+        "holding 1000 now: 988 for webhook 1 (held back by Discord's limits or a backoff), "
+        "12 not parsed yet; dropped from webhook 1 2840, webhook unknown 3)")
+    assert "Discord too slow" not in status.render(report)
+
+
 def test_a_time_ahead_of_this_clock_says_how_far_in_the_future():
     assert status.when(NOW + 3 * 3600, NOW).endswith("(in the future by 3.0 h)")
     assert status.when(NOW - 5, NOW).endswith("(5 s ago)")
