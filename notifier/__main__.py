@@ -77,9 +77,7 @@ def check(args: argparse.Namespace) -> int:
         print(f"rejected: internal error while parsing: {type(exc).__name__} (a bug; "
               "please report it with the envelope)", file=sys.stderr)
         return 1
-    from notifier.sender import post_url  # loads requests
-
-    shown = json.dumps({"webhook": envelope.redact(post_url(message.webhook)),
+    shown = json.dumps({"webhook": envelope.redact(envelope.post_url(message.webhook)),
                         "payload": message.requests[0],
                         "requests": message.requests}, ensure_ascii=False, indent=2)
     print(escape_controls(shown, keep_newlines=True))  # the C1 ones json leaves raw

@@ -44,15 +44,15 @@ class Answers:
                 self._say(logging.WARNING, "delivered unconfirmed webhook=%s: %s (counted "
                           "delivered, not posted again)", lane.id, outcome.reason)
             if job.part_delivered(outcome.channel):
-                self._lanes.forums.add(lane.webhook)
-                self._store.learned(lane.webhook, "forum", True)
+                self._lanes.forums.add(lane.key)
+                self._store.learned(lane.key, "forum", True)
             if job.complete:
                 self._completed(job)
         elif kind == "rate_limited":
             ledger.rate_limited(outcome.scope)
             self._say(logging.WARNING, "rate limited webhook=%s scope=%s wait_s=%.3f "
                       "reason=%s%s", lane.id, outcome.scope, outcome.wait, outcome.reason,
-                      self._pace_note(lane, outcome, now))
+                      self._pace_note(job, outcome, now))
         else:
             ledger.error(lane.account, f"webhook {lane.id}: {outcome.reason}",
                          failing=kind in ("retry", "dead"))
@@ -63,8 +63,9 @@ class Answers:
             else:
                 self._refused(job, outcome)
 
-    def _pace_note(self, lane: Lane, outcome: Outcome, now: float) -> str:
-        pace = self._limits.pace_of(lane.webhook, now) if outcome.scope == "shared" else None
+    def _pace_note(self, job: Job, outcome: Outcome, now: float) -> str:
+        pace = (self._limits.pace_of(job.lane.key, now, job.thread)
+                if outcome.scope == "shared" else None)
         return "" if pace is None else \
             f"; channel paced to {pace} per {self._limits.channel_period:g} s"
 
@@ -80,6 +81,7 @@ class Answers:
         self._store.done(job.raws)
         self._holding.release(len(job.items))
         self._ledger.delivered(lane.account, len(job.items))
+        lane.url, lane.into = job.url, job.into  # where a loss notice now goes
         if lane.dead_reason is not None:
             self._say(logging.INFO, "webhook=%s is back after quarantine (%d messages "
                       "failed meanwhile)", lane.id, lane.dead_failed)

@@ -45,12 +45,18 @@ DISCORD_HOSTS = frozenset(
     f"{prefix}{domain}" for domain in ("discord.com", "discordapp.com")
     for prefix in ("", "canary.", "ptb."))
 
-_WEBHOOK_PATH = re.compile(r"/api(?:/v[0-9]+)?/webhooks/([0-9]{1,25})/([A-Za-z0-9_-]{1,200})\Z")
-"""A webhook's path as Discord gives it: the id all digits, the token of Discord's token
-alphabet (base64url), nothing after it. So no ``.`` or ``..`` token (an HTTP client
-removes dot segments: the relay would post elsewhere than the URL says) and no empty
-segment."""
-_THREAD_QUERY = re.compile(r"thread_id=[0-9]{1,25}\Z")
+DISCORD_ORIGIN = "https://discord.com"
+"""Where every spelling of a Discord host (and API version) points: a webhook's key says
+this whatever host the producer wrote."""
+
+_WEBHOOK_PATH = re.compile(r"/api(?:/v\d{1,3})?/webhooks/([^/]+)/([^/]+)\Z")
+_PATH_RULE = ("webhook path must be /api/webhooks/<id>/<token> (or "
+              "/api/v<N>/webhooks/<id>/<token>)")
+_SNOWFLAKE = re.compile(r"[1-9][0-9]{0,24}\Z")
+"""A Discord id (webhook, thread): digits, no leading zero, so one id has one spelling."""
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,200}\Z")
+"""Discord's webhook token alphabet (base64url): no dot, so no dot segment either."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _WEBHOOK_ID = re.compile(r"/webhooks/(\d+)")
 _SLASH = r"(?:/|\\+/|\\+u002[fF]|%(?:25)*2[fF])"
 _TOKEN_IN_TEXT = re.compile(
@@ -75,15 +81,22 @@ class EnvelopeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A validated notification: where to post it, the JSON object to post, and the
-    requests that posting it takes (`payload.fit`, worked out once, here)."""
+    """A validated notification: where to post it (the URL as `check_webhook` spells
+    it), the JSON object to post, and what is worked out once, here: the requests that
+    posting it takes (`payload.fit`), the webhook it goes to (`key`, see `webhook_key`)
+    and the thread it goes into (the ``thread_id`` of its URL, or None)."""
 
     webhook: str
     payload: dict
     requests: tuple[dict, ...] = field(init=False, compare=False, repr=False)
+    key: str = field(init=False, compare=False, repr=False)
+    thread: str | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requests", tuple(discord_payload.fit(self.payload)))
+        key, thread = identify(self.webhook)
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "thread", thread)
 
     @property
     def webhook_id(self) -> str:
@@ -111,7 +124,7 @@ def own_webhook_id(data: bytes) -> str | None:
         match = _WEBHOOK_PATH.match(urlsplit(url).path)
     except ValueError:
         return None
-    return match.group(1) if match else None
+    return match.group(1) if match and _SNOWFLAKE.match(match.group(1)) else None
 
 
 def redact(url: str) -> str:
@@ -125,9 +138,13 @@ def scrub(text: str) -> str:
 
 
 def check_webhook(url: Any, allowed_hosts: tuple[tuple[str, int | None], ...] = ()) -> str:
-    """Return `url` if it is a Discord webhook URL the relay may post to, else raise
-    `EnvelopeError`. `allowed_hosts` adds ``(host, port or None)`` pairs, which may also
-    use plain http (local stand-ins, tests)."""
+    """Return the URL to post to if `url` is a Discord webhook URL the relay may post to,
+    else raise `EnvelopeError`. `allowed_hosts` adds ``(host, port or None)`` pairs,
+    which may also use plain http (local stand-ins, tests).
+
+    The URL returned is `url` spelled the one way an HTTP client keeps it (scheme and
+    host in lower case, no default port, no empty query or fragment), so what `check`
+    shows is what is posted: the path and the thread stay as the producer wrote them."""
     if not isinstance(url, str) or not url:
         raise EnvelopeError("webhook must be a non-empty string URL")
     if not url.isascii() or not url.isprintable() or " " in url:
@@ -158,13 +175,64 @@ def _check_url(url: str, allowed_hosts: tuple[tuple[str, int | None], ...]) -> s
         raise EnvelopeError("webhook must be an http or https URL")
     if parts.username is not None or parts.password is not None:
         raise EnvelopeError("webhook must not carry user credentials")
-    if not _WEBHOOK_PATH.match(parts.path):
-        raise EnvelopeError("webhook path must be /api/webhooks/<id>/<token>: an id of digits, "
-                            "a token of letters, digits, '_' and '-' (not '.' or '..'), "
-                            "no empty segment")
-    if parts.fragment or (parts.query and not _THREAD_QUERY.match(parts.query)):
-        raise EnvelopeError("webhook URL may only carry a thread_id query")
-    return url
+    if parts.path.endswith("/") and _WEBHOOK_PATH.match(parts.path.rstrip("/")):
+        raise EnvelopeError(f"{_PATH_RULE}, without a trailing '/' (Discord answers 404 to it)")
+    path = _WEBHOOK_PATH.match(parts.path)
+    if path is None:
+        raise EnvelopeError(f"{_PATH_RULE}: an id of digits, a token of letters, digits, '_' "
+                            "and '-' (not '.' or '..'), no empty segment")
+    webhook, token = path.groups()
+    if not _SNOWFLAKE.match(webhook):
+        raise EnvelopeError(f"{_PATH_RULE}: the id a Discord id (digits, without a leading 0)")
+    if not _TOKEN.match(token):
+        raise EnvelopeError(f"{_PATH_RULE}: the token of letters, digits, '_' and '-', up to "
+                            "200 (not '.' or '..')")
+    if parts.fragment or "#" in url:
+        raise EnvelopeError("webhook URL may only carry a thread_id query, no fragment")
+    if parts.query:
+        name, _, thread = parts.query.partition("=")
+        if name != "thread_id" or "&" in parts.query:
+            raise EnvelopeError("webhook URL may only carry a thread_id query")
+        if not _SNOWFLAKE.match(thread):
+            raise EnvelopeError("thread_id must be a thread's id: digits, without a leading 0")
+    if port == _DEFAULT_PORTS[parts.scheme]:
+        port = None
+    netloc = f"[{host}]" if ":" in host else host
+    netloc += "" if port is None else f":{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
+
+
+def webhook_key(url: str) -> str:
+    """The webhook a checked URL posts to, spelled one way: its (id, token) at its
+    origin. Every spelling Discord accepts for one webhook (``discord.com`` or
+    ``discordapp.com``, ``canary.`` or ``ptb.``, any API version, any
+    thread) gives the same key, so everything kept per webhook (its rate limits, its
+    order, its one request in flight, its quarantine, its losses) is kept once. The key
+    is itself a URL of that webhook: `webhook_id`, `redact` and `scrub` work on it."""
+    return identify(url)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def identify(url: str) -> tuple[str, str | None]:
+    """(`webhook_key`, thread id or None) of a URL `check_webhook` returned."""
+    parts = urlsplit(url)
+    path = _WEBHOOK_PATH.match(parts.path)
+    if path is None:
+        raise ValueError("not a webhook URL (check_webhook first)")
+    webhook, token = path.groups()
+    origin = f"{parts.scheme}://{parts.netloc}"
+    if parts.hostname in DISCORD_HOSTS and parts.scheme == "https" and parts.port in (None, 443):
+        origin = DISCORD_ORIGIN
+    thread = parts.query.partition("=")[2] or None
+    return f"{origin}/api/webhooks/{webhook}/{token}", thread
+
+
+def post_url(webhook: str) -> str:
+    """The URL a request to `webhook` (a checked URL) is posted to. ``wait=true``:
+    Discord confirms the message was saved (without it, a message Discord drops still
+    answers 204)."""
+    return webhook + ("&" if "?" in webhook else "?") + "wait=true"
 
 
 def too_large(size: int) -> str:

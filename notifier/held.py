@@ -25,9 +25,11 @@ forgotten early, so a flood of distinct messages cannot grow memory."""
 
 
 def dedupe_key(message: Message) -> bytes:
-    """Same webhook and same payload (key order aside) give the same 16 bytes."""
+    """Same webhook and thread (however the URL spells them) and same payload (key order
+    aside) give the same 16 bytes."""
     text = json.dumps(message.payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.blake2b(f"{message.webhook}\0{text}".encode("utf-8", "surrogatepass"),
+    where = f"{message.key}\0{message.thread}"
+    return hashlib.blake2b(f"{where}\0{text}".encode("utf-8", "surrogatepass"),
                            digest_size=16).digest()
 
 

@@ -1,11 +1,16 @@
 """Per webhook, a lane: its waiting messages, the job being sent, and when it may send.
 
+A webhook is its key (`envelope.webhook_key`): messages naming it by any spelling or
+thread share its lane, so everything per webhook (its order, its one request in flight,
+its quarantine, its account and loss notice, its rate limits) is kept once. Each
+message is still posted to the URL it asked for, thread included.
+
 Scheduling, per lane, one request at a time (so each webhook keeps its order): a lane is
 ready when it has work, no request in flight, and `notifier.limits` (the rate limits,
 pauses and backoffs) says it may send. Lanes are served round-robin, so one busy webhook
 cannot starve another, and a webhook that hangs holds one sender thread only. The next
 job of a lane is a due loss notice, else its oldest message, combined with the ones
-behind it into one request when they fit (`payload.combine`).
+behind it that ask for the same URL into one request when they fit (`payload.combine`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections import OrderedDict, deque
 from typing import Iterator, Sequence
 
 from notifier import payload as discord_payload
-from notifier.envelope import webhook_id
+from notifier.envelope import webhook_id, webhook_key
 from notifier.held import Held
 from notifier.ledger import Account, Ledger
 from notifier.limits import Limits, Ticket
@@ -32,33 +37,43 @@ class Job:
     the payloads to post, one request each, in order.
 
     `attempts` counts the errors of its current request that were its own (see
-    `notifier.limits`); it starts again at 0 when a part is delivered. A message whose
-    first part creates a forum thread (``thread_name``) posts the later parts into that
-    thread (``?thread_id=``), so one message is one thread."""
+    `notifier.limits`); it starts again at 0 when a part is delivered. Its requests go
+    to `url`, the URL its messages asked for (into the thread `into`, or None). A message
+    whose first part creates a forum thread (``thread_name``) posts the later parts into
+    that thread (``?thread_id=``), so one message is one thread."""
 
-    __slots__ = ("lane", "items", "parts", "part", "attempts", "notice", "ticket", "thread")
+    __slots__ = ("lane", "items", "parts", "url", "into", "part", "attempts", "notice",
+                 "ticket", "created")
 
-    def __init__(self, lane: "Lane", items: list[Held], parts: Sequence[dict], notice=None):
+    def __init__(self, lane: "Lane", items: list[Held], parts: Sequence[dict], url: str,
+                 into: str | None, notice=None):
         self.lane = lane
         self.items = items
         self.parts = parts
+        self.url = url
+        self.into = into
         self.part = 0
         self.attempts = 0
         self.notice = notice  # (dropped, failed) that a loss notice reports
         self.ticket: Ticket | None = None  # what its request in flight counts against
-        self.thread: str | None = None  # the thread its first part created
+        self.created: str | None = None  # the thread its first part created
 
     @property
     def webhook(self) -> str:
-        """Where the current request goes: the lane's URL, or the thread created."""
-        if self.thread is None:
-            return self.lane.webhook
-        return f"{self.lane.webhook}?thread_id={self.thread}"
+        """Where the current request goes: the URL asked for, or the thread created."""
+        if self.created is None:
+            return self.url
+        return f"{self.url}?thread_id={self.created}"
+
+    @property
+    def thread(self) -> str | None:
+        """The thread the current request goes into (None: the webhook's channel)."""
+        return self.created or self.into
 
     @property
     def payload(self) -> dict:
         part = self.parts[self.part]
-        if self.thread is not None:
+        if self.created is not None:
             part = {key: value for key, value in part.items() if key != "thread_name"}
         return part
 
@@ -74,8 +89,8 @@ class Job:
         lane, learned = self.lane, False
         if self.part == 0 and self.items and "thread_name" in self.parts[0]:
             learned, lane.forum = not lane.forum, True
-            if channel is not None and "?" not in lane.webhook:
-                self.thread = channel
+            if channel is not None and self.into is None:
+                self.created = channel
         self.part += 1
         self.attempts = 0
         if self.part < len(self.parts) and len(self.items) == 1:  # a message alone
@@ -102,11 +117,14 @@ class Job:
 
 
 class Lane:
-    """One webhook: its waiting messages, its job, its schedule and its account."""
+    """One webhook (by its key): its waiting messages, its job, its schedule and its
+    account. A loss notice goes where its last message was delivered (`url`, into the
+    thread `into`), the webhook's own URL until then."""
 
-    def __init__(self, webhook: str, forum: bool = False):
-        self.webhook = webhook
-        self.id = webhook_id(webhook)
+    def __init__(self, key: str, forum: bool = False):
+        self.key = key
+        self.id = webhook_id(key)
+        self.url, self.into = key, None
         self.waiting: deque[Held] = deque()
         self.job: Job | None = None
         self.busy = False  # a sender is posting the job's current part
@@ -116,7 +134,7 @@ class Lane:
         self.singles = 0  # send this many next messages alone (after a 400 on a batch)
         self.notice_due = False  # a loss notice goes out before its next message
         self.forum = forum  # its messages create threads: so must its loss notices
-        self.account = Account(webhook)
+        self.account = Account(key)
 
     @property
     def pending(self) -> int:
@@ -125,28 +143,41 @@ class Lane:
     def idle(self) -> bool:
         return not (self.busy or self.job or self.waiting or self.notice_due)
 
+    @property
+    def thread(self) -> str | None:
+        """The thread its next request goes into (None: the webhook's channel)."""
+        if self.job is not None:
+            return self.job.thread
+        if self.notice_due:
+            return self.into
+        return self.waiting[0].message.thread if self.waiting else None
+
     def plan(self) -> Job:
         """The next job: a due loss notice, else its oldest message(s): one message alone
         when it needs several requests or nothing waits behind it, else as many as
-        `combine` merges into one request."""
+        `combine` merges into one request (only messages asking for the same URL: a
+        thread, or an API version, is not another's)."""
         if self.notice_due:
             self.notice_due = False
             account = self.account
             counts = (account.lost_dropped, account.lost_failed)
             notice = discord_payload.loss_notice(*counts, account.lost_since, forum=self.forum)
-            return Job(self, [], [notice], notice=counts)
+            return Job(self, [], [notice], self.url, self.into, notice=counts)
         first = self.waiting[0]
+        url, into = first.message.webhook, first.message.thread
         if len(first.remaining) > 1 or len(self.waiting) == 1 or self.singles:
             self.singles = max(0, self.singles - 1)
-            job = Job(self, [self.waiting.popleft()], first.remaining)
+            job = Job(self, [self.waiting.popleft()], first.remaining, url, into)
         else:
             candidates = []
             for i, item in enumerate(self.waiting):
-                if i == BATCH_LOOKAHEAD or len(item.remaining) != 1:
+                if (i == BATCH_LOOKAHEAD or len(item.remaining) != 1
+                        or item.message.webhook != url):
                     break
                 candidates.append(item.remaining[0])
             taken, combined = discord_payload.combine(candidates)
-            job = Job(self, [self.waiting.popleft() for _ in range(taken)], [combined])
+            job = Job(self, [self.waiting.popleft() for _ in range(taken)], [combined], url,
+                      into)
         job.attempts = max(item.raw.attempts for item in job.items)  # restored ones
         return job
 
@@ -168,38 +199,38 @@ class Lane:
 
 
 class Lanes:
-    """The lanes by webhook URL, in round-robin order, and the policy they ask."""
+    """The lanes by webhook key, in round-robin order, and the policy they ask."""
 
     def __init__(self, limits: Limits, ledger: Ledger):
         self.limits = limits
         self.ledger = ledger
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
         self._by_id: dict[str, Lane] = {}
-        self.forums: set[str] = set()  # webhooks known to create threads
+        self.forums: set[str] = set()  # webhooks (keys) known to create threads
 
     def __iter__(self) -> Iterator[Lane]:
         return iter(self._lanes.values())
 
-    def get(self, webhook: str) -> Lane | None:
-        return self._lanes.get(webhook)
+    def get(self, key: str) -> Lane | None:
+        return self._lanes.get(key)
 
     def account_of(self, webhook_id: str) -> Account | None:
         lane = self._by_id.get(webhook_id)
         return None if lane is None else lane.account
 
-    def add(self, webhook: str) -> Lane:
+    def add(self, key: str) -> Lane:
         """A lane for a webhook seen for the first time. Beyond MAX_LANES, the least
         recently served idle lane is forgotten (its statistics with it), so a producer
         cycling through webhook URLs cannot grow memory."""
         if len(self._lanes) >= MAX_LANES:
             for old in self._lanes.values():
                 if old.idle():
-                    del self._lanes[old.webhook]
+                    del self._lanes[old.key]
                     if self._by_id.get(old.id) is old:
                         del self._by_id[old.id]
-                    self.limits.forget(old.webhook)
+                    self.limits.forget(old.key)
                     break
-        lane = self._lanes[webhook] = Lane(webhook, forum=webhook in self.forums)
+        lane = self._lanes[key] = Lane(key, forum=key in self.forums)
         self._by_id.setdefault(lane.id, lane)
         self.ledger.adopt_early(lane.id, lane.account)
         return lane
@@ -207,17 +238,19 @@ class Lanes:
     def restore(self, notices: dict[str, tuple[int, int, float | None]],
                 facts: dict[str, dict]) -> None:
         """What the store kept: the webhooks known to create threads, and the losses
-        still to report (per webhook URL; per webhook id for early drops)."""
-        self.forums.update(webhook for webhook, learned in facts.items() if learned.get("forum"))
+        still to report (per webhook key; per webhook id for early drops). Those an
+        earlier version kept per URL (a thread, an API version) are merged per key."""
+        self.forums.update(webhook_key(webhook) for webhook, learned in facts.items()
+                           if learned.get("forum"))
         for lane in self._lanes.values():
-            lane.forum = lane.webhook in self.forums
-        for key, (dropped, failed, since) in notices.items():
-            if "/" not in key:
-                self.ledger.early[key] = (dropped, since)
+            lane.forum = lane.key in self.forums
+        for name, (dropped, failed, since) in notices.items():
+            if "/" not in name:
+                self.ledger.early[name] = (dropped, since)
                 continue
+            key = webhook_key(name)
             lane = self._lanes.get(key) or self.add(key)
-            account = lane.account
-            account.lost_dropped, account.lost_failed, account.lost_since = dropped, failed, since
+            self.ledger.restored_notice(lane.account, name, dropped, failed, since)
             lane.notice_due = True
 
     def ready(self, now: float) -> tuple[Lane | None, float | None]:
@@ -229,7 +262,7 @@ class Lanes:
             if at is None:
                 continue
             if at <= now:
-                self._lanes.move_to_end(lane.webhook)
+                self._lanes.move_to_end(lane.key)
                 return lane, None
             wake_at = at if wake_at is None else min(wake_at, at)
         return None, wake_at
@@ -239,14 +272,14 @@ class Lanes:
         or must wait for answers."""
         if lane.busy or (lane.job is None and not lane.waiting and not lane.notice_due):
             return None
-        return self.limits.ready_at(lane.webhook, now)
+        return self.limits.ready_at(lane.key, now, lane.thread)
 
     def claim(self, lane: Lane, now: float) -> Job:
         """The lane's job (planned if need be), with a sender's claim on it."""
         if lane.job is None:
             lane.job = lane.plan()
         lane.busy = True
-        lane.job.ticket = self.limits.sent(lane.webhook, now)
+        lane.job.ticket = self.limits.sent(lane.key, now, lane.job.thread)
         return lane.job
 
     def held(self) -> list[tuple[Held, bool]]:
@@ -269,6 +302,6 @@ class Lanes:
                  **self.ledger.report(lane.account)} for lane in self._lanes.values()]
 
     def _state(self, lane: Lane, now: float) -> str:
-        if lane.dead_reason is not None and self.limits.quarantined(lane.webhook, now):
+        if lane.dead_reason is not None and self.limits.quarantined(lane.key, now):
             return "quarantined"
-        return "waiting" if self.limits.waiting(lane.webhook, now) else "ok"
+        return "waiting" if self.limits.waiting(lane.key, now, lane.thread) else "ok"

@@ -35,7 +35,8 @@ EARLY_DROP_IDS = 1000
 
 
 class Account:
-    """One webhook's share of the counters, and its losses not yet reported."""
+    """One webhook's share of the counters, and its losses not yet reported (`webhook`:
+    its key, `envelope.webhook_key`)."""
 
     __slots__ = ("webhook", "delivered", "dropped", "failed", "last_success_at",
                  "failing_since", "lost_dropped", "lost_failed", "lost_since")
@@ -112,6 +113,19 @@ class Ledger:
             account.lost_since = self._wall()
         if store:
             self._store.notice(account.webhook, *account.notice)
+
+    def restored_notice(self, account: Account, name: str, dropped: int, failed: int,
+                        since: float | None) -> None:
+        """Losses the last run (or the version before the store) left to report, kept
+        under `name`: the webhook's key, or a URL of it (a thread, an API version) as an
+        earlier version kept them. Added to its account, and kept by its key from now."""
+        account.lost_dropped += dropped
+        account.lost_failed += failed
+        if since is not None and (account.lost_since is None or since < account.lost_since):
+            account.lost_since = since
+        if name != account.webhook:
+            self._store.notice(name, 0, 0, None)
+        self._store.notice(account.webhook, *account.notice)
 
     def noticed(self, account: Account, dropped: int, failed: int) -> None:
         """A loss notice reporting these counts was posted (or refused, or given up)."""

@@ -1,19 +1,23 @@
 """When each webhook may send next: Discord's limits and outages as pure policy.
 
 `Limits` is told what the relay sends (`sent`) and what Discord answered (`answered`),
-with the time passed in, and answers `ready_at(webhook, now)`. It has no thread, no I/O
-and no clock of its own: `Outbox` consults it under its lock, tests drive it with
-chosen times. What it knows:
+with the time passed in, and answers `ready_at(webhook, now, thread)`. It has no thread,
+no I/O and no clock of its own: `Outbox` consults it under its lock, tests drive it with
+chosen times. A webhook is named by its key (`envelope.webhook_key`): every URL of one
+webhook, whatever its spelling or thread, is one webhook here from its first request.
+What it knows:
 
 - Buckets, keyed by (X-RateLimit-Bucket, webhook): Discord counts webhook executes per
-  webhook, even though every webhook reports the same hash. Requests in flight count.
+  webhook (all its threads together), even though every webhook reports the same hash.
+  Requests in flight count.
 - The global pace: at most `global_rate` requests in any second, all webhooks together
   (Discord allows an IP 50), spread over the second, so the relay never waits for a
   global 429 to slow down.
 - Channel paces: a ``shared`` 429 reveals that a channel's hidden limit (about 30 per
   60 s) is met; from then on every webhook Discord reports in that channel (the
   ``channel_id`` of the messages it returns) follows the channel's pace, a sliding
-  estimate that falls and rises again (see `Channel`).
+  estimate that falls and rises again (see `Channel`). A thread is a channel of its
+  own: a request into one counts against that thread's pace, not the webhook's channel.
 - Pauses: a global or ban 429 pauses everyone; 1,000 invalid requests in 10 minutes
   pause everyone until they age out; 401/403/404 quarantine one webhook.
 - Outages: errors back off per webhook, capped at a few seconds (`RetryPolicy`); a
@@ -46,14 +50,12 @@ PROBE_MAX_PERIODS = 16
 """A channel's pace probes upward after a period without a shared 429; each probe that
 finds no more room doubles that wait, up to this many periods."""
 
+CHANNELS_SWEPT_AT = 64
+"""Channels known before the quiet ones are forgotten (then at twice those kept)."""
+
 SAME_WINDOW_SEC = 0.25
 """Without X-RateLimit-Reset, answers whose reset times differ by less than this are
 taken to be from one rate-limit window (windows last a second or more)."""
-
-
-def base_url(webhook: str) -> str:
-    """The webhook without its query: ``?thread_id=`` variants are one Discord webhook."""
-    return webhook.split("?", 1)[0]
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Channel:
     def allowed(self, now: float) -> int | None:
         """Our messages the channel takes per period now (the pace, one more while
         probing), or None when it is not paced."""
-        if self.pace is None or self._quiet(now):
+        if self.pace is None or self.quiet(now):
             return None
         return self.pace + 1 if now >= self._probe_at else self.pace
 
@@ -159,27 +161,27 @@ class Channel:
         self.limited_at = self.active_at = now
         self.rose = False
 
-    def _quiet(self, now: float) -> bool:
+    def quiet(self, now: float) -> bool:
         """Nothing of ours in flight or in the window for a period (a wait Discord
         asked for is not quiet of our own)."""
         return self.in_flight == 0 and now - max(self.active_at, self.full_until) >= self.period
 
     def _forget_if_quiet(self, now: float) -> None:
-        if self.pace is not None and self._quiet(now):
+        if self.pace is not None and self.quiet(now):
             self.pace, self.probe_every = None, self.period
 
 
 class Hook:
-    """What the policy knows of one webhook (a lane's URL)."""
+    """What the policy knows of one webhook (by its key)."""
 
-    __slots__ = ("base", "bucket_hash", "channel", "wait_until", "backoff_until",
+    __slots__ = ("key", "bucket_hash", "channel", "wait_until", "backoff_until",
                  "failures", "dead_until", "mark")
 
-    def __init__(self, webhook: str):
-        self.base = base_url(webhook)
+    def __init__(self, key: str):
+        self.key = key
         self.bucket_hash: str | None = None
-        self.channel = self.base  # its own until Discord names the channel
-        self.wait_until = 0.0  # a route or shared 429
+        self.channel = key  # the channel it posts in (not a thread): its own until named
+        self.wait_until = 0.0  # a route 429
         self.backoff_until = 0.0  # errors
         self.failures = 0  # errors in a row, for the backoff
         self.dead_until = 0.0  # quarantine
@@ -190,7 +192,8 @@ class Hook:
 class Ticket:
     """One request sent: what it counts against until its answer comes."""
 
-    webhook: str
+    webhook: str  # its key
+    thread: str | None
     bucket: Bucket | None
     channel: Channel | None
 
@@ -218,6 +221,7 @@ class Limits:
         self._hooks: dict[str, Hook] = {}
         self._buckets: dict[tuple[str | None, str], Bucket] = {}
         self._channels: dict[str, Channel] = {}
+        self._sweep_at = CHANNELS_SWEPT_AT  # channels kept before quiet ones are forgotten
         self._sent = (  # the latest sends, for the second and for its slices
             (deque(maxlen=global_rate), GLOBAL_WINDOW_SEC),
             (deque(maxlen=-(-global_rate // GLOBAL_SLICES)), GLOBAL_WINDOW_SEC / GLOBAL_SLICES))
@@ -228,22 +232,23 @@ class Limits:
 
     # ------------------------------------------------------------------ asking
 
-    def ready_at(self, webhook: str, now: float) -> float | None:
-        """When `webhook` may send (<= now: at once), or None until answers come back
-        (the new window of its bucket or its channel is all in flight)."""
+    def ready_at(self, webhook: str, now: float, thread: str | None = None) -> float | None:
+        """When `webhook` may send (<= now: at once) a request into `thread` (None: its
+        channel), or None until answers come back (the new window of its bucket or its
+        channel is all in flight)."""
         at = max(self._global_until, self._invalid_pause_until(), self._global_slot())
         hook = self._hooks.get(webhook)
         if hook is None:
             return at
         at = max(at, hook.wait_until, hook.backoff_until, hook.dead_until)
-        bucket = self._buckets.get((hook.bucket_hash, hook.base))
+        bucket = self._buckets.get((hook.bucket_hash, webhook))
         if bucket is not None:
             if bucket.reset_at > now:
                 if bucket.remaining - bucket.in_flight <= 0:
                     at = max(at, bucket.reset_at)
             elif bucket.limit is not None and bucket.in_flight >= bucket.limit:
                 return None
-        channel = self._channels.get(hook.channel)
+        channel = self._channels.get(thread or hook.channel)
         if channel is not None:
             channel_at = channel.ready_at(now)
             if channel_at is None:
@@ -251,9 +256,9 @@ class Limits:
             at = max(at, channel_at)
         return at
 
-    def waiting(self, webhook: str, now: float) -> bool:
+    def waiting(self, webhook: str, now: float, thread: str | None = None) -> bool:
         """Whether a rate limit, a pause or a backoff holds `webhook` now."""
-        at = self.ready_at(webhook, now)
+        at = self.ready_at(webhook, now, thread)
         return at is None or at > now
 
     def quarantined(self, webhook: str, now: float) -> bool:
@@ -264,10 +269,10 @@ class Limits:
         """Invalid requests (401/403/429) in the last 10 minutes."""
         return sum(1 for t in self._invalid if t >= now - INVALID_WINDOW_SEC)
 
-    def pace_of(self, webhook: str, now: float) -> int | None:
-        """The learned pace of `webhook`'s channel, per `channel_period`."""
+    def pace_of(self, webhook: str, now: float, thread: str | None = None) -> int | None:
+        """The learned pace of `webhook`'s channel (or `thread`), per `channel_period`."""
         hook = self._hooks.get(webhook)
-        channel = self._channels.get(hook.channel) if hook else None
+        channel = self._channels.get(thread or hook.channel) if hook else None
         return None if channel is None or channel.allowed(now) is None else channel.pace
 
     def _global_slot(self) -> float:
@@ -284,18 +289,19 @@ class Limits:
 
     # ------------------------------------------------------------------ telling
 
-    def sent(self, webhook: str, now: float) -> Ticket:
-        """A request to `webhook` leaves now; pass the ticket to `answered`."""
+    def sent(self, webhook: str, now: float, thread: str | None = None) -> Ticket:
+        """A request to `webhook` (into `thread`, None: its channel) leaves now; pass the
+        ticket to `answered`."""
         hook = self._hook(webhook)
         for sent, _ in self._sent:
             sent.append(now)
-        bucket = self._buckets.get((hook.bucket_hash, hook.base))
+        bucket = self._buckets.get((hook.bucket_hash, webhook))
         if bucket is not None:
             bucket.in_flight += 1
-        channel = self._channels.get(hook.channel)
+        channel = self._channels.get(thread or hook.channel)
         if channel is not None:
             channel.sent(now)
-        return Ticket(webhook, bucket, channel)
+        return Ticket(webhook, thread, bucket, channel)
 
     def answered(self, ticket: Ticket, outcome: Outcome, now: float) -> Answer:
         """Learn from Discord's answer to the request of `ticket`."""
@@ -312,15 +318,15 @@ class Limits:
         others_delivered = self._deliveries > hook.mark
         answer = Answer()
         if outcome.kind == "delivered":
-            self._delivered(hook, outcome, now)
+            self._delivered(hook, ticket.thread, outcome, now)
         elif outcome.kind == "rate_limited":
             answer = Answer(outcome.wait)
             if outcome.scope in ("global", "ban"):
                 self._global_until = max(self._global_until, now + outcome.wait)
+            elif outcome.scope == "shared":  # the channel (or thread) is full, not the webhook
+                self._channel(ticket.thread or hook.channel, now).limited(now, outcome.wait)
             else:
                 hook.wait_until = max(hook.wait_until, now + outcome.wait)
-                if outcome.scope == "shared":
-                    self._channel(hook).limited(now, outcome.wait)
         elif outcome.kind == "retry":
             hook.failures += 1
             delay = self.retry.backoff(hook.failures, self._rng)
@@ -338,16 +344,14 @@ class Limits:
         return answer
 
     def forget(self, webhook: str) -> None:
-        """`webhook` is idle and no longer tracked (nothing of it is in flight)."""
+        """`webhook` is idle and no longer tracked (nothing of it is in flight); its
+        channels are forgotten once quiet (see `_channel`)."""
         hook = self._hooks.pop(webhook, None)
         if hook is None:
             return
         self._backing_off.discard(hook)
-        if all(other.base != hook.base for other in self._hooks.values()):
-            for key in [key for key in self._buckets if key[1] == hook.base]:
-                del self._buckets[key]
-        if all(other.channel != hook.channel for other in self._hooks.values()):
-            self._channels.pop(hook.channel, None)
+        for key in [key for key in self._buckets if key[1] == webhook]:
+            del self._buckets[key]
 
     def _hook(self, webhook: str) -> Hook:
         hook = self._hooks.get(webhook)
@@ -355,25 +359,31 @@ class Limits:
             hook = self._hooks[webhook] = Hook(webhook)
         return hook
 
-    def _delivered(self, hook: Hook, outcome: Outcome, now: float) -> None:
+    def _delivered(self, hook: Hook, thread: str | None, outcome: Outcome, now: float) -> None:
         """Discord works: this webhook's backoff, quarantine and every other webhook's
-        backoff are over."""
+        backoff are over. A message posted into a thread counts in that thread; one
+        posted without names the webhook's channel (a forum post: a new thread each)."""
         self._deliveries += 1
         hook.failures = 0
         hook.dead_until = 0.0
         for other in self._backing_off:
             other.backoff_until = 0.0
         self._backing_off.clear()
-        if outcome.channel is not None and outcome.channel != hook.channel:
-            old, hook.channel = hook.channel, outcome.channel  # forum posts: a new thread each
-            if all(other.channel != old for other in self._hooks.values()):
-                self._channels.pop(old, None)
-        self._channel(hook).delivered_at(now)
+        if thread is None and outcome.channel is not None:
+            hook.channel = outcome.channel
+        self._channel(thread or hook.channel, now).delivered_at(now)
 
-    def _channel(self, hook: Hook) -> Channel:
-        channel = self._channels.get(hook.channel)
+    def _channel(self, name: str, now: float) -> Channel:
+        """The channel `name`, made if need be. Every thread, and every forum post, is a
+        channel: once they outnumber CHANNELS_SWEPT_AT and twice the last count, the
+        quiet ones are forgotten (a quiet channel knows nothing a new one would not)."""
+        channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[hook.channel] = Channel(self.channel_period)
+            if len(self._channels) >= self._sweep_at:
+                self._channels = {key: kept for key, kept in self._channels.items()
+                                  if not kept.quiet(now)}
+                self._sweep_at = max(CHANNELS_SWEPT_AT, 2 * len(self._channels))
+            channel = self._channels[name] = Channel(self.channel_period)
         return channel
 
     def _learn_bucket(self, hook: Hook, outcome: Outcome, now: float) -> None:
@@ -383,13 +393,13 @@ class Limits:
         X-RateLimit-Reset; without it, reset times within SAME_WINDOW_SEC are one."""
         rate = outcome.rate
         if rate.bucket is not None and rate.bucket != hook.bucket_hash:
-            unnamed = self._buckets.pop((hook.bucket_hash, hook.base), None)
+            unnamed = self._buckets.pop((hook.bucket_hash, hook.key), None)
             hook.bucket_hash = rate.bucket
             if unnamed is not None:
-                self._buckets.setdefault((rate.bucket, hook.base), unnamed)
+                self._buckets.setdefault((rate.bucket, hook.key), unnamed)
         if rate.remaining is None:
             return
-        bucket = self._buckets.setdefault((hook.bucket_hash, hook.base), Bucket())
+        bucket = self._buckets.setdefault((hook.bucket_hash, hook.key), Bucket())
         if rate.limit is not None:
             bucket.limit = rate.limit
         reset_after = rate.reset_after

@@ -269,8 +269,8 @@ class Outbox:
         webhook, or suppressed as a duplicate (`finished`: for the store), else
         (its lane, itself) to wait there."""
         holding = self._holding
-        lane = self._lanes.get(message.webhook) or self._lanes.add(message.webhook)
-        if lane.dead_reason is not None and self._limits.quarantined(lane.webhook, now):
+        lane = self._lanes.get(message.key) or self._lanes.add(message.key)
+        if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
             self._answers.fail([holding.parsed(message, None, raw)], lane,
                                lane.dead_reason, lane.dead_status, quiet=True)
             lane.dead_failed += 1  # (not seen, so not forgotten: key None)

@@ -63,6 +63,10 @@ _ONCE_KEYS = ("poll", "attachments", "components", "files")
 only (a poll or buttons posted twice would be two polls), and a message with one is
 never combined with others."""
 
+_ALONE_KEYS = ("thread_name",)
+"""A message with one is always a request of its own, never combined: Discord makes a
+new forum post of every request that names a thread, so two of them are two posts."""
+
 _TAIL_KEYS = ("image", "footer", "timestamp")
 """Embed parts Discord draws below the fields: a continued embed carries them last."""
 
@@ -430,8 +434,8 @@ def combine(payloads: list[dict]) -> tuple[int, dict]:
     the messages a request replaces are ever looked at:
 
     * every key but content and embeds is equal (username, avatar_url, tts, flags,
-      allowed_mentions, thread_name...), and none has poll, attachments, components or
-      files (each message keeps its own);
+      allowed_mentions...), and none has poll, attachments, components or files (each
+      message keeps its own) or thread_name (each is a new forum post);
     * reading order is kept: Discord shows a message's content above its embeds, so no
       content may follow an embed. A run reads as content-only messages, then at most
       one with both, then embed-only messages;
@@ -478,7 +482,7 @@ def _parts(message):
     """(content, embeds) of a message that may join others, or None if it must go alone."""
     content, embeds = message.get("content") or "", message.get("embeds") or []
     if (not isinstance(content, str) or not isinstance(embeds, list) or not (content or embeds)
-            or any(key in message for key in _ONCE_KEYS)):
+            or any(key in message for key in (*_ONCE_KEYS, *_ALONE_KEYS))):
         return None
     return content, embeds
 

@@ -19,6 +19,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from notifier import PROJECT_URL, __version__
 from notifier.discord import Outcome, classify, network_error
+from notifier.envelope import post_url
 from notifier.lanes import Job
 
 if TYPE_CHECKING:
@@ -33,14 +34,6 @@ TIMEOUT = (5.0, 15.0)
 DEADLINE_SEC = 20.0
 """The longest one request may take, connect and the whole answer: a server that
 trickles its answer a byte at a time holds a sender no longer than this."""
-
-
-def post_url(webhook: str) -> str:
-    """The URL a message to `webhook` is posted to, exactly as `requests` sends it (what
-    `check` shows). wait=true: Discord confirms the message was saved (without it, a
-    message Discord drops still answers 204)."""
-    url = webhook + ("&" if "?" in webhook else "?") + "wait=true"
-    return requests.Request("POST", url).prepare().url
 
 
 class Watchdog:

@@ -12,7 +12,7 @@ channel; ``use_channel`` fills part of it as another poster would), and forum ch
 (``forums={"7"}``), where a message needs ``thread_name`` (which creates a thread) or
 ``?thread_id=``. A webhook is one webhook whatever the URL says after its id and token:
 its thread URLs (``webhook_url(1, thread=5)``) and its API-versioned paths share its
-bucket. Tests script faults per webhook (error statuses, hangs, answers trickled or
+bucket (a trailing slash is answered 404, as Discord answers it). Tests script faults per webhook (error statuses, hangs, answers trickled or
 broken off after the status line, route 429s with bad bodies, global, shared and
 Cloudflare 429s) and simulate an outage by stopping it and starting a new one on the
 same port::
@@ -44,7 +44,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-_WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)/?$")
+_WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)$")  # no trailing slash: 404
 _DISCORD_EPOCH_MS = 1420070400000
 _CHANNEL_BASE = 1100000000000000000  # a webhook's own channel: this plus its id
 _BUCKET_HASH = hashlib.sha1(b"webhook execute").hexdigest()[:32]  # one for all, as on Discord
@@ -106,6 +106,7 @@ class RecordedRequest:
     path: str = ""
     response: object = None  # JSON (or text) body answered, None for 204
     mode: str = "ok"  # the scripted mode it was answered in
+    answered: float = 0.0  # time.monotonic() just before its status line was written
 
 
 def validate(payload):
@@ -498,6 +499,21 @@ class DiscordStandIn:
             return self._channel_of[webhook_id]
         return str(_CHANNEL_BASE + int(webhook_id)) if webhook_id.isdigit() else f"channel-{webhook_id}"
 
+    def most_in_flight(self, webhook_id, since=0.0, until=math.inf, deadline=math.inf):
+        """The most requests to one webhook that were ever in flight at once, among those
+        that arrived between `since` and `until`: a request is in flight from its
+        request line until its status line is written, or until the client's `deadline`
+        (seconds) gave it up."""
+        with self._lock:
+            records = [r for r in self._matching(webhook_id) if since <= r.time <= until]
+        events = sorted([(r.time, 1) for r in records]
+                        + [(min(r.answered, r.time + deadline), -1) for r in records])
+        most = current = 0
+        for _, step in events:  # at one instant an answer is counted before an arrival
+            current += step
+            most = max(most, current)
+        return most
+
     def count_status(self, status, webhook_id=None):
         """How many requests were answered with `status`, optionally for one webhook."""
         with self._lock:
@@ -587,7 +603,7 @@ class DiscordStandIn:
             else:
                 status, out, response = self._decide(webhook_id, payload, query, mode, params)
             record = RecordedRequest(webhook_id, token, payload, status, received, headers, query,
-                                     method, url.path, response, mode)
+                                     method, url.path, response, mode, time.monotonic())
             self._records.append(record)
             self._cond.notify_all()
         if response is None:

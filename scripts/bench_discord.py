@@ -16,8 +16,12 @@
   one webhook in it. The time until all are delivered, against the physical limit (2
   fit at once, 30 more once the other poster's messages leave the window, 60 s later,
   the last 8 another 60 s on: 120 s), and the shared 429s.
+- threads: one webhook limited to 5 requests per 2 s, addressed through 10 thread URLs
+  (``?thread_id=``), 20 messages each that cannot be combined, pushed at once, thread
+  after thread. The time until all are delivered, against the physical limit (200
+  requests at 5 per 2 s: 5 at once, then 5 every 2 s, 78 s), and the 429s.
 
-Usage: python scripts/bench_discord.py many | outage [--seconds 10] | channel | shared
+Usage: python scripts/bench_discord.py many | outage [--seconds 10] | channel | shared | threads
 """
 
 from __future__ import annotations
@@ -170,9 +174,29 @@ def shared(used: int = 28, messages: int = 40) -> None:
               f"{discord.count_status(429)} 429s in all", flush=True)
 
 
+def threads(count: int = 10, each: int = 20) -> None:
+    messages = count * each
+    with DiscordStandIn(rate_limit=(5, 2.0), global_limit=50) as discord, \
+            relay(discord) as (client, metrics_file):
+        started = time.monotonic()
+        for i in range(each):
+            for thread in range(count):
+                client.send({"content": f"alert {i + 1}", "username": f"desk {i * count + thread}"},
+                            webhook=discord.webhook_url(1, thread=1000 + thread))
+        if not discord.wait_for(messages, timeout=900):
+            raise TimeoutError("not all delivered")
+        elapsed = max(r.time for r in discord.requests if r.status == 200) - started
+        snapshot = settled(metrics_file, messages)
+        bound = (messages / 5 - 1) * 2.0  # see the docstring
+        print(f"threads: {count} thread URLs x {each} messages of one webhook limited to "
+              f"5/2 s: all delivered in {elapsed:.1f} s ({elapsed / bound:.2f} x the "
+              f"physical limit of {bound:g} s); {discord.count_status(429)} 429s, "
+              f"{snapshot['invalid_requests_10m']} invalid requests", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=("many", "outage", "channel", "shared"))
+    parser.add_argument("scenario", choices=("many", "outage", "channel", "shared", "threads"))
     parser.add_argument("--seconds", type=float, default=10.0, help="outage length")
     args = parser.parse_args()
     if args.scenario == "many":
@@ -181,8 +205,10 @@ def main() -> None:
         outage(args.seconds)
     elif args.scenario == "channel":
         channel()
-    else:
+    elif args.scenario == "shared":
         shared()
+    else:
+        threads()
 
 
 if __name__ == "__main__":

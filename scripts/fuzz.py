@@ -78,7 +78,6 @@ with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child"
     from notifier.logs import Throttle
     from notifier.outbox import Outbox
     from notifier.relay import Relay
-    from notifier.sender import post_url
     from notifier.standin import validate
     from telemetry import merge
     from telemetry.config import Config
@@ -312,7 +311,7 @@ def targets(work):
             message = envelope.parse(envelope_bytes, LOCAL)
         except envelope.EnvelopeError:
             return
-        posted = post_url(message.webhook)
+        posted = envelope.post_url(message.webhook)
         assert urlsplit(posted).path == urlsplit(message.webhook).path, (message.webhook, posted)
 
     def fuzz_sbcl(data):

@@ -4,13 +4,14 @@ random while the Discord stand-in misbehaves at random; then the stand-in's grou
 is compared with the relay's counters. Everything runs on 127.0.0.1.
 
 A producer pushes tagged messages (``soak-<n>``; about 2% go to a webhook the relay does
-not allow, so they must be rejected) to three webhooks. A weather thread switches the
-stand-in between ok, HTTP 500, hang (at most 3 s, under the relay's 15 s read timeout,
-so a hang never turns into a timeout's duplicate), global and per-channel 429s, and
-down (stopped, then started again on the same port). The main thread sends bursts,
-pauses, and ends relay runs with SIGKILL or SIGTERM; with ``--sighup`` it also moves
-the log aside and sends SIGHUP, which must not stop the relay and must make it write a
-new log.
+not allow, so they must be rejected) to three webhooks, each named by any of its URLs
+(for a few bursts, then another): as written, with an API version, or one of its threads
+(``?thread_id=``). A weather thread switches the stand-in between ok, HTTP 500, hang
+(at most 3 s, under the relay's deadline, so a hang never turns into a timeout's
+duplicate), global and per-channel 429s, and down (stopped, then started again on the
+same port). The main thread sends bursts, pauses, and ends relay runs with SIGKILL or
+SIGTERM; with ``--sighup`` it also moves the log aside and sends SIGHUP, which must not
+stop the relay and must make it write a new log.
 
 Each relay run gets its own PUSH socket, so every tag belongs to exactly one run, which
 takes a prefix of its tags in order. Before a SIGTERM or a SIGKILL the producer waits
@@ -29,6 +30,10 @@ and stopped with SIGTERM. Checks:
   reported as such, up to the `pending` of the run's last snapshot;
 - no refused tag reached the stand-in;
 - duplicates are at most the sum of `restored_in_flight` over runs;
+- per webhook, whatever URLs named it: within a run, never two requests in flight at
+  once (the stand-in's record, a request given up at the relay's deadline no longer in
+  flight), and the tags it saved first appear in the order they were sent (a duplicate
+  after a kill aside);
 - every snapshot balances, a SIGTERM exits 0, and the next run restores exactly what
   the stopped one held.
 
@@ -84,6 +89,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import zmq
 
@@ -93,6 +99,9 @@ from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
 
 WEBHOOKS = ("1", "2", "3")
+SPELLINGS = ("plain", "plain", "v10", "v6", "thread", "v10 thread")
+THREADS = 3  # threads per webhook the producer posts into, besides its channel
+URL_CHANGE_SHARE = 0.25  # bursts after which the producer names a webhook by another URL
 REFUSED_SHARE = 0.02  # tags sent to a webhook the relay does not allow
 WEATHER = {"ok": 4, "status": 1, "hang": 1, "global_429": 1, "channel_429": 1, "down": 1}
 MODE_PARAMS = {"status": {"status": 500}, "global_429": {"retry_after": 1.0},
@@ -127,15 +136,17 @@ BUG = re.compile(r".*\n(?=Traceback \(most recent call last\))", re.M)  # the li
 
 # Discord's answers read for what they mean (issue 19): a 200 whose body is reset, or
 # trickled past the relay's deadline (saved once: the run that posted it never posts it
-# again), a route 429 whose retry_after is NaN beside valid headers (its webhook waits,
-# no run ever counts a ban), and a hidden channel limit that another poster fills now and
-# then (its pace learned, probed and forgotten under the chaos). Windows are ten times
-# shorter than Discord's, for the stand-in and the relay alike.
+# again), a route 429 whose retry_after is missing, negative or NaN beside valid headers
+# (its webhook waits, no run ever counts a ban), and a hidden channel limit that another
+# poster fills now and then (its pace learned, probed and forgotten under the chaos).
+# Windows are ten times shorter than Discord's, for the stand-in and the relay alike.
 ANSWER_WEATHER = {"reset": 1, "trickle": 1, "route_429": 1, "neighbour": 1}
-ANSWER_PARAMS = {"trickle": {"interval": 0.5, "framing": "close"},
-                 "route_429": {"retry_after": float("nan")}}
+ANSWER_PARAMS = {"trickle": {"interval": 0.5, "framing": "close"}}
+BAD_RETRY_AFTERS = (None, -1.0, float("nan"))  # a route 429's body: missing, negative, NaN
 ANSWER_HOLD_SEC = (0.2, 8.0)  # a trickle held past 4 s outlasts the relay's deadline
-ANSWER_SETTINGS = {"SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC": "4",  # over the longest hang
+DEADLINE_SEC = 4.0
+GIVEN_UP_SLACK_SEC = 0.25  # the relay's deadline starts before the stand-in sees the request
+ANSWER_SETTINGS = {"SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC": f"{DEADLINE_SEC:g}",  # over the longest hang
                    "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC": "6"}
 CHANNEL = {"channel_limit": (30, 6.0), "channels": {"900": WEBHOOKS}}
 NEIGHBOUR_POSTS = 25  # another poster's share of the channel, posted at once
@@ -167,6 +178,7 @@ class Run:
     queue_max: int = 5000
     sent: list[int] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    started_at: float | None = None  # time.monotonic() when it was started
     end: str = ""  # SIGKILL, SIGTERM, SIGHUP (it stopped the relay), exit (by itself)
     last: dict | None = None  # its last snapshot
     ended_at: float | None = None  # time.monotonic() when it was seen to end
@@ -194,6 +206,8 @@ class Result:
     delivered: int = 0
     duplicates: int = 0
     in_flight: int = 0  # sum of restored_in_flight: the bound on duplicates
+    spellings: Counter = field(default_factory=Counter)  # URLs the producer named webhooks by
+    most_in_flight: int = 0  # the most requests to one webhook in flight at once, in a run
     not_taken: int = 0  # tags past a crashed run's count, missing: allowed losses
     lost: int = 0  # taken, not delivered, not counted as failed, dropped or rejected
     failed: int = 0
@@ -237,6 +251,8 @@ class Weather(threading.Thread):
                 self.standin.use_channel("900", NEIGHBOUR_POSTS)
             else:
                 params = MODE_PARAMS.get(mode) or ANSWER_PARAMS.get(mode, {})
+                if mode == "route_429":
+                    params = {"retry_after": self.rng.choice(BAD_RETRY_AFTERS)}
                 self.standin.set_mode(target, mode, **params)
             hold = ANSWER_HOLD_SEC if mode in ANSWER_WEATHER else (0.2, 3.0)
             self.stopping.wait(self.rng.uniform(*hold))
@@ -487,6 +503,9 @@ class Soak:
         self.context = zmq.Context()
         self.runs: list[Run] = []
         self.refused: set[int] = set()
+        self.sent_to: dict[int, str] = {}  # tag -> the URL it was sent to
+        self.urls: dict[str, str] = {}  # webhook -> the URL the producer names it by now
+        self.url_rng = random.Random(seed + 3)  # apart: the other decisions stay as they were
         self.next_tag = 0
 
     # ------------------------------------------------------------------ producer
@@ -501,6 +520,14 @@ class Soak:
         return self.runs[-1]
 
     def send_burst(self, run: Run) -> None:
+        """1-30 tags; each webhook is named by one of its URLs for a few bursts (as a
+        producer names it for a purpose), then by another. (Messages are combined only
+        with those asking for the same URL: a URL changed at every burst would leave
+        little to combine, and the channel's hidden limit would outlast the drain.)"""
+        for hook in WEBHOOKS:
+            if hook not in self.urls or self.url_rng.random() < URL_CHANGE_SHARE:
+                self.urls[hook] = self.url(hook)
+        urls = self.urls
         for _ in range(self.rng.randint(1, 30)):
             tag = self.next_tag
             self.next_tag += 1
@@ -508,10 +535,19 @@ class Soak:
                 webhook = self.refused_webhook
                 self.refused.add(tag)
             else:
-                webhook = self.standin.webhook_url(self.rng.choice(WEBHOOKS))
+                webhook = urls[self.rng.choice(WEBHOOKS)]
+                self.sent_to[tag] = webhook
             envelope = build_envelope(webhook, {"content": f"soak-{tag}"})
             run.socket.send(envelope, zmq.NOBLOCK)
             run.sent.append(tag)
+
+    def url(self, hook: str) -> str:
+        """One of the URLs of webhook `hook`, at random: one webhook whatever it says."""
+        how = self.url_rng.choice(SPELLINGS)
+        self.result.spellings[how] += 1
+        thread = 500 + self.url_rng.randrange(THREADS) if "thread" in how else None
+        version = int(how.split()[0][1:]) if how.startswith("v") else None
+        return self.standin.webhook_url(hook, thread=thread, version=version)
 
     # ------------------------------------------------------------------ relay
 
@@ -579,6 +615,7 @@ class Soak:
                                            stdout=subprocess.DEVNULL, stderr=log,
                                            preexec_fn=block_sighup if self.faults else None)
         self.result.cycles += 1
+        run.started_at = time.monotonic()
         if signalled is not None:
             how, delay = signalled
             time.sleep(delay)  # the moment chosen, not a wait for something
@@ -854,6 +891,42 @@ class Soak:
                       f"{result.unseen_drops} a killed run may have dropped after its last "
                       f"snapshot")
 
+    def check_webhooks(self) -> None:
+        """Per webhook, whatever URLs named it: one request in flight at a time in each
+        run, the tags it saved first appear in the order they were sent, and each went
+        to the URL (path and thread) it asked for."""
+        for run in self.runs:
+            if run.started_at is None:
+                continue
+            until = run.ended_at if run.ended_at is not None else time.monotonic()
+            for hook in WEBHOOKS:
+                most = self.standin.most_in_flight(hook, run.started_at, until,
+                                                   DEADLINE_SEC - GIVEN_UP_SLACK_SEC)
+                self.result.most_in_flight = max(self.result.most_in_flight, most)
+                if most > 1:
+                    self.fail(f"run {run.number}: {most} requests to webhook {hook} in "
+                              "flight at once")
+        first: dict[str, list[int]] = {}
+        elsewhere = []
+        for record in sorted(self.standin.requests, key=lambda r: r.time):  # as they came
+            if 200 <= record.status < 300 and isinstance(record.json, dict):
+                for tag in map(int, TAG.findall(record.json.get("content") or "")):
+                    seen = first.setdefault(record.webhook_id, [])
+                    if tag not in seen:
+                        seen.append(tag)
+                    asked = urlsplit(self.sent_to.get(tag, ""))
+                    if (asked.path, asked.query) != (record.path, "&".join(
+                            f"{k}={v}" for k, v in record.query.items() if k != "wait")):
+                        elsewhere.append(tag)
+        if elsewhere:
+            self.fail(f"{len(elsewhere)} tags posted to another URL than they asked for, "
+                      f"e.g. soak-{min(elsewhere)}")
+        for hook, tags in first.items():
+            late = [(a, b) for a, b in zip(tags, tags[1:]) if b < a]
+            if late:
+                self.fail(f"webhook {hook}: {len(late)} tags saved before an older one, "
+                          f"e.g. soak-{late[0][1]} after soak-{late[0][0]}")
+
     def check_answers(self) -> None:
         """No run counted a ban (the stand-in never bans), and no tag saved under a
         broken answer was posted again before a run ended."""
@@ -907,6 +980,7 @@ def run(seconds: float = 60, messages: int = 1_000_000, cycles: int | None = Non
             weather.finish()
         soak.drain(last)
         soak.check()
+        soak.check_webhooks()
         soak.check_answers()
     except SoakError as exc:
         soak.fail(f"{exc}; soak abandoned")
@@ -939,6 +1013,8 @@ def report(r: Result, *, durable: bool, sighup: bool, storage: bool, seed: int, 
         f"{r.unseen_drops} dropped by arrivals after a killed run's last snapshot)")
     out(f"duplicates {r.duplicates} (in flight at the kills: {r.in_flight}); "
         f"store rows skipped {r.corrupt_records}")
+    out("webhooks named by " + ", ".join(f"{how} {n}" for how, n in sorted(r.spellings.items()))
+        + f"; most requests to one webhook in flight at once: {r.most_in_flight}")
     if storage:
         out("storage: " + ", ".join(f"{what} {n}" for what, n in sorted(r.storage.items())))
     if process:

@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
-from notifier import payload
+import requests
+
+from notifier import envelope, payload
 
 from tests.test_envelope import HOOK, PAYLOAD, TOKEN, lisp
 
@@ -34,6 +36,28 @@ def test_a_long_message_shows_every_request_as_the_relay_would_post_it():
     assert shown["requests"] == payload.fit(long)
     description = shown["requests"][-1]["embeds"][0]["description"]
     assert len(description) == 4096 and description.endswith(payload.ELLIPSIS)
+
+
+def test_the_url_shown_is_exactly_the_one_posted():
+    """What `check` shows is the request's URL as requests prepares it, token aside."""
+    for url, shown in [
+            (f"HTTPS://PTB.Discord.com:443/api/v10/webhooks/42/{TOKEN}?thread_id=9",
+             "https://ptb.discord.com/api/v10/webhooks/42/<token>?thread_id=9&wait=true"),
+            (f"https://discordapp.com/api/webhooks/42/{TOKEN}?",
+             "https://discordapp.com/api/webhooks/42/<token>?wait=true")]:
+        result = check(stdin=lisp(type="NOTIFIER", webhook=url, payload=PAYLOAD).encode())
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["webhook"] == shown
+        posted = requests.Request("POST", envelope.post_url(envelope.check_webhook(url))).prepare()
+        assert envelope.redact(posted.url) == shown
+
+
+def test_dot_segment_tokens_are_refused_not_posted_elsewhere():
+    for token in ("..", ".", "%2e%2e", "../7", f"{TOKEN}/.."):
+        url = f"https://discord.com/api/webhooks/42/{token}"
+        result = check(stdin=lisp(type="NOTIFIER", webhook=url, payload=PAYLOAD).encode())
+        assert result.returncode == 1 and not result.stdout, token
+        assert b"rejected: webhook " in result.stderr and TOKEN.encode() not in result.stderr
 
 
 def test_empty_input_says_so():

@@ -1,8 +1,10 @@
 """Envelope parsing: every accepted form, every rejection reason, the webhook allowlist."""
 
 import json
+from urllib.parse import urlsplit
 
 import pytest
+import requests
 from hypothesis import given, settings, strategies as st
 
 from notifier import envelope, sexp
@@ -119,15 +121,53 @@ def test_each_rejection_has_a_reason(data, reason):
     assert reason in rejected(data)
 
 
-@pytest.mark.parametrize("url", [
-    HOOK,
-    f"https://canary.discord.com/api/webhooks/42/{TOKEN}",
-    f"https://ptb.discordapp.com/api/webhooks/42/{TOKEN}",
-    f"https://DISCORD.com:443/api/v10/webhooks/42/{TOKEN}",
-    f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=99",
+@pytest.mark.parametrize("url, posted", [
+    (HOOK, HOOK),
+    (f"https://canary.discord.com/api/webhooks/42/{TOKEN}", None),
+    (f"https://ptb.discordapp.com/api/webhooks/42/{TOKEN}", None),
+    (f"https://discord.com/api/v10/webhooks/42/{TOKEN}", None),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=99", None),
+    (f"https://DISCORD.com:443/api/v10/webhooks/42/{TOKEN}",
+     f"https://discord.com/api/v10/webhooks/42/{TOKEN}"),
+    (f"HTTPS://Ptb.Discord.com:/api/v9/webhooks/42/{TOKEN}?",
+     f"https://ptb.discord.com/api/v9/webhooks/42/{TOKEN}"),
+    (f"https://discord.com:0443/api/webhooks/42/{TOKEN}?thread_id=7",
+     f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=7"),
 ])
-def test_discord_webhook_urls_are_accepted(url):
-    assert envelope.check_webhook(url) == url
+def test_discord_webhook_urls_are_accepted_as_they_will_be_posted(url, posted):
+    """Only what an HTTP client would change anyway is spelled anew (case, default
+    port, empty query): the host, API version and thread stay."""
+    assert envelope.check_webhook(url) == (posted or url)
+
+
+SPELLINGS = [f"https://{host}/api{version}/webhooks/42/{TOKEN}{thread}"
+             for host in sorted(envelope.DISCORD_HOSTS) + ["DISCORD.COM:443"]
+             for version in ("", "/v6", "/v9", "/v10")
+             for thread in ("", "?thread_id=99", "?thread_id=12345678901234567890")]
+
+
+def test_every_spelling_of_one_webhook_gives_one_key_and_the_thread_is_the_messages():
+    messages = [envelope.parse(json.dumps({"webhook": url, "data": PAYLOAD})) for url in SPELLINGS]
+    assert {message.key for message in messages} == {HOOK}
+    assert {message.thread for message in messages} == {None, "99", "12345678901234567890"}
+    assert {message.webhook for message in messages} == {
+        envelope.check_webhook(url) for url in SPELLINGS}  # each posted where it asked
+    assert envelope.webhook_key(HOOK) == HOOK and envelope.webhook_id(HOOK) == "42"
+
+
+def test_keys_tell_apart_what_is_not_one_webhook():
+    hosts = (("127.0.0.1", None), ("localhost", None))
+    keys = {envelope.webhook_key(envelope.check_webhook(url, hosts)) for url in (
+        f"https://discord.com/api/webhooks/43/{TOKEN}", f"https://discord.com/api/webhooks/42/x{TOKEN}",
+        f"http://127.0.0.1:8099/api/webhooks/42/{TOKEN}", f"http://127.0.0.1:8100/api/webhooks/42/{TOKEN}",
+        f"http://localhost:8099/api/webhooks/42/{TOKEN}", HOOK)}
+    assert len(keys) == 6
+    assert {envelope.webhook_key(envelope.check_webhook(url, hosts)) for url in (
+        f"http://127.0.0.1:80/api/webhooks/42/{TOKEN}", f"http://127.0.0.1/api/v10/webhooks/42/{TOKEN}",
+        f"HTTP://127.0.0.1/api/webhooks/42/{TOKEN}?thread_id=5")} == {
+        f"http://127.0.0.1/api/webhooks/42/{TOKEN}"}
+    assert envelope.post_url(HOOK) == HOOK + "?wait=true"
+    assert envelope.post_url(HOOK + "?thread_id=5") == HOOK + "?thread_id=5&wait=true"
 
 
 @pytest.mark.parametrize("url, reason", [
@@ -137,10 +177,37 @@ def test_discord_webhook_urls_are_accepted(url):
     (f"https://discord.com:8443/api/webhooks/42/{TOKEN}", "must use https on Discord's default"),
     (f"https://user:pw@discord.com/api/webhooks/42/{TOKEN}", "must not carry user credentials"),
     (f"https://discord.com/api/channels/42/{TOKEN}", "path must be /api/webhooks/<id>/<token>"),
-    (f"https://discord.com/api/webhooks/x42/{TOKEN}", "path must be"),
+    (f"https://discord.com/api/webhooks/x42/{TOKEN}", "the id a Discord id"),
+    (f"https://discord.com/api/webhooks/042/{TOKEN}", "the id a Discord id"),
+    (f"https://discord.com/api/webhooks/%34%32/{TOKEN}", "the id a Discord id"),
     ("https://discord.com/api/webhooks/42/", "path must be"),
+    (f"https://discord.com/api/webhooks/42//{TOKEN}", "path must be"),
+    (f"https://discord.com/api/webhooks//42/{TOKEN}", "path must be"),
+    (f"https://discord.com/api//webhooks/42/{TOKEN}", "path must be"),
+    (f"https://discord.com/api/webhook/42/{TOKEN}", "path must be"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}/extra", "path must be"),
+    (f"https://discord.com/api/vX/webhooks/42/{TOKEN}", "path must be"),
+    ("https://discord.com/api/webhooks/42/..", "the token of letters"),
+    ("https://discord.com/api/webhooks/42/.", "the token of letters"),
+    ("https://discord.com/api/webhooks/42/../", "without a trailing '/' (Discord answers 404"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}/", "without a trailing '/' (Discord answers 404"),
+    (f"https://discord.com/api/v10/webhooks/42/{TOKEN}/?thread_id=9", "without a trailing '/'"),
+    ("https://discord.com/api/webhooks/42/%2e%2e", "the token of letters"),
+    ("https://discord.com/api/webhooks/../42/tok", "path must be"),
+    ("https://discord.com/api/webhooks/./42/tok", "path must be"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}.", "the token of letters"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}%41", "the token of letters"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}" + "x" * 200, "the token of letters"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=", "thread_id must be a thread's id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=x9", "thread_id must be a thread's id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=09", "thread_id must be a thread's id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=9;x", "thread_id must be a thread's id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id=9&wait=false", "only carry a thread_id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?thread_id", "thread_id must be a thread's id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}?Thread_id=9", "only carry a thread_id"),
     (f"https://discord.com/api/webhooks/42/{TOKEN}?wait=false", "only carry a thread_id"),
-    (f"https://discord.com/api/webhooks/42/{TOKEN}#frag", "only carry a thread_id"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}#frag", "no fragment"),
+    (f"https://discord.com/api/webhooks/42/{TOKEN}#", "no fragment"),
     (f"https://[::1/api/webhooks/42/{TOKEN}", "not a valid URL"),
     (f"ftp://127.0.0.1/api/webhooks/42/{TOKEN}", "is not Discord's"),
     ("", "non-empty string"),
@@ -180,6 +247,37 @@ def test_no_rejection_ever_repeats_a_webhook_token(before, after):
             envelope.parse(data)
         except EnvelopeError as error:
             assert TOKEN not in error.reason
+
+
+_URL_PARTS = st.sampled_from(["/", ".", "..", "%2e", "%2F", "?", "&", "#", ";", "=", ":", "@",
+                              "thread_id=", "v10", "webhooks", "api", "42", "0", "-", "_"])
+
+
+@given(host=st.sampled_from(sorted(envelope.DISCORD_HOSTS) + ["DISCORD.com", "discord.com:443",
+                                                             "127.0.0.1:8099", "[::1]:80"]),
+       version=st.sampled_from(["", "/v10", "/v6"]),
+       token=st.lists(st.one_of(st.text("aZ9_-.", min_size=1, max_size=4), _URL_PARTS),
+                      min_size=1, max_size=6).map("".join),
+       tail=st.lists(_URL_PARTS, max_size=3).map("".join))
+@settings(max_examples=500, derandomize=True)
+def test_what_is_accepted_is_posted_as_checked_and_keyed_by_its_id_and_token(host, version, token, tail):
+    """Whatever a producer writes after the webhook's id, the relay either refuses it or
+    posts exactly the URL `check` shows (requests changes nothing in it, no dot segment
+    is removed), and keys it by the id and token that URL carries."""
+    scheme = "https" if "discord" in host.lower() else "http"
+    url = f"{scheme}://{host}/api{version}/webhooks/42/{token}{tail}"
+    try:
+        checked = envelope.check_webhook(url, (("127.0.0.1", 8099), ("::1", None)))
+    except EnvelopeError as error:
+        quoted = error.reason.replace(envelope._PATH_RULE, "")  # the rule names "webhooks"
+        assert token not in quoted or len(token) < 3
+        return
+    posted = envelope.post_url(checked)
+    assert requests.Request("POST", posted).prepare().url == posted
+    path = urlsplit(checked).path.rstrip("/")
+    assert path.split("/")[-2:] == ["42", path.rsplit("/", 1)[1]]
+    assert envelope.webhook_key(checked).endswith(f"/api/webhooks/42/{path.rsplit('/', 1)[1]}")
+    assert not {".", ".."} & set(path.split("/"))
 
 
 @pytest.mark.parametrize("data, webhook", [

@@ -16,8 +16,8 @@ def ok(channel=None, remaining=None, reset_after=None):
 RETRY = Outcome("retry", reason="HTTP 500")
 
 
-def post(limits, webhook, now, outcome):
-    return limits.answered(limits.sent(webhook, now), outcome, now)
+def post(limits, webhook, now, outcome, thread=None):
+    return limits.answered(limits.sent(webhook, now, thread), outcome, now)
 
 
 def test_the_global_pace_allows_rate_requests_in_any_second():
@@ -205,9 +205,69 @@ def test_a_shared_429_with_nothing_delivered_teaches_no_pace():
     assert limits.pace_of(A, 0.0) is None and limits.ready_at(A, 0.0) == 40.0
 
 
-def test_channels_no_webhook_posts_into_any_more_are_forgotten():
-    """A forum webhook's every post is a new thread: its channels must not pile up."""
+def test_channels_quiet_for_a_period_are_forgotten():
+    """A forum webhook's every post is a new thread, and so is every thread a webhook
+    posts into: the channels must not pile up beyond about twice a period's worth."""
     limits = Limits()
-    for thread in range(100):
+    for thread in range(2000):
         post(limits, A, float(thread), ok(channel=f"thread {thread}"))
-    assert len(limits._channels) == 1
+        post(limits, B, float(thread), ok(channel=str(thread)), thread=str(thread))
+        assert len(limits._channels) <= 4 * CHANNEL_PERIOD_SEC + 2
+
+
+def test_threads_of_one_webhook_share_its_bucket_from_the_first_answer():
+    """Found against Discord's imitation: ten thread URLs of one webhook each sent as if
+    its bucket were its own. Its requests left count once, whichever thread answers."""
+    limits = Limits()
+    tickets = [limits.sent(A, 0.0, thread=str(thread)) for thread in range(5)]
+    for remaining, ticket in zip(range(4, -1, -1), tickets):
+        limits.answered(ticket, ok(channel=ticket.thread, remaining=remaining, reset_after=2.0), 0.1)
+    for thread in (None, "0", "9"):
+        assert limits.ready_at(A, 0.2, thread) == 2.1
+    assert limits.ready_at(B, 0.2) <= 0.2
+
+
+def test_a_webhook_quarantined_through_one_thread_is_quarantined_in_all():
+    limits = Limits()
+    post(limits, A, 0.0, Outcome("dead", reason="HTTP 401", invalid=True), thread="7")
+    assert limits.quarantined(A, 1.0) and limits.ready_at(A, 1.0, "8") > 60.0
+    assert limits.invalid_count(1.0) == 1
+
+
+def test_a_thread_is_a_channel_of_its_own():
+    """A shared 429 in a thread paces that thread: the webhook's channel and its other
+    threads go on, and alternating between them forgets no pace."""
+    limits = Limits(global_rate=1000)
+    for i in range(10):
+        post(limits, A, float(i), ok(channel=str(i % 2 + 70)), thread=str(i % 2 + 70))
+        post(limits, A, i + 0.5, ok(channel="chan"))
+    post(limits, A, 10.0, shared(50.0), thread="70")
+    assert limits.pace_of(A, 10.0, "70") == 5
+    assert limits.pace_of(A, 10.0) is None and limits.pace_of(A, 10.0, "71") is None
+    assert limits.ready_at(A, 10.0, "70") == 60.0
+    assert limits.ready_at(A, 10.0) <= 10.0 and limits.ready_at(A, 10.0, "71") <= 10.0
+    post(limits, A, 60.0, ok(channel="chan"))
+    post(limits, A, 60.1, ok(channel="71"), thread="71")
+    assert limits.pace_of(A, 60.2, "70") == 5 and limits.ready_at(A, 60.2) <= 60.2
+
+
+def test_a_late_answer_does_not_give_back_requests_its_bucket_has_spent():
+    """Answers can come back out of order: the one Discord gave first says more
+    requests are left than the one it gave last."""
+    limits = Limits()
+    for remaining in (4, 3, 2):
+        post(limits, A, 0.0, ok(remaining=remaining, reset_after=2.0))
+    early, late = limits.sent(A, 0.1), limits.sent(A, 0.1)  # the bucket's last two
+    assert limits.ready_at(A, 0.1) == 2.0
+    limits.answered(late, ok(remaining=0, reset_after=1.9), 0.2)
+    limits.answered(early, ok(remaining=1, reset_after=1.9), 0.2)
+    assert limits.ready_at(A, 0.2) == 2.0  # one window: Remaining 0 holds, not 1
+
+
+def test_a_new_window_counts_the_requests_put_in_flight_in_it():
+    limits = Limits()
+    post(limits, A, 0.0, Outcome("delivered", rate=RateLimit("hash", 2, 0, 2.0)))
+    for _ in range(2):  # the new window's two, sent before any of its answers
+        assert limits.ready_at(A, 2.0) <= 2.0
+        limits.sent(A, 2.0)
+    assert limits.ready_at(A, 2.0) is None  # until answers say more

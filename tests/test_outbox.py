@@ -21,6 +21,8 @@ from notifier.held import dedupe_key
 from notifier.ledger import MAX_PRODUCERS, OTHER_PRODUCERS
 from notifier.answers import MAX_AGE_SEC
 from notifier.outbox import Outbox
+from notifier.payload import LOSS_THREAD_NAME
+from notifier.store import Contents, NoStore
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
 HOOKS = {n: f"https://discord.com/api/webhooks/{n}/token{n}" for n in (1, 2, 3)}
@@ -85,12 +87,17 @@ class Rig:
 
     def ready_at(self, hook):
         """When the lane of `hook` may send next; None when it has nothing to send."""
-        lane = self.outbox._lanes.get(HOOKS[hook])
+        lane = self.outbox._lanes.get(envelope.webhook_key(HOOKS[hook]))
         return None if lane is None else self.outbox._lanes.ready_at(lane, self.now)
 
     def ready(self):
-        """The webhooks that may send right now."""
-        return [n for n in HOOKS if (at := self.ready_at(n)) is not None and at <= self.now]
+        """The webhooks that may send right now, each named by the URL its next request
+        goes to (threads of one webhook are one webhook, with one next request)."""
+        lanes = self.outbox._lanes
+        urls = [lane.job.webhook if lane.job else lane.url if lane.notice_due
+                else lane.waiting[0].message.webhook for lane in lanes
+                if (at := lanes.ready_at(lane, self.now)) is not None and at <= self.now]
+        return sorted(n for n, url in HOOKS.items() if url in urls)
 
     def take(self, hook=None):
         """The next job (of `hook`'s lane, if given); fails instead of blocking."""
@@ -220,59 +227,39 @@ def test_webhooks_reporting_the_same_bucket_hash_are_counted_apart():
     assert rig.ready() == [2] and rig.ready_at(1) == rig.now + 2.0
 
 
-def test_threads_of_one_webhook_share_its_requests_left():
+def test_threads_of_one_webhook_are_one_webhook_one_request_at_a_time():
+    """Found against Discord's imitation: thread URLs of one webhook were sent as if
+    each were a webhook of its own. They share its lane (one request in flight, in the
+    order received) and its bucket, learned from the first answer, whichever thread."""
     rig = Rig()
     rig.push(4, "a")
     rig.push(5, "a")
-    first, second = rig.take(), rig.take()
-    rig.finish(first, ok(remaining=2, reset_after=2.0, bucket="same"))
-    rig.finish(second, ok(remaining=1, reset_after=2.0, bucket="same"))
-    rig.push(4, "b")
-    rig.push(5, "b")
-    job = rig.take()  # the last request the bucket allows, now in flight
-    other = 5 if job.webhook == HOOKS[4] else 4
-    assert rig.ready() == [] and rig.ready_at(other) == rig.now + 2.0
-    rig.advance(0.5)
-    rig.finish(job, ok(remaining=0, reset_after=1.5, bucket="same"))
-    assert rig.ready() == [] and rig.ready_at(other) == rig.now + 1.5
-    rig.advance(1.5)
-    assert rig.ready() == [other]
-
-
-def test_a_late_answer_does_not_give_back_requests_its_bucket_has_spent():
-    """Senders run in parallel, so answers from one window can arrive out of order: the
-    one Discord gave first says more requests are left than the one it gave last."""
-    rig = Rig()
-    for hook in (1, 4, 5):
-        rig.push(hook, "a")
-    for job, remaining in zip([rig.take() for _ in range(3)], (4, 3, 2)):
-        rig.finish(job, ok(remaining=remaining, reset_after=2.0, bucket="same"))
-    for hook in (1, 4, 5):
-        rig.push(hook, "b")
-    early, late = rig.take(), rig.take()  # the bucket's last two requests
-    assert rig.ready() == []
-    rig.finish(late, ok(remaining=0, reset_after=2.0, bucket="same"))
-    rig.finish(early, ok(remaining=1, reset_after=2.0, bucket="same"))
-    assert rig.ready() == []  # Discord would answer the third thread 429
-
-
-def test_after_a_reset_threads_of_one_webhook_send_no_more_than_its_limit_at_once():
-    """With more lanes on a bucket than its limit (or more senders), a new window
-    must still be counted from the requests put in flight in it."""
-    rig = Rig()
     rig.push(1, "a")
-    rig.push(4, "a")
-    rig.finish(rig.take(), ok(remaining=1, reset_after=2.0, bucket="same", limit=2))
-    rig.finish(rig.take(), ok(remaining=0, reset_after=2.0, bucket="same", limit=2))
+    job = rig.take(4)
+    assert rig.ready() == []  # the webhook's one request is in flight
+    rig.finish(job, ok(remaining=0, reset_after=2.0, bucket="same"))
+    assert rig.ready() == [] and rig.ready_at(5) == rig.now + 2.0
     rig.advance(2.0)
-    rig.push(5, "a")
-    rig.finish(rig.take(5), ok(remaining=1, reset_after=2.0, bucket="same", limit=2))
-    rig.advance(2.0)
-    for hook in (1, 4, 5):
-        rig.push(hook, "b")
-    rig.take()
-    rig.take()
-    assert rig.ready() == []  # two in flight: the limit of the window just begun
+    assert rig.deliver(5) == {"content": "a"}
+    assert rig.take(1).webhook == HOOKS[1]
+    assert [line["id"] for line in rig.snapshot()["webhooks"]] == ["1"]
+
+
+def test_every_spelling_of_a_webhook_is_one_lane_and_each_posts_where_it_asked():
+    rig = Rig()
+    spellings = [HOOKS[1], HOOKS[1].replace("/api/", "/api/v10/"),
+                 HOOKS[1].replace("discord.com", "canary.discord.com"),
+                 HOOKS[1].replace("discord.com", "ptb.discordapp.com"), HOOKS[4]]
+    for i, url in enumerate(spellings):
+        rig.outbox.accept([json.dumps({"type": "NOTIFIER", "webhook": url,
+                                       "payload": {"content": f"m{i}"}}).encode()])
+    rig.parse()
+    posted = []
+    for _ in spellings:
+        job = rig.outbox.next_job()
+        posted.append((job.webhook, job.payload["content"]))
+        rig.finish(job, ok())
+    assert posted == [(url, f"m{i}") for i, url in enumerate(spellings)]  # none combined
 
 
 # 429s by kind
@@ -717,3 +704,33 @@ def test_producers_beyond_the_bound_are_counted_together():
     outbox.refuse(names)
     producers = {p["name"]: p["received"] for p in outbox.snapshot()["producers"]}
     assert len(producers) == MAX_PRODUCERS + 1 and producers[OTHER_PRODUCERS] == 5
+
+
+class RecordingStore(NoStore):
+    """Keeps the loss-notice states the outbox writes, as the store would."""
+
+    def __init__(self):
+        self.notices = {}
+
+    def notice(self, key, dropped, failed, since):
+        self.notices[key] = (dropped, failed, since)
+
+
+def test_losses_kept_per_url_by_an_earlier_version_are_one_notice_per_webhook():
+    """Before webhooks had one key, losses (and forum facts) were kept per URL: a
+    thread, an API version. Restored, they are one notice for the webhook, kept by its
+    key from then on, and the forum fact is the webhook's."""
+    store, now = RecordingStore(), 1000.0
+    outbox = Outbox(100, 0.0, monotonic=lambda: now, wall=lambda: EPOCH + now, store=store)
+    versioned = HOOKS[1].replace("/api/", "/api/v10/")
+    outbox.restore(Contents([], [], {HOOKS[4]: (2, 0, EPOCH + 5), versioned: (1, 1, EPOCH + 3),
+                                     "3": (4, 0, None)}, {HOOKS[5]: {"forum": True}}))
+    lane = outbox._lanes.get(HOOKS[1])
+    assert [lane.key for lane in outbox._lanes] == [HOOKS[1]]
+    assert lane.notice_due and lane.forum and lane.account.notice == (3, 1, EPOCH + 3)
+    assert store.notices == {HOOKS[4]: (0, 0, None), versioned: (0, 0, None),
+                             HOOKS[1]: (3, 1, EPOCH + 3)}
+    assert outbox.holdings().facts == {HOOKS[1]: {"forum": True}}
+    job = outbox.next_job()  # a forum's notice makes a thread of its own
+    assert job.webhook == HOOKS[1] and job.payload["thread_name"] == LOSS_THREAD_NAME
+    assert "3 dropped" in job.payload["content"] and "1 failed" in job.payload["content"]

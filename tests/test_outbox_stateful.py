@@ -1,13 +1,17 @@
 """The Outbox under random sequences of what the relay's threads do (issue 8): accept
 envelopes (valid, invalid, oversized), parse them as the receiver does, take jobs as
 senders do and finish them with any answer Discord gives, under drop pressure, and close.
+Webhooks are named by several URLs each (API versions, hosts, threads),
+and some messages are forum posts (``thread_name``).
 
 After every step the accounting holds: received = delivered + drops + rejected +
 deduplicated + failed + lost + pending (lost never moves before a stop); nothing is held
 twice; every envelope received is held or went to exactly one final counter, the one
 its step allows (a drop on accept, a rejection for a bad envelope, a delivery for a
-200...). At the end, if Discord then answers 200 to everything, everything still held
-is delivered: nothing is stuck.
+200...). Per webhook (its key, whatever URL named it): one request in flight at a time,
+one lane and one line in the snapshot, messages delivered in the order received, each
+posted to the URL it asked for, and a forum post never combined. At the end, if Discord
+then answers 200 to everything, everything still held is delivered: nothing is stuck.
 
 `next_job` blocks until some lane may send, and the fake clock never moves while it
 waits, so it is only called when the scheduler's own `ready_at` says a lane is ready
@@ -26,27 +30,33 @@ from requests.structures import CaseInsensitiveDict
 
 from notifier import envelope, payload
 from notifier.discord import RetryPolicy, classify, network_error
-from notifier.envelope import MAX_ENVELOPE_BYTES
+from notifier.envelope import MAX_ENVELOPE_BYTES, webhook_key
 from notifier.limits import Limits
 from notifier.held import dedupe_key
 from notifier.outbox import Outbox
 from notifier.standin import validate
 
 EPOCH = 1_700_000_000.0  # wall clock = EPOCH + the fake monotonic clock
-HOOKS = [f"https://discord.com/api/webhooks/{n}/tok{n}" for n in (1, 2, 3)]
+_ONE, _TWO, _THREE = (f"https://discord.com/api/webhooks/{n}/tok{n}" for n in (1, 2, 3))
+HOOKS = [_ONE, _TWO, _THREE, _ONE.replace("/api/", "/api/v10/"),
+         _ONE.replace("discord.com", "ptb.discordapp.com"), _ONE + "?thread_id=11",
+         _ONE.replace("/api/", "/api/v9/") + "?thread_id=12", _TWO + "?thread_id=21"]
+"""Three webhooks, the first two also named by other spellings and threads."""
 FINAL = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost")
-KINDS = ("valid", "valid", "valid", "long", "invalid", "oversized")
-BATCHES = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2), st.booleans()),
-                   min_size=1, max_size=6)
-"""Envelopes as (kind, webhook, whether it resends the previous message)."""
+KINDS = ("valid", "valid", "valid", "long", "forum", "invalid", "oversized")
+BATCHES = st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, len(HOOKS) - 1),
+                             st.booleans()), min_size=1, max_size=6)
+"""Envelopes as (kind, webhook URL, whether it resends the previous message)."""
 
 
 def make_envelope(kind, hook, marker):
     """A raw envelope whose payload content starts with `marker` (its identity here):
-    valid, long (fit() makes several requests of it), invalid (an unknown action) or over
-    the size limit."""
+    valid, long (fit() makes several requests of it), a forum post (``thread_name``),
+    invalid (an unknown action) or over the size limit."""
     content = marker + (" filler" * 400 if kind == "long" else "")
     fields = {"type": "NOTIFIER", "webhook": HOOKS[hook], "payload": {"content": content}}
+    if kind == "forum":
+        fields["payload"]["thread_name"] = "Price alert"
     if kind == "invalid":
         fields["action"] = "FLY"
     if kind == "oversized":
@@ -119,6 +129,8 @@ class OutboxMachine(RuleBasedStateMachine):
         self.received = []  # markers in the order their envelopes were received
         self.closed = False
         self.serial = 0
+        self.sent_to = {}  # marker -> webhook key, as received
+        self.delivered = {}  # webhook key -> markers delivered, in order
 
     @initialize(queue_max=st.sampled_from([3, 10, 1, 5, 50]),
                 dedupe_window=st.sampled_from([0.0, 0.0, 30.0]), max_attempts=st.integers(1, 4),
@@ -166,6 +178,7 @@ class OutboxMachine(RuleBasedStateMachine):
                 self.serial += 1
             markers.append(f"m{self.serial - 1}")
             envelopes.append(make_envelope(kind, hook, markers[-1]))
+            self.sent_to.setdefault(markers[-1], []).append(webhook_key(HOOKS[hook]))
         oversized = sum(len(data) > MAX_ENVELOPE_BYTES for data in envelopes)
         (dropped, sizes), _, moved = self.step(markers, ("drops", "rejected"),
                                                lambda: self.outbox.accept(envelopes))
@@ -211,9 +224,15 @@ class OutboxMachine(RuleBasedStateMachine):
     def next_job(self):
         job, _, _ = self.step([], (), self.outbox.next_job)
         assert job is not None and job.lane.busy and job not in self.jobs
-        assert all(other.lane is not job.lane for other in self.jobs)
+        key = job.lane.key  # one request in flight per webhook, whatever its URLs
+        assert all(other.lane.key != key for other in self.jobs)
+        assert webhook_key(job.webhook) == key
+        assert all(item.message.key == key and item.message.webhook == job.url
+                   for item in job.items)  # posted where each asked to go
         assert posted_markers(job) == Counter(map(held_marker, job.items))  # each posted, once
         request = job.payload
+        if "thread_name" in job.parts[0] and job.items:
+            assert len(job.items) == 1  # a forum post alone
         json.dumps(request, ensure_ascii=False, allow_nan=False).encode("utf-8")
         assert payload.fits(request) and validate(request) == {}, request
         self.jobs.append(job)
@@ -226,11 +245,18 @@ class OutboxMachine(RuleBasedStateMachine):
         last_part = job.part == len(job.parts) - 1
         allowed = {"delivered": ("delivered",), "retry": ("failed",), "dead": ("failed",),
                    "refused": ("failed",), "rate_limited": ()}[outcome.kind]
-        _, left, _ = self.step([], allowed, lambda: self.outbox.finish(job, outcome))
+        _, left, _ = self.step([], allowed, lambda: self.finished(job, outcome))
         if outcome.kind == "delivered":
             assert left.total() == (len(job.items) if last_part else 0)
         if outcome.kind == "refused":
             assert left.total() == (1 if len(job.items) == 1 else 0)
+
+    def finished(self, job, outcome):
+        """`outbox.finish`, noting the messages a last part delivered, per webhook."""
+        done = outcome.kind == "delivered" and job.part == len(job.parts) - 1
+        self.outbox.finish(job, outcome)
+        if done:
+            self.delivered.setdefault(job.lane.key, []).extend(map(held_marker, job.items))
 
     @rule(seconds=st.sampled_from([None, None, 0.1, 2.0, 45.0, 700.0, 4000.0]))
     def advance(self, seconds):
@@ -277,6 +303,17 @@ class OutboxMachine(RuleBasedStateMachine):
                 == snapshot["pending"])
 
     @invariant()
+    def one_webhook_one_lane_and_its_order(self):
+        """Every URL of a webhook is one lane (one line in the snapshot), and what it
+        delivered came in the order it was received (each marker to the webhooks it was
+        sent to: a resend may name another)."""
+        keys = [lane.key for lane in self.outbox._lanes]
+        assert len(keys) == len(set(keys)) == len(self.outbox.snapshot()["webhooks"]) <= 3
+        for key, delivered in self.delivered.items():
+            received = [m for m in self.received if key in self.sent_to[m]]
+            assert is_subsequence(delivered, received), (key, delivered, received)
+
+    @invariant()
     def nothing_held_twice(self):
         """Each envelope received is its own bytes object, so one held twice shows."""
         envelopes = [id(raw.data) for raw in self.outbox.holdings().raws]
@@ -290,7 +327,7 @@ class OutboxMachine(RuleBasedStateMachine):
             return
         for _ in range(2000):
             while self.jobs:
-                self.outbox.finish(self.jobs.pop(), ANSWERS["200"](EPOCH + self.now))
+                self.finished(self.jobs.pop(), ANSWERS["200"](EPOCH + self.now))
             while self.outbox.unparsed:
                 self.parse(limit=512)
             if not self.outbox.snapshot()["pending"] and not self.ready():
@@ -300,6 +337,7 @@ class OutboxMachine(RuleBasedStateMachine):
             else:
                 self.advance(None)
         assert self.outbox.snapshot()["pending"] == 0, self.outbox.snapshot()
+        self.one_webhook_one_lane_and_its_order()
 
 
 TestOutbox = OutboxMachine.TestCase  # the budget of the profile loaded in conftest.py

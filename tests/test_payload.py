@@ -372,7 +372,8 @@ small_messages = st.builds(
                                           **({"embeds": embeds} if "e" in kind else {}), **extra},
     st.sampled_from(["c", "c", "c", "e", "e", "ce"]), small_texts,
     st.lists(small_embeds, min_size=1, max_size=4),
-    st.sampled_from([{}] * 5 + [{"username": "Risk"}, {"poll": POLL}]),
+    st.sampled_from([{}] * 5 + [{"username": "Risk"}, {"poll": POLL},
+                                {"thread_name": "Price alert"}]),
 ).filter(lambda p: p.get("content", "").strip() or p.get("embeds"))
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -474,6 +475,15 @@ def test_messages_that_differ_in_anything_but_content_and_embeds_stay_apart(othe
     assert combine([other, first]) == (1, other)
 
 
+def test_forum_posts_are_never_combined():
+    """Found against Discord's imitation: six envelopes naming one thread became one
+    post holding all six. Every request that names a thread makes a new post."""
+    posts = [{"content": f"alert {i}", "thread_name": "Price alert"} for i in range(6)]
+    assert combine(posts) == (1, posts[0])
+    assert combine([{"content": "a"}, posts[0]]) == (1, {"content": "a"})
+    assert combine([{"embeds": [{"title": "t"}], "thread_name": "x"}] * 2)[0] == 1
+
+
 def test_combining_respects_discords_limits():
     assert combine([{"content": "x" * 1000}, {"content": "y" * 999}, {"content": "z"}])[0] == 2
     assert combine([{"content": "x" * 1000}, {"content": "y" * 1000}])[0] == 1  # 2001 joined
@@ -508,7 +518,7 @@ def test_combine_drains_a_backlog_within_limits_without_reordering(batch):
         if taken == 1:
             assert combined is group[0]
         else:
-            assert not any(key in m for m in group for key in ONCE_KEYS)
+            assert not any(key in m for m in group for key in (*ONCE_KEYS, "thread_name"))
             assert all(others(m) == others(group[0]) for m in group)
             assert others(combined) == others(group[0])
             assert combined.get("content", "") == "\n".join(content_of(group))

@@ -26,7 +26,8 @@ def sender():
 
 
 def job(discord, hook=1):
-    return Job(Lane(discord.webhook_url(hook)), [], [{"content": "slow"}])
+    url = discord.webhook_url(hook)
+    return Job(Lane(url), [], [{"content": "slow"}], url, None)
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked", "close", "none"])

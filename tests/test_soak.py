@@ -4,6 +4,10 @@ and (with storage faults) the store is attacked; bounded by run count rather tha
 that the same decisions are taken on a loaded machine."""
 
 import os
+import threading
+import time
+
+import requests
 
 from scripts import soak
 
@@ -70,3 +74,42 @@ def test_a_short_soak_with_process_faults_keeps_every_thread_and_every_sigterm(t
     assert faults["log directory removed"] and faults["half-closed /metrics connections"]
     assert any(fault.endswith("ms after start") for fault in faults), "\n".join(lines)
     assert result.kills["SIGTERM"] and result.hups_survived and result.delivered
+
+
+def test_the_webhook_check_fails_on_two_in_flight_on_disorder_and_on_another_url(tmp_path):
+    """What the soak checks per webhook, whatever URL named it, shown failing: two
+    requests to webhook 1 in flight at once (through two of its threads), webhook 2's
+    tags saved out of order, and a tag posted to another URL than it asked for."""
+    checker = soak.Soak(tmp_path, durable=True, seed=0, out=lambda line: None)
+    discord = checker.standin
+    try:
+        run = checker.new_run()
+        run.started_at = time.monotonic()
+        with requests.Session() as http, requests.Session() as other:
+            http.trust_env = other.trust_env = False
+
+            def post(session, url, tag):
+                checker.sent_to.setdefault(tag, url)
+                return session.post(url, params={"wait": "true"},
+                                    json={"content": f"soak-{tag}"}, timeout=30)
+
+            discord.set_mode("1", "hang", times=1)
+            hung = threading.Thread(target=post, args=(other, discord.webhook_url(1, thread=501), 1))
+            hung.start()
+            assert discord.wait_for(lambda d: d.hanging == 1, 30)
+            post(http, discord.webhook_url(1, version=10), 2)
+            discord.release_hangs()
+            hung.join(30)
+            post(http, discord.webhook_url(2), 4)
+            post(http, discord.webhook_url(2, thread=502), 3)
+            checker.sent_to[5] = discord.webhook_url(3, thread=503)
+            post(http, discord.webhook_url(3), 5)
+        run.ended_at = time.monotonic()
+        checker.check_webhooks()
+    finally:
+        checker.close()
+    failures = checker.result.failures
+    assert [f for f in failures if f.startswith("run 1: 2 requests to webhook 1 in flight")]
+    assert [f for f in failures if f.startswith("webhook 2: 1 tags saved before an older one")]
+    assert [f for f in failures if f.startswith("1 tags posted to another URL")]
+    assert len(failures) == 3, failures

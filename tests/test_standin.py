@@ -415,6 +415,33 @@ def test_hang_holds_only_its_webhook(discord, http):
         thread.join(DEADLINE)
 
 
+def test_a_trailing_slash_is_not_found_as_on_discord(discord, http):
+    response = post(http, discord.webhook_url(1) + "/")
+    assert response.status_code == 404 and discord.messages() == []
+
+
+def test_requests_in_flight_at_once_are_counted_per_webhook(discord, http):
+    """What the soak checks the relay by: one request per webhook in flight at a time,
+    whatever URL it is addressed through."""
+    for thread in (None, 5, 6):
+        assert post(http, discord.webhook_url(1, thread=thread)).status_code == 200
+    assert discord.most_in_flight("1") == 1
+    discord.set_mode("1", "hang", times=1)
+    with requests.Session() as other:
+        other.trust_env = False
+        thread, _ = post_in_thread(other, discord.webhook_url(1, thread=7))
+        assert discord.wait_for(lambda d: d.hanging == 1, DEADLINE)
+        assert post(http, discord.webhook_url(1, version=10)).status_code == 200
+        discord.release_hangs()
+        thread.join(DEADLINE)
+    assert discord.most_in_flight("1") == 2 and discord.most_in_flight("2") == 0
+    hung = next(r for r in discord.requests if r.mode == "hang")
+    later = max(r.time for r in discord.requests)
+    assert discord.most_in_flight("1", deadline=(later - hung.time) / 2) == 1  # given up
+    assert discord.most_in_flight("1", until=hung.time) == 1
+    assert all(r.time <= r.answered for r in discord.requests)
+
+
 def test_stop_returns_promptly_while_a_request_hangs(http):
     discord = DiscordStandIn().start()
     discord.set_mode(None, "hang")
