@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
+from notifier import signals
+
+# First, before anything else is imported: a SIGHUP while the relay starts is handled,
+# not its death (see notifier.signals). The other commands get the signals back in `main`.
+_caught = [signals.install()] if __name__ == "__main__" or sys.argv[0].endswith(
+    "/swimmy-notifier") else []
+
 import argparse
 import errno
 import json
 import os
-import sys
 from typing import Callable, Sequence
 
 from notifier import __version__, config, envelope, logs, program_name
@@ -39,7 +47,7 @@ def relay(args: argparse.Namespace) -> int:
         print(f"notifier relay: cannot open the log file {settings.log_file}: "
               f"{exc.strerror}", file=sys.stderr)
         return code_for(exc)
-    return run(settings)
+    return run(settings, args.signals)
 
 
 def check(args: argparse.Namespace) -> int:
@@ -278,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
+    if run is relay:
+        args.signals = _caught.pop() if _caught else signals.install()
+    elif _caught:
+        _caught.pop().release()
     return run(args)
 
 

@@ -38,15 +38,17 @@ def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def _seconds(minimum: float, *, allow_zero: bool = False) -> Callable[[str], float]:
+def _seconds(minimum: float, maximum: float) -> Callable[[str], float]:
+    """Seconds from `minimum` to `maximum`: an interval or a timeout past its bound is a
+    mistake (1e10 would overflow the waits that use it), never a silent clamp."""
     def parse(text: str) -> float:
         try:
             value = float(text.strip())
         except ValueError:
             raise ValueError("must be a number of seconds") from None
-        if not math.isfinite(value) or (value < minimum and not (allow_zero and value == 0)):
-            raise ValueError(f"must be a finite number of seconds of at least {minimum}"
-                             + (" (or 0)" if allow_zero else ""))
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise ValueError(f"must be a finite number of seconds from {minimum:g} to "
+                             f"{maximum:.0f}")
         return value
     return parse
 
@@ -130,9 +132,9 @@ SETTINGS = (
     Setting("queue_max", "SWIMMY_NOTIFIER_QUEUE_MAX", "--queue-max", _whole(1, 10_000_000),
             "1000", "bound on messages held (oldest dropped first)"),
     Setting("metrics_interval", "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "--metrics-interval",
-            _seconds(0.05), "5", "seconds between metrics snapshots"),
+            _seconds(0.05, 3600), "5", "seconds between metrics snapshots"),
     Setting("dedupe_window", "SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "--dedupe-window",
-            _seconds(0.0, allow_zero=True), "180", "duplicate suppression window, 0 disables"),
+            _seconds(0, 86400), "180", "duplicate suppression window, 0 disables"),
     Setting("metrics_file", "SWIMMY_NOTIFIER_METRICS_FILE", "--metrics-file", _path, None,
             "metrics snapshot (default: $SWIMMY_HOME/data/notifier_metrics.sexp)"),
     Setting("log_file", "SWIMMY_NOTIFIER_LOG_FILE", "--log-file", _path, None,
@@ -156,7 +158,7 @@ SETTINGS = (
     Setting("senders", "SWIMMY_NOTIFIER_SENDERS", "--senders", _whole(1, 64), "8",
             "sender threads: up to this many webhooks can hang at once before the others "
             "wait"),
-    Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0.0, allow_zero=True),
+    Setting("drain_sec", "SWIMMY_NOTIFIER_DRAIN_SEC", "--drain-sec", _seconds(0, 600),
             "5", "on SIGTERM, seconds spent delivering what is pending before persisting it"),
     Setting("durable", "SWIMMY_NOTIFIER_DURABLE", "--durable", _boolean, "1",
             "commit every message taken off the socket to the store before posting it, so "
@@ -169,12 +171,12 @@ SETTINGS = (
             "45", "most requests per second to Discord, all webhooks together (Discord "
             "allows an IP 50)"),
     Setting("channel_period", "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC", "--channel-period",
-            _seconds(1.0), "60", "the window of Discord's hidden per-channel limit (about 30 "
+            _seconds(1, 3600), "60", "the window of Discord's hidden per-channel limit (about 30 "
             "messages per 60 s), over which a channel's pace is learned"),
     Setting("request_deadline", "SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC", "--request-deadline",
-            _seconds(0.5), "20", "the longest one request to Discord may take, connect and "
+            _seconds(0.5, 600), "20", "the longest one request to Discord may take, connect and "
             "the whole answer"),
-    Setting("max_age", "SWIMMY_NOTIFIER_MAX_AGE_SEC", "--max-age", _seconds(1.0), "21600",
+    Setting("max_age", "SWIMMY_NOTIFIER_MAX_AGE_SEC", "--max-age", _seconds(1, 2_592_000), "21600",
             "seconds after which a message whose requests keep failing (network errors, "
             "5xx) is given up; until then an outage is waited out"),
     Setting("curve_secret_key", "SWIMMY_NOTIFIER_CURVE_SECRET_KEY", "--curve-secret-key", _path,

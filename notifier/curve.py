@@ -18,6 +18,7 @@ its certificate file: the producer the metrics and the log lines name.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -29,6 +30,10 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
+
+from notifier.logs import CONTROL
+
+log = logging.getLogger("notifier.curve")
 
 ZAP_DOMAIN = "swimmy-notifier"
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"  # as zmq.auth.create_certificates
@@ -74,18 +79,43 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
         raise CurveError(f"cannot load the certificate {path}: {exc}") from None
 
 
-def load_clients(directory: Path) -> dict[str, str]:
-    """The allowed producers: Z85 public key -> name (the certificate file's name
-    without ``.key``). Group and others must not be able to write the directory or a
-    certificate in it: whoever can would allow themselves."""
+def load_clients(directory: Path) -> tuple[dict[str, str], list[str]]:
+    """The allowed producers, Z85 public key -> name (the certificate file's name
+    without ``.key``), and why any certificate was refused. Group and others must not be
+    able to write the directory or a certificate in it: whoever can would allow
+    themselves. A name that is not UTF-8 or holds a control character is refused (its
+    producer cannot connect): a name is written in the metrics and the log, as is."""
     _check_mode(directory, 0o022, "clients directory")
     if not directory.is_dir():
         raise CurveError(f"the clients directory {directory} is not a directory")
-    clients = {}
+    clients, refused = {}, []
     for path in sorted(directory.glob("*" + PUBLIC_SUFFIX)):
+        name = path.name[:-len(PUBLIC_SUFFIX)]
+        refusal = name_refusal(name)
+        if refusal is not None:
+            refused.append(f"client certificate {shown(path.name)} in {directory} refused: "
+                           f"its name {refusal}; rename it (its producer cannot connect "
+                           "meanwhile)")
+            continue
         _check_mode(path, 0o022, "client certificate")
-        clients[load_public(path).decode("ascii")] = path.name[:-len(PUBLIC_SUFFIX)]
-    return clients
+        clients[load_public(path).decode("ascii")] = name
+    return clients, refused
+
+
+def name_refusal(name: str) -> str | None:
+    """Why a certificate file's name cannot name a producer, or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if CONTROL.search(name):
+        return "holds a control character"
+    return None
+
+
+def shown(name: str) -> str:
+    """A file name as it can be logged: its bytes, escaped where not printable ASCII."""
+    return ascii(os.fsencode(name))[1:]
 
 
 def set_server(socket: zmq.Socket, public: bytes, secret: bytes) -> None:
@@ -144,47 +174,39 @@ class _Authenticator(ThreadAuthenticator):
 
 class Clients:
     """The ZAP authenticator of the relay's context and `names`, the keys it admits
-    (Z85 User-Id -> producer name). `reload` re-reads the directory: a new key can
-    connect at once; a removed one can no longer connect, and leaves `names` (for
-    `former`), so the relay refuses what a connection admitted before still sends."""
+    (Z85 User-Id -> producer name): zmq.auth asks `callback` at each handshake, so what
+    it admits and what `names` holds are one dict. `reload` re-reads the directory: a new
+    key can connect at once; a removed one can no longer connect, and leaves `names`
+    (for `former`), so the relay refuses what a connection admitted before still sends."""
 
     def __init__(self, context: zmq.Context, directory: Path):
         self.directory = directory
-        self.names: dict[str, str] = {}
+        self.names: dict[str, str] = self._load()
         self.former: dict[str, str] = {}  # revoked key -> its name
-        names = load_clients(directory)
         self._auth = _Authenticator(context)
         self._auth.start()
-        try:
-            self._configure(names)
-        except CurveError:
-            self._auth.stop()
-            raise
+        self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self)
 
-    def _configure(self, names: dict[str, str]) -> None:
-        """Hand the directory to zmq.auth and admit the keys both it and `names` hold."""
-        self._auth.configure_curve(domain=ZAP_DOMAIN, location=str(self.directory))
-        # configure_curve logs a directory it cannot read and keeps the old keys, and
-        # the directory may change between two reads: never admit more than both hold.
-        loaded = {key.decode("ascii") for key in self._auth.certs.get(ZAP_DOMAIN, {})}
-        self.names = {key: name for key, name in names.items() if key in loaded}
-        if loaded != set(names):
-            raise CurveError(f"zmq.auth did not load the keys just read from "
-                             f"{self.directory} (did it change meanwhile?)")
+    def _load(self) -> dict[str, str]:
+        names, refused = load_clients(self.directory)
+        for text in refused:
+            log.error("%s", text)
+        return names
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """zmq.auth's question, in its thread, for each handshake: is `key` (Z85) allowed?"""
+        return key.decode("ascii", "replace") in self.names
 
     def reload(self) -> tuple[list[str], list[str]]:
         """Re-read the directory; returns the names added and removed. A directory that
-        cannot be read leaves the keys loaded before in force."""
-        old = self.names
-        try:
-            self._configure(load_clients(self.directory))
-        finally:
-            removed = {key: name for key, name in old.items() if key not in self.names}
-            for key in self.names:
-                self.former.pop(key, None)
-            self.former.update(removed)
-            while len(self.former) > MAX_FORMER:
-                del self.former[next(iter(self.former))]
+        cannot be read (CurveError) leaves the keys loaded before in force."""
+        old, self.names = self.names, self._load()
+        removed = {key: name for key, name in old.items() if key not in self.names}
+        for key in self.names:
+            self.former.pop(key, None)
+        self.former.update(removed)
+        while len(self.former) > MAX_FORMER:
+            del self.former[next(iter(self.former))]
         added = [name for key, name in self.names.items() if key not in old]
         return sorted(added), sorted(removed.values())
 

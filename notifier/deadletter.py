@@ -37,7 +37,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import stat
 import threading
 import time
@@ -48,7 +47,8 @@ from typing import Iterator
 
 from notifier import files, sexp
 from notifier.envelope import MAX_ENVELOPE_BYTES, webhook_id
-from notifier.logs import Throttle
+from notifier.logs import CONTROL, Throttle
+from notifier.redaction import escape_controls
 
 log = logging.getLogger("notifier.deadletter")
 
@@ -61,9 +61,6 @@ disk is far slower than messages fail), which is logged like any failed write.""
 
 MAX_LINE_BYTES = 4 * 1024 * 1024
 """Longest line `read` accepts (an entry holds at most a few envelopes of 64 KiB)."""
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-"""Characters that would break a line, or could in a reader: escaped in an entry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +83,13 @@ class Letter:
                 for request in self.remaining]
 
 
-def one_line(text: str) -> str:
-    """`text` with every line break and control character written as ``\\uXXXX``."""
-    return _CONTROL.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
-
-
 def format_entry(entry_id: str, letter: Letter) -> bytes:
     """The entry's line: one S-expression, one line, newline-terminated."""
     entry = {"id": entry_id, "failed_at": int(letter.failed_at),
              "webhook_id": webhook_id(letter.webhook), "status": letter.status,
-             "reason": one_line(letter.reason)}
+             "reason": escape_controls(letter.reason)}
     envelopes = letter.envelopes()
-    if any(_CONTROL.search(text) for text in envelopes):
+    if any(CONTROL.search(text) for text in envelopes):
         entry["envelopes_json"] = json.dumps(envelopes, ensure_ascii=True)
     else:
         entry["envelopes"] = envelopes
@@ -170,6 +162,11 @@ class DeadLetters:
         if self._thread is not None:
             self._thread.join(timeout)
         return done
+
+    def alive(self) -> bool:
+        """False if the writer thread died (the relay's supervisor watches it)."""
+        with self._changed:
+            return self._closed or self._thread is None or self._thread.is_alive()
 
     # ------------------------------------------------------------------ the writer thread
 

@@ -4,10 +4,13 @@ and bounded reads of files that must be regular (a FIFO must not hang a reader).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
 from pathlib import Path
+
+log = logging.getLogger("notifier.files")
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -92,3 +95,33 @@ def read_upto(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+class WriteState:
+    """Whether a file the relay rewrites every interval was written the last time, and
+    why not: `state` ("ok" or "failed") and `reason`, as the metrics report them. Used as
+    ``with state: write...``: an OSError is caught and logged at ERROR when the file
+    starts failing, at INFO when it is written again, never at every interval."""
+
+    def __init__(self, what: str, path: Path | None):
+        self.what, self.path = what, path
+        self.state: str = "ok"
+        self.reason: str | None = None
+
+    def __enter__(self) -> "WriteState":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if exc is None:
+            if self.state == "failed":
+                log.info("%s %s written again", self.what, self.path)
+            self.state, self.reason = "ok", None
+            return False
+        if not isinstance(exc, OSError):
+            return False
+        reason = (exc.strerror or str(exc))[:200]
+        if self.state == "ok":
+            log.error("cannot write the %s %s: %s; tried again every interval", self.what,
+                      self.path, reason)
+        self.state, self.reason = "failed", reason
+        return True

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from notifier.admission import Admission
 
 MOST_BATCHES = 8
 """Batches of up to 512 envelopes waiting for the intake thread at most."""
@@ -82,3 +86,28 @@ class Intake:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+
+class IntakeWorker:
+    """The intake thread's unit (durable mode): commit and hold what the receiver took
+    (`Admission.take_in`: the outbox commits it to the store), and parse when the socket
+    is empty (a few per batch while a flood keeps it full); False once the receiver is
+    done and everything is parsed."""
+
+    def __init__(self, intake: Intake, admission: "Admission"):
+        self.intake, self.admission = intake, admission
+
+    def loop(self) -> bool:
+        intake, admission = self.intake, self.admission
+        # While the socket is busy, wait for the next batch (parsing a few per batch).
+        batch = intake.take(admission.idle_timeout(intake.busy
+                                                   or not admission.outbox.unparsed))
+        if batch is None:
+            admission.digest_all()
+            return False
+        admission.take_in(*batch)
+        admission.digest(intake.busy)
+        return True
+
+    def close(self) -> None:
+        self.intake.close()

@@ -21,6 +21,30 @@ COUNTERS = ("received", "delivered", "drops", "rejected", "deduplicated", "faile
             "restored", "restored_in_flight", "invalid_requests_10m")
 
 
+THREADS = ("senders", "senders_alive", "thread_errors")
+"""The sender threads asked for and alive, and the errors the relay's own threads caught
+and carried on from (each logged)."""
+
+MAX_WEBHOOKS = 100
+"""Webhooks listed in a snapshot, the most relevant first (`relevant`); the others are
+only counted, in `webhooks_left_out`: 9,000 webhooks holding messages in an outage would
+otherwise grow the file past what its readers accept. Every field of an entry is
+bounded (an id has at most 25 digits), so the whole file stays under `MAX_BYTES`."""
+
+MAX_BYTES = 512 * 1024
+"""The most a snapshot may take: half of the 1 MiB (`sexp.MAX_BYTES`) its readers accept."""
+
+
+def relevant(webhooks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `MAX_WEBHOOKS` webhooks an operator most needs to see: failing (or
+    quarantined) first, then those holding messages, then the most recently active."""
+    def rank(hook: dict[str, Any]) -> tuple:
+        failing = hook["failing_since"] is not None or hook["state"] == "quarantined"
+        active = max(hook["last_success_at"] or 0, hook["failing_since"] or 0)
+        return not failing, not hook["pending"], -active
+    return sorted(webhooks, key=rank)[:MAX_WEBHOOKS]
+
+
 def _unix(value: float | None) -> int | None:
     return None if value is None else int(value)
 
@@ -48,6 +72,7 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         entries["saved"] = saved
     entries.update((key, snapshot[key]) for key in COUNTERS)
     entries["delivered_unconfirmed"] = snapshot.get("delivered_unconfirmed", 0)
+    entries.update((key, snapshot[key]) for key in THREADS if key in snapshot)
     entries["drops_webhook_unknown"] = snapshot.get("drops_webhook_unknown", 0)
     entries["oversized_disconnects"] = snapshot.get("oversized_disconnects", 0)
     entries.update(durable=snapshot.get("durable", False),
@@ -71,7 +96,8 @@ def entries(snapshot: dict[str, Any], *, now: float, started_at: float, pid: int
         rate_limited_by_scope=snapshot["rate_limited_by_scope"],
         webhooks=[{**hook, "last_success_at": _unix(hook["last_success_at"]),
                    "failing_since": _unix(hook["failing_since"])}
-                  for hook in snapshot["webhooks"]],
+                  for hook in relevant(snapshot["webhooks"])],
+        webhooks_left_out=max(0, len(snapshot["webhooks"]) - MAX_WEBHOOKS),
         curve=curve, insecure_bind=insecure_bind, producers=snapshot["producers"],
         oversized_by_producer=snapshot.get("oversized_by_producer", []))
     return entries

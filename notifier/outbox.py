@@ -176,13 +176,15 @@ class Outbox:
             self._changed.notify_all()
             return len(dropped) + cut
 
-    def refuse(self, producers: list[str]) -> None:
+    def refuse(self, producers: list[str | None],
+               reason: str = "the producer's key is no longer allowed") -> None:
         """Count envelopes refused as they arrived, never held: from a producer whose key
-        was revoked after it connected."""
+        was revoked after it connected (or, `reason` says so, a batch the relay failed
+        to take in: a bug)."""
         with self._locked():
             self._ledger.received(len(producers), producers)
             for producer in producers:
-                self._ledger.rejected(producer, "the producer's key is no longer allowed")
+                self._ledger.rejected(producer, reason)
 
     def restore(self, contents: Contents, producer: str | None = None,
                 stale: bool = False) -> int:

@@ -5,10 +5,12 @@ total deadline."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -18,7 +20,13 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from notifier import PROJECT_URL, __version__
 from notifier.discord import Outcome, classify, network_error
 from notifier.envelope import post_url
-from notifier.outbox import Job
+from notifier.lanes import Job
+
+if TYPE_CHECKING:
+    from notifier.outbox import Outbox
+    from notifier.store import Store
+
+log = logging.getLogger("notifier.relay")
 
 USER_AGENT = f"DiscordBot ({PROJECT_URL}, {__version__})"
 TIMEOUT = (5.0, 15.0)
@@ -43,7 +51,8 @@ class Watchdog:
         self._deadline: float | None = None
         self._closed = False
         self._changed = threading.Condition()
-        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread.start()
 
     def __enter__(self) -> "Watchdog":
         with self._changed:
@@ -60,6 +69,11 @@ class Watchdog:
         with self._changed:
             self._closed = True
             self._changed.notify()
+
+    def alive(self) -> bool:
+        """False if its thread died (the relay's supervisor watches it): its sender's
+        requests would have no deadline."""
+        return self._closed or self._thread.is_alive()
 
     def adapter(self) -> HTTPAdapter:
         """An adapter whose connections tell this watchdog the socket of each request."""
@@ -163,3 +177,29 @@ class Sender:
     def close(self) -> None:
         self.session.close()
         self.watchdog.close()
+
+
+class SenderWorker:
+    """A sender thread's unit: the next request a webhook may send, posted, its answer
+    reported; False once the outbox is closed (the relay's stop)."""
+
+    def __init__(self, outbox: "Outbox", store: "Store", deadline: float):
+        self.outbox, self.store = outbox, store
+        self.sender = Sender(deadline)
+
+    def loop(self) -> bool:
+        job = self.outbox.next_job()
+        if job is None:
+            return False
+        try:
+            if job.items:
+                self.store.sending(job.raws)
+            outcome = self.sender.post(job)
+        except Exception as exc:  # a bug, not Discord: retry, and say so
+            log.exception("sending failed unexpectedly")
+            outcome = Outcome("retry", reason=f"internal error {type(exc).__name__}")
+        self.outbox.finish(job, outcome)
+        return True
+
+    def close(self) -> None:
+        self.sender.close()

@@ -28,6 +28,7 @@ FILES = {"store": ("the message store", "messages are held in memory only until 
                    "written again"),
          "log": ("the log file", ""),
          "prometheus": ("the Prometheus text file", ""),
+         "metrics": ("the metrics file", "status and the merge read an old snapshot"),
          "dead_letters": ("the dead-letter file", "messages that fail are not kept for replay")}
 """What each ``<name>_state`` of the snapshot is about, and what its failure means;
 `status` names any that failed, known or not."""
@@ -41,8 +42,9 @@ FUTURE_TOLERANCE_SEC = 300.0
 TIMES = ("timestamp", "started_at", "last_delivery_at", "last_error_at", "last_rejected_at",
          "last_stop_at")
 NUMBERS = ("pid", "uptime_sec", "metrics_interval_sec", "queue_len", "queue_max", "saved",
-           "lost", "store_skipped", "last_stop_lost", "unparsed", "drops_webhook_unknown",
-           "oversized_disconnects", *metrics.COUNTERS)
+           "lost", "store_skipped", "last_stop_lost", "webhooks_left_out", "unparsed",
+           "drops_webhook_unknown", "oversized_disconnects", *metrics.THREADS,
+           *metrics.COUNTERS)
 WEBHOOK_NUMBERS = ("pending", "delivered", "dropped", "failed", "last_success_at",
                    "failing_since")
 
@@ -213,6 +215,14 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
     if count("store_skipped"):
         report.problem(WARNING, f"{count('store_skipped')} unreadable entries in the store "
                                 "were skipped at start (see the log)")
+    senders, alive = get("senders"), get("senders_alive")
+    if senders is not None and alive is not None and alive < senders and not stopped:
+        report.problem(CRITICAL, f"only {alive} of {senders} sender threads alive (see the "
+                                 "log: the relay stops itself for a restart when one dies)")
+    if count("thread_errors"):
+        report.problem(WARNING, f"{count('thread_errors')} unexpected errors in the relay's "
+                                "threads, which carried on (see the log: grep 'unexpected "
+                                "error')")
     if count("invalid_requests_10m") >= 100:
         report.problem(WARNING, f"{get('invalid_requests_10m')} invalid requests "
                                 "(401/403/429) in 10 min: Discord bans an IP at 10,000")
@@ -236,6 +246,8 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
         f"store:     {get('store_state') or '?'}"
         + (f" ({get('store_reason')})" if get("store_reason") else "")
         + (", durable" if get("durable") else ", in memory until SIGTERM"),
+        f"threads:   {'?' if alive is None else alive} of {senders or '?'} senders alive, "
+        f"{count('thread_errors')} errors carried on",
         f"requests:  {count('requests')} sent, {count('errors')} errors, "
         f"{count('retries')} retries, {count('rate_limited')} rate-limited",
         f"delivered: last {when(last_delivery, now)}",
@@ -247,6 +259,9 @@ def judge(snapshot: sexp.Alist, now: float) -> Report:
             f"webhook {hook.get('id')}: {hook.get('state')}, delivered {hook.get('delivered')}, "
             f"pending {hook.get('pending')}, dropped {hook.get('dropped')}, failed "
             f"{hook.get('failed')}, last success {when(hook.get('last_success_at'), now)}")
+    if count("webhooks_left_out"):
+        report.lines.append(f"webhooks:  {count('webhooks_left_out')} more webhooks not listed "
+                            "(the snapshot lists the 100 most relevant)")
     for producer in get("producers") or []:
         report.lines.append(
             f"producer {producer.get('name')}: received {producer.get('received')}, "

@@ -41,6 +41,14 @@ OPERATOR_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.
 system, a directory where a file belongs); the others (ENOSPC, EADDRINUSE...) may pass."""
 
 
+class StartError(RuntimeError):
+    """The relay cannot start; `code` is its exit code, OPERATOR or TRANSIENT."""
+
+    def __init__(self, message: str, code: int = TRANSIENT):
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(frozen=True)
 class Problem:
     code: int  # OPERATOR or TRANSIENT

@@ -74,9 +74,10 @@ with (atheris.instrument_imports(include=["notifier", "telemetry"]) if "--child"
     import requests
     from notifier import config as relay_config, envelope, logs, payload, sexp
     from notifier.__main__ import main as notifier_main
+    from notifier.admission import preview
     from notifier.logs import Throttle
     from notifier.outbox import Outbox
-    from notifier.relay import Relay, preview
+    from notifier.relay import Relay
     from notifier.standin import validate
     from telemetry import merge
     from telemetry.config import Config
@@ -229,7 +230,7 @@ def targets(work):
         if not data:
             return
         queue_max, data = data[0] % 16 + 1, data[1:]
-        relay.outbox = Outbox(queue_max, 0.0)
+        relay.outbox = relay.admission.outbox = Outbox(queue_max, 0.0)
         valid, refused, batch, at, made = [], 0, [], 0, 0
 
         def take(frames):
@@ -240,7 +241,7 @@ def targets(work):
                     valid.append(frame)
                 except envelope.EnvelopeError:
                     refused += 1
-            relay._take_in(frames, None)
+            relay.admission.take_in(frames, None)
 
         while at < len(data):
             op, size = data[at] % 4, data[at + 1] if at + 1 < len(data) else 0
@@ -258,10 +259,10 @@ def targets(work):
             else:
                 take(batch)
                 batch = []
-                relay._parse(size)
+                relay.admission.parse(size)
                 at += 1
         take(batch)
-        relay._digest_all()
+        relay.admission.digest_all()
         snapshot = relay.outbox.snapshot()
         held = [item.raw.data for item, _ in relay.outbox._lanes.held()]
         assert snapshot["received"] == sum(snapshot[key] for key in (
@@ -283,7 +284,7 @@ def targets(work):
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
             logger.propagate = False
-            relay._reject_log = Throttle(burst=10 ** 9)
+            relay.admission._reject_log = Throttle(burst=10 ** 9)
         provider = atheris.FuzzedDataProvider(data)
         token = broken.token_from(random.Random(provider.ConsumeUInt(4)),
                                   provider.ConsumeIntInRange(60, 80))  # Discord: 68
@@ -294,10 +295,10 @@ def targets(work):
         envelope_bytes = text.encode("utf-8", "surrogatepass")
         seen.seek(0)
         seen.truncate()
-        relay.outbox = Outbox(4, 0.0)
+        relay.outbox = relay.admission.outbox = relay.reporter.outbox = Outbox(4, 0.0)
         relay.outbox.accept([envelope_bytes])
-        relay._parse(1)
-        relay._write_metrics()
+        relay.admission.parse(1)
+        relay.reporter.write()
         shown = io.StringIO()
         source = work / "envelope"
         source.write_bytes(envelope_bytes)

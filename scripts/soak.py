@@ -51,21 +51,36 @@ store could not take what was held (checked against `lost`), and nothing else is
 allowed to go missing: received = delivered + drops + rejected + deduplicated + failed
 + lost + pending, against the stand-in's record.
 
+With ``--process`` the relay's own process is attacked too (`ProcessFaults`): its log
+directory is removed (moved aside, so the soak can still read what was written) and
+restored at random while it runs, so that its lines go to standard error meanwhile; a
+quarter of the starts get a SIGHUP or a SIGTERM 0-100 ms after the process was started
+(SIGHUP blocked across the exec, as the unit does); and idle, half-sent and half-closed
+connections to its ``/metrics`` listener are held open throughout, more than it serves.
+Then every SIGTERM must end the relay within its drain time plus the grace (and a margin
+for this machine's load; a SIGTERM before the relay's first snapshot also includes its
+start), no thread may die or give up (the log is searched for it, and ``senders_alive``
+must equal ``senders`` in every run's snapshots while it runs), a SIGHUP never stops it,
+and the ledger must still match the stand-in's ground truth.
+
 A run is reproducible in its decisions (``--seed``), not in its timing.
 
 Usage: .venv/bin/python scripts/soak.py [--seconds 600] [--messages N] [--cycles N]
-       [--seed 1] [--no-durable] [--sighup] [--storage] [--home DIR]
+       [--seed 1] [--no-durable] [--sighup] [--storage] [--process] [--home DIR]
 Exit 0 when every check passes, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import queue
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -105,6 +120,19 @@ FAILED_LINE = re.compile(r" failed webhook=\S+ messages=(\d+) reason=(.*)$", re.
 REJECTED_LINE = re.compile(r" rejected (?:\w+=\S+ )*reason=(.*?) preview=.*?"
                            r"(?: \((\d+) rejection lines left out\))?$", re.M)
 DROPPED_LINE = re.compile(r" dropped (\d+) oldest messages", re.M)
+
+# The relay's own process (issue 16): its log directory, signals from its first moments,
+# connections to /metrics that send nothing or half a request.
+PROCESS_ACTIONS = {"log directory": 0.6}
+EARLY_SHARE = 0.25  # starts that get a SIGHUP or a SIGTERM in their first 100 ms
+EARLY_MS = (0, 100)
+RELAY_DRAIN_SEC = 1.0  # SWIMMY_NOTIFIER_DRAIN_SEC of every run
+GRACE_SEC = 3.0  # notifier.relay.GRACE_SEC
+STOP_MARGIN_SEC = 10.0  # this machine's load on top of drain + grace
+SCRAPERS = 24  # connections held to /metrics, more than the 16 it serves
+THREAD_DIED = re.compile(r".*(?:thread died|cannot go on|failed at every step|"
+                         r"Exception in thread).*", re.M)
+BUG = re.compile(r".*\n(?=Traceback \(most recent call last\))", re.M)  # the line before
 
 # Discord's answers read for what they mean (issue 19): a 200 whose body is reset, or
 # trickled past the relay's deadline (saved once: the run that posted it never posts it
@@ -156,6 +184,8 @@ class Run:
     ended_at: float | None = None  # time.monotonic() when it was seen to end
     log: str = ""  # all of it, the pieces a SIGHUP rotated too
     rotated: int = 0
+    signalled_at: float | None = None  # time.monotonic() when SIGTERM was sent
+    started: bool = False  # it wrote a snapshot of its own
 
     @property
     def taken(self) -> int:
@@ -188,8 +218,12 @@ class Result:
     corrupt_records: int = 0
     lost_counted: int = 0  # the relay's `lost`: held at a stop the store could not take
     kill_losses: int = 0  # may be lost: held at SIGKILLs without durable mode or a store
+    unseen_drops: int = 0  # may be dropped after a SIGKILLed run's last snapshot, uncounted
     storage: Counter = field(default_factory=Counter)  # storage faults injected
     destroyed: int = 0  # held by stores damaged between runs: moved aside, not delivered
+    process: Counter = field(default_factory=Counter)  # process faults injected
+    slowest_stop: float = 0.0  # the longest a SIGTERM took to end a started relay
+    thread_errors: int = 0  # errors the relay's threads caught and carried on from
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -338,16 +372,130 @@ class Storage:
             subprocess.run(["umount", "-l", str(self.data)], capture_output=True)
 
 
+def block_sighup() -> None:
+    """In the child, before the exec: what the unit's ``env --block-signal=HUP`` does, so
+    that a SIGHUP sent while the interpreter itself starts waits for the relay's handler."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+def hold_connections(port: int, stopping, counts_out) -> None:
+    """In a process of its own (the soak's stand-in shares the soak's GIL: a busy loop
+    here would slow its answers), hold `SCRAPERS` connections to the relay's /metrics: a
+    third idle, a third that sent half a request line, a third that did the same and then
+    half-closed (SHUT_WR). Each one the relay closes (after its read timeout, or at once
+    past its cap) is opened again, whichever relay run is listening. Puts what it did on
+    `counts_out` when `stopping` is set."""
+    counts: Counter = Counter()
+    held: list[socket.socket | None] = [None] * SCRAPERS
+    while not stopping.wait(0.2):
+        for n, sock in enumerate(held):
+            if sock is not None and _closed(sock):
+                sock.close()
+                sock = held[n] = None
+                counts["/metrics connections closed by the relay"] += 1
+            if sock is None:
+                held[n] = _open_scraper(port, n % 3, counts)
+    for sock in held:
+        if sock is not None:
+            sock.close()
+    counts_out.put(dict(counts))
+
+
+def _open_scraper(port: int, kind: int, counts: Counter) -> socket.socket | None:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except OSError:
+        return None  # no relay listening now
+    try:
+        if kind:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        if kind == 2:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    counts[("idle", "half-sent", "half-closed")[kind] + " /metrics connections"] += 1
+    return sock
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096, socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class Scrapers:
+    """`hold_connections` in a child process, from `start` to `finish`."""
+
+    def __init__(self, port: int, counts: Counter):
+        context = multiprocessing.get_context("spawn")
+        self.counts = counts
+        self._stopping, self._out = context.Event(), context.Queue()
+        self._process = context.Process(target=hold_connections, name="scrapers",
+                                        args=(port, self._stopping, self._out), daemon=True)
+
+    def start(self) -> None:
+        self._process.start()
+
+    def finish(self) -> None:
+        self._stopping.set()
+        try:
+            self.counts.update(self._out.get(timeout=START_SEC))
+        except queue.Empty:
+            pass
+        self._process.join(START_SEC)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+class ProcessFaults:
+    """The soak's faults of the relay's own process (see the module docstring)."""
+
+    def __init__(self, home: Path, rng: random.Random, counts: Counter):
+        self.logs, self.rng, self.counts = home / "logs", rng, counts
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.removed = 0
+        self.metrics_port = free_port()
+        self.scrapers = Scrapers(self.metrics_port, counts)
+        self.scrapers.start()
+
+    def toggle_log_directory(self) -> None:
+        """Remove the log directory (moved aside: the soak reads it at the end, the relay
+        finds its path gone), or restore it."""
+        if self.logs.exists():
+            self.removed += 1
+            self.logs.rename(self.logs.with_name(f"logs-removed-{self.removed}"))
+            self.counts["log directory removed"] += 1
+        else:
+            self.logs.mkdir()
+            self.counts["log directory restored"] += 1
+
+    def early(self) -> tuple[str, float] | None:
+        """For a start: a signal to send in its first 100 ms, and when, or None."""
+        if self.rng.random() >= EARLY_SHARE:
+            return None
+        return self.rng.choice(("SIGHUP", "SIGTERM")), self.rng.uniform(*EARLY_MS) / 1000
+
+    def close(self) -> None:
+        self.scrapers.finish()
+
+
 class Soak:
     """The stand-in, the producer's sockets and the relay runs of a soak, and its check."""
 
-    def __init__(self, home: Path, durable: bool, seed: int, out, storage: bool = False):
+    def __init__(self, home: Path, durable: bool, seed: int, out, storage: bool = False,
+                 process: bool = False):
         self.home, self.durable, self.out = home, durable, out
         home.mkdir(parents=True, exist_ok=True)
         self.rng = random.Random(seed)
         self.result = Result()
         self.storage = (Storage(home, random.Random(seed + 2), self.result.storage, out)
                         if storage else None)
+        self.faults = (ProcessFaults(home, random.Random(seed + 3), self.result.process)
+                       if process else None)
+        self.thread_deaths: set[int] = set()  # runs seen with fewer senders than asked
         self.damaged: set[int] = set()  # runs whose store was damaged after they ended
         self.standin = DiscordStandIn(rate_limit=(5, 2.0), **CHANNEL).start()
         self.refused_webhook = "http://127.0.0.1:1/api/webhooks/9/tok"  # port not allowed
@@ -408,7 +556,15 @@ class Soak:
             snapshot = metrics.read(self.home / "metrics.sexp")
         except (OSError, ValueError):
             return None
-        return snapshot if snapshot["pid"] == run.process.pid else None
+        if snapshot["pid"] != run.process.pid:
+            return None
+        run.started = True
+        if (snapshot["state"] == "running" and run.number not in self.thread_deaths
+                and snapshot.get("senders_alive") != snapshot.get("senders")):
+            self.thread_deaths.add(run.number)
+            self.fail(f"run {run.number}: {snapshot.get('senders_alive')} of "
+                      f"{snapshot.get('senders')} sender threads alive while it runs")
+        return snapshot
 
     def env(self, run: Run, port: int, log: Path) -> dict:
         """The relay's settings; the metrics file is off the data directory, so it is
@@ -417,32 +573,65 @@ class Soak:
                 "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{self.standin.port}",
                 "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC": "0.1",
                 "SWIMMY_NOTIFIER_METRICS_FILE": str(self.home / "metrics.sexp"),
-                "SWIMMY_NOTIFIER_DRAIN_SEC": "1",
+                "SWIMMY_NOTIFIER_DRAIN_SEC": f"{RELAY_DRAIN_SEC:g}",
                 "SWIMMY_NOTIFIER_QUEUE_MAX": str(run.queue_max),
                 "SWIMMY_NOTIFIER_DURABLE": "1" if run.durable else "0",
-                "SWIMMY_NOTIFIER_LOG_FILE": str(log), **ANSWER_SETTINGS}
+                "SWIMMY_NOTIFIER_LOG_FILE": str(log), **ANSWER_SETTINGS,
+                **({"SWIMMY_NOTIFIER_METRICS_LISTEN": f"127.0.0.1:{self.faults.metrics_port}"}
+                   if self.faults else {})}
 
-    def start(self, run: Run) -> None:
-        """Start the relay (the store perhaps damaged first); SoakError if it does not come
-        up (nothing after could run)."""
+    def log_path(self, run: Run) -> Path:
+        return (self.faults.logs if self.faults else self.home) / f"relay-{run.number}.log"
+
+    def read_log(self, run: Run) -> str:
+        """All the run wrote: its log, the pieces SIGHUP rotated, those in log directories
+        the soak removed, and its standard error (a traceback, lines while the log file
+        could not be written)."""
+        pieces = sorted(self.home.rglob(f"relay-{run.number}.log*"))
+        pieces += [self.home / f"relay-{run.number}.stderr"]
+        text = ""
+        for path in pieces:
+            try:
+                text += path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                pass
+        return text
+
+    def start(self, run: Run, early: bool = True) -> bool:
+        """Start the relay (the store perhaps damaged first, a signal perhaps sent in its
+        first 100 ms); False if an early SIGTERM ended it (a new run follows), SoakError if
+        it does not come up (nothing after could run)."""
         if self.storage and len(self.runs) > 1 and self.storage.damage():
             before = self.runs[-2]
             self.damaged.add(before.number)
             if before.last:
                 self.result.destroyed += before.last["pending"]
-        log_path = self.home / f"relay-{run.number}.log"
-        with open(log_path, "ab") as log:  # a traceback too
+        log_path = self.log_path(run)
+        signalled = self.faults.early() if self.faults and early else None
+        stderr = self.home / f"relay-{run.number}.stderr" if self.faults else log_path
+        with open(stderr, "ab") as log:  # a traceback too
             run.process = subprocess.Popen([sys.executable, "-m", "notifier"],
                                            env=self.env(run, self.port, log_path),
-                                           stdout=subprocess.DEVNULL, stderr=log)
+                                           stdout=subprocess.DEVNULL, stderr=log,
+                                           preexec_fn=block_sighup if self.faults else None)
         self.result.cycles += 1
         run.started_at = time.monotonic()
+        if signalled is not None:
+            how, delay = signalled
+            time.sleep(delay)  # the moment chosen, not a wait for something
+            self.result.process[f"{how} {'0-10' if delay < 0.01 else '10-100'} ms after "
+                                f"start"] += 1
+            if how == "SIGTERM":
+                self.end(run, "early SIGTERM")
+                return False
+            run.process.send_signal(signal.SIGHUP)
         wait(lambda: run.process.poll() is not None or self.snapshot(run), START_SEC)
         if self.storage:
             self.storage.tidy()
         if self.snapshot(run) is None:
             self.end(run, "exit")
             raise SoakError(f"run {run.number}: no metrics within {START_SEC} s")
+        return True
 
     def settle(self, run: Run) -> None:
         """Wait until the run's metrics show it took every tag sent to it."""
@@ -455,8 +644,9 @@ class Soak:
 
     def end(self, run: Run, how: str) -> None:
         """Signal the run (or note that it exited), then read its last snapshot and log."""
-        if how in ("SIGKILL", "SIGTERM"):  # a SIGHUP that stopped it was sent already
-            run.process.send_signal(getattr(signal, how))
+        if how in ("SIGKILL", "SIGTERM", "early SIGTERM"):  # a SIGHUP: sent already
+            run.process.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGTERM)
+            run.signalled_at = time.monotonic()
         try:
             code = run.process.wait(START_SEC)
         except subprocess.TimeoutExpired:
@@ -467,16 +657,41 @@ class Soak:
         self.result.kills[how] += 1
         run.socket.close()
         run.last = self.snapshot(run)
-        run.log = "".join(path.read_text(encoding="utf-8", errors="replace")
-                          for path in self.home.glob(f"relay-{run.number}.log*"))
+        run.log = self.read_log(run)
         lost = run.last["lost"] if run.last else 0
-        if how == "SIGTERM" and (code, bool(lost)) not in ((0, False), (1, True)):
-            self.fail(f"run {run.number}: SIGTERM exited {code}, {lost} lost: "
+        if how == "early SIGTERM" and code == -signal.SIGTERM and not run.started:
+            self.result.process["SIGTERM before the handler (exit by the signal)"] += 1
+            return  # the interpreter's own start: nothing was opened, nothing taken
+        if how in ("SIGTERM", "early SIGTERM") and (code, bool(lost)) not in ((0, False),
+                                                                             (1, True)):
+            self.fail(f"run {run.number}: {how} exited {code}, {lost} lost: "
                       f"{run.log[-500:]}")
+        if how == "SIGTERM":
+            took = run.ended_at - run.signalled_at
+            self.result.slowest_stop = max(self.result.slowest_stop, took)
+            if took > RELAY_DRAIN_SEC + GRACE_SEC + STOP_MARGIN_SEC:
+                self.fail(f"run {run.number}: SIGTERM took {took:.1f} s to end it, over "
+                          f"drain {RELAY_DRAIN_SEC:g} s + grace {GRACE_SEC:g} s + "
+                          f"{STOP_MARGIN_SEC:g} s")
+        died = THREAD_DIED.search(run.log)
+        if died:
+            self.fail(f"run {run.number}: a thread died: {died.group()[:300]}")
+        bug = BUG.search(run.log)
+        if bug:
+            self.fail(f"run {run.number}: an unexpected error (a traceback): "
+                      f"{bug.group().strip()[:300]}")
+        if run.last:
+            self.result.thread_errors += run.last.get("thread_errors", 0)
         self.result.lost_counted += lost
         if how == "SIGKILL" and run.last and (not run.durable
                                               or run.last["store_state"] != "ok"):
             self.result.kill_losses += run.last["pending"]
+        if how == "SIGKILL" and run.last:  # tags that arrived after its last snapshot
+            # each dropped at most one older one once the queue was full, the drop counted
+            # in no snapshot and not yet logged (drops are said once a second)
+            late = len(run.sent) - run.taken
+            self.result.unseen_drops += max(0, min(late, run.last["pending"] + late
+                                                   - run.queue_max))
         if how == "exit":
             self.fail(f"run {run.number}: the relay exited by itself ({code}): "
                       f"{run.log[-500:]}")
@@ -489,19 +704,22 @@ class Soak:
         if run.taken > len(run.sent):
             self.fail(f"run {run.number}: received {run.taken} new envelopes, "
                       f"{len(run.sent)} were sent")
-        if how == "SIGTERM" and run.taken != len(run.sent):
+        if how == "SIGTERM" and run.taken != len(run.sent):  # an early one may not have
             self.fail(f"run {run.number}: final received {run.taken}, sent {len(run.sent)}")
 
     def hup(self, run: Run) -> bool:
         """SIGHUP must reopen the log and not stop the relay. The log is moved aside
         first, as logrotate does, and the relay must write a new one; False if it
         stopped."""
-        log = self.home / f"relay-{run.number}.log"
-        log.rename(log.with_name(f"{log.name}.{run.rotated}"))
-        run.rotated += 1
+        log = self.log_path(run)
+        handled = self.read_log(run).count("SIGHUP: ")
+        if log.exists():  # else its directory was removed: the relay logs to stderr
+            log.rename(log.with_name(f"{log.name}.{run.rotated}"))
+            run.rotated += 1
         run.process.send_signal(signal.SIGHUP)
         answer = wait(lambda: run.process.poll() is not None and "exited"
-                      or log.exists() and "reopened", START_SEC)
+                      or self.read_log(run).count("SIGHUP: ") > handled and "reopened",
+                      START_SEC)
         if answer == "exited":
             code = run.process.poll()
             self.fail(f"run {run.number}: SIGHUP stopped the relay ("
@@ -527,21 +745,15 @@ class Soak:
         holds again (before the next kill, which would otherwise lose it)."""
         if self.storage.full:
             return
-        log = self.home / f"relay-{run.number}.log"
-        before = self.backs(log)
+        before = self.backs(run)
         how = self.storage.harm()
         if how is not None and not wait(
-                lambda: self.backs(log) > before or run.process.poll() is not None, START_SEC):
+                lambda: self.backs(run) > before or run.process.poll() is not None, START_SEC):
             self.fail(f"run {run.number}: {how}, and the store not written again within "
                       f"{START_SEC} s")
 
-    @staticmethod
-    def backs(log: Path) -> int:
-        try:
-            return log.read_text(encoding="utf-8", errors="replace").count(
-                "store writable again")
-        except FileNotFoundError:
-            return 0
+    def backs(self, run: Run) -> int:
+        return self.read_log(run).count("store writable again")
 
     def second_relay(self, run: Run) -> None:
         """A second relay on the same data directory exits 2 within seconds and leaves
@@ -569,6 +781,8 @@ class Soak:
         actions = {name: w for name, w in ACTIONS.items() if sighup or name != "SIGHUP"}
         if self.storage:
             actions.update(STORAGE_ACTIONS)
+        if self.faults:
+            actions.update(PROCESS_ACTIONS)
         deadline = time.monotonic() + seconds
         run = self.new_run()
         while (time.monotonic() < deadline and self.next_tag < messages
@@ -576,8 +790,8 @@ class Soak:
             if run.process is None:
                 if self.rng.random() < 0.3:
                     self.send_burst(run)  # while the relay is down
-                else:
-                    self.start(run)
+                elif not self.start(run):
+                    run = self.new_run()  # an early SIGTERM ended it
                 continue
             action = self.rng.choices(list(actions), list(actions.values()))[0]
             if run.process.poll() is not None:
@@ -594,6 +808,8 @@ class Soak:
                 self.harm(run)
             elif action == "second":
                 self.second_relay(run)
+            elif action == "log directory":
+                self.faults.toggle_log_directory()
             else:
                 if action in ("SIGKILL", "SIGTERM"):
                     self.settle(run)
@@ -615,7 +831,7 @@ class Soak:
             self.end(run, "SIGTERM")
             run = self.new_run()
         run.durable, run.queue_max = True, 5000
-        self.start(run)
+        self.start(run, early=False)
         self.settle(run)
         if not wait(lambda: (self.snapshot(run) or {}).get("pending") == 0, DRAIN_SEC, 0.1):
             self.fail(f"not drained within {DRAIN_SEC} s: {self.snapshot(run)}")
@@ -666,12 +882,14 @@ class Soak:
         if result.duplicates > result.in_flight:
             self.fail(f"{result.duplicates} duplicates, only {result.in_flight} were in "
                       f"flight at the kills")
-        allowed = result.kill_losses + result.destroyed
+        allowed = result.kill_losses + result.destroyed + result.unseen_drops
         if result.lost > allowed:
             self.fail(f"{result.lost} tags the relay took were lost, beyond what "
                       f"`lost` counted ({result.lost_counted}), the {result.kill_losses} "
-                      f"held at SIGKILLs without durable mode or a store, and the "
-                      f"{result.destroyed} held by stores the soak damaged")
+                      f"held at SIGKILLs without durable mode or a store, the "
+                      f"{result.destroyed} held by stores the soak damaged, and the "
+                      f"{result.unseen_drops} a killed run may have dropped after its last "
+                      f"snapshot")
 
     def check_webhooks(self) -> None:
         """Per webhook, whatever URLs named it: one request in flight at a time in each
@@ -742,14 +960,16 @@ class Soak:
         self.standin.stop()
         if self.storage:
             self.storage.close()
+        if self.faults:
+            self.faults.close()
 
 
 def run(seconds: float = 60, messages: int = 1_000_000, cycles: int | None = None,
         seed: int = 1, durable: bool = True, sighup: bool = False, storage: bool = False,
-        home: Path | None = None, out=print) -> Result:
+        home: Path | None = None, out=print, process: bool = False) -> Result:
     """Run the soak and report on `out`; the Result's `failures` is empty if it passed."""
     home = home or Path(tempfile.mkdtemp(prefix="soak-"))
-    soak = Soak(home, durable, seed, out, storage)
+    soak = Soak(home, durable, seed, out, storage, process)
     weather = Weather(soak.standin, random.Random(seed + 1), soak.result.weather)
     started = time.monotonic()
     try:
@@ -768,16 +988,18 @@ def run(seconds: float = 60, messages: int = 1_000_000, cycles: int | None = Non
         soak.close()
     result = soak.result
     result.seconds = time.monotonic() - started
-    report(result, durable=durable, sighup=sighup, storage=storage, seed=seed, out=out)
+    report(result, durable=durable, sighup=sighup, storage=storage, process=process,
+           seed=seed, out=out)
     return result
 
 
-def report(r: Result, *, durable: bool, sighup: bool, storage: bool, seed: int, out) -> None:
-    ends = ("SIGKILL", "SIGTERM", "SIGHUP", "exit")
+def report(r: Result, *, durable: bool, sighup: bool, storage: bool, seed: int, out,
+           process: bool = False) -> None:
+    ends = ("SIGKILL", "SIGTERM", "early SIGTERM", "SIGHUP", "exit")
     kills = ", ".join(f"{how} {r.kills[how]}" for how in ends if r.kills[how])
     out(f"soak: durable {'varied per run' if storage else 'on' if durable else 'off'}, "
         f"SIGHUP {'on' if sighup else 'off'}, storage faults {'on' if storage else 'off'}, "
-        f"seed {seed}, {r.seconds:.0f} s")
+        f"process faults {'on' if process else 'off'}, seed {seed}, {r.seconds:.0f} s")
     out(f"cycles {r.cycles}; messages {r.messages} ({r.refused_sent} to a refused "
         f"webhook); "
         f"runs ended by {kills} ({r.kills_in_transit} SIGKILLs right after a burst); "
@@ -787,13 +1009,19 @@ def report(r: Result, *, durable: bool, sighup: bool, storage: bool, seed: int, 
     out(f"not taken when a run was killed (allowed): {r.not_taken}; counted lost (the "
         f"store could not take them at a stop): {r.lost_counted}")
     out(f"missing beyond the counters: {r.lost} (may be: {r.kill_losses} held at SIGKILLs "
-        f"without durable mode or a store, {r.destroyed} held by stores the soak damaged)")
+        f"without durable mode or a store, {r.destroyed} held by stores the soak damaged, "
+        f"{r.unseen_drops} dropped by arrivals after a killed run's last snapshot)")
     out(f"duplicates {r.duplicates} (in flight at the kills: {r.in_flight}); "
         f"store rows skipped {r.corrupt_records}")
     out("webhooks named by " + ", ".join(f"{how} {n}" for how, n in sorted(r.spellings.items()))
         + f"; most requests to one webhook in flight at once: {r.most_in_flight}")
     if storage:
         out("storage: " + ", ".join(f"{what} {n}" for what, n in sorted(r.storage.items())))
+    if process:
+        out("process: " + ", ".join(f"{what} {n}" for what, n in sorted(r.process.items())))
+    out(f"slowest SIGTERM to exit {r.slowest_stop:.2f} s (limit: drain {RELAY_DRAIN_SEC:g} "
+        f"+ grace {GRACE_SEC:g} + {STOP_MARGIN_SEC:g} s); errors the relay's threads "
+        f"carried on from {r.thread_errors}")
     out("stand-in: " + ", ".join(f"{mode} {n}" for mode, n in sorted(r.weather.items())))
     for reason, n in r.reasons.most_common():
         out(f"  {n} x {reason}")
@@ -815,11 +1043,15 @@ def main(argv=None) -> int:
                         help="also attack the store: a full disk (a tmpfs; root only), the "
                              "store removed or replaced, a second relay, damage between "
                              "runs, durable mode and queue_max changed between runs")
+    parser.add_argument("--process", action="store_true",
+                        help="also attack the relay's own process: its log directory "
+                             "removed and restored, SIGHUP and SIGTERM in its first 100 ms, "
+                             "idle and half-open /metrics connections held throughout")
     parser.add_argument("--home", type=Path,
                         help="the relay's home (default: a new temp dir)")
     args = parser.parse_args(argv)
     result = run(args.seconds, args.messages, args.cycles, args.seed, args.durable,
-                 args.sighup, args.storage, args.home)
+                 args.sighup, args.storage, args.home, process=args.process)
     return 1 if result.failures else 0
 
 

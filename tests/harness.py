@@ -33,6 +33,16 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
         time.sleep(interval)
 
 
+class Clock:
+    """A clock a test moves by hand: ``clock.now += 5``."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def assert_balanced(snapshot: Alist) -> None:
     """Every message the relay received is in exactly one place."""
     parts = {key: snapshot[key] for key in BALANCE}
@@ -88,15 +98,31 @@ class RelayProcess:
         if "store" in settings:
             self.store_file = Path(settings["store"])
         self.command = [sys.executable, "-m", "notifier"]  # tests may prefix it
+        self.preexec_fn: Callable[[], None] | None = None  # in the child: resource limits
         self.process: subprocess.Popen | None = None
+
+    def patch(self, code: str) -> "RelayProcess":
+        """Run `code` in the relay before its own (a ``sitecustomize`` module in its home):
+        a fault injected where no setting reaches."""
+        (self.home / "sitecustomize.py").write_text(code)
+        self.env["PYTHONPATH"] = str(self.home)
+        return self
 
     @property
     def endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> "RelayProcess":
-        self.process = subprocess.Popen(self.command, env=self.env,
+    def launch(self) -> "RelayProcess":
+        """Start the process and return at once (`start` waits for its first metrics)."""
+        self.process = subprocess.Popen(self.command, env=self.env, preexec_fn=self.preexec_fn,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
+
+    def start(self, timeout: float = 30) -> "RelayProcess":
+        return self.launch().wait_started(timeout)
+
+    def wait_started(self, timeout: float = 30) -> "RelayProcess":
+        """Wait for the launched process's first metrics (failing if it exits)."""
         pid = self.process.pid
         wait_until(lambda: self._alive_or_fail() and (self.metrics() or {}).get("pid") == pid,
                    timeout, what="the relay's first metrics")

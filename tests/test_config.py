@@ -42,8 +42,17 @@ def test_environment_then_flags_win(tmp_path):
     ("SWIMMY_NOTIFIER_QUEUE_MAX", "1e3", "must be a whole number"),
     ("SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "0", "must be a finite number of seconds"),
     ("SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "nan", "must be a finite number of seconds"),
-    ("SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "-1", "of at least 0.0 (or 0)"),
+    ("SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "-1", "seconds from 0 to 86400"),
     ("SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "inf", "finite"),
+    ("SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "1e10", "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC: must "
+     "be a finite number of seconds from 0.05 to 3600, got '1e10'"),
+    ("SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC", "1e300", "from 0.05 to 3600"),
+    ("SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC", "86401", "from 0 to 86400"),
+    ("SWIMMY_NOTIFIER_DRAIN_SEC", "601", "SWIMMY_NOTIFIER_DRAIN_SEC: must be a finite number "
+     "of seconds from 0 to 600"),
+    ("SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC", "3601", "from 1 to 3600"),
+    ("SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC", "1e10", "from 0.5 to 600"),
+    ("SWIMMY_NOTIFIER_MAX_AGE_SEC", "1e10", "from 1 to 2592000"),
     ("SWIMMY_NOTIFIER_BIND_ADDR", "", "must be an IP address"),
     ("SWIMMY_NOTIFIER_ALLOWED_HOSTS", "http://x", "is not host[:port]"),
     ("SWIMMY_NOTIFIER_METRICS_FILE", " ", "must not be empty"),
@@ -69,3 +78,19 @@ def test_every_bad_setting_is_named_at_once():
 def test_a_bad_flag_names_the_flag():
     with pytest.raises(ConfigError, match="--queue-max: must be from 1 to 10000000"):
         config.load({"SWIMMY_NOTIFIER_QUEUE_MAX": "10"}, {"queue_max": "-5"})
+
+
+def test_every_interval_and_timeout_has_an_upper_bound():
+    """A setting in seconds takes its largest value and refuses anything past it: no
+    interval or timeout can reach a wait that overflows (1e10 did)."""
+    for setting in config.SETTINGS:
+        if setting.env and setting.env.endswith("_SEC"):
+            with pytest.raises(ConfigError, match="from .* to "):
+                config.load({setting.env: "1e10"})
+    largest = {"SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC": "3600",
+               "SWIMMY_NOTIFIER_DEDUPE_WINDOW_SEC": "86400", "SWIMMY_NOTIFIER_DRAIN_SEC": "600",
+               "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC": "3600",
+               "SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC": "600",
+               "SWIMMY_NOTIFIER_MAX_AGE_SEC": "2592000"}
+    settings = config.load(largest)
+    assert (settings.metrics_interval, settings.max_age) == (3600.0, 2592000.0)

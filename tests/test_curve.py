@@ -205,7 +205,7 @@ def test_loose_permissions_are_refused(tmp_path, keys):
     with pytest.raises(CurveError, match=r"client certificate .*a.key has mode 0666"):
         curve.load_clients(clients)
     (clients / "a.key").chmod(0o644)
-    assert sorted(curve.load_clients(clients).values()) == ["a", "b"]
+    assert sorted(curve.load_clients(clients)[0].values()) == ["a", "b"]
 
 
 def test_the_relay_refuses_to_start_with_a_loose_key(tmp_path, keys):
@@ -363,4 +363,53 @@ def test_send_with_and_without_an_allowed_key(tmp_path, discord, keys, relays):
     assert "refused the connection: the key is not allowed" in refused.stderr
     relay.wait_metrics(lambda m: m["delivered"] == 1)
     assert contents(discord, "1") == ["with a.key_secret"]
+    assert relay.stop() == 0
+
+
+# ---------------------------------------------------------------------- names from outside
+
+FORGED = "x\n2026-01-01T00:00:00.000Z INFO notifier.relay forged line"
+
+
+def plant_odd_names(keys) -> None:
+    """c's certificate as ``caf\\xe9.key`` (not UTF-8) and under a name holding a newline
+    that would forge a log line."""
+    directory, clients = keys
+    certificate = (directory / "c.key").read_bytes()
+    for name in (b"caf\xe9.key", os.fsencode(FORGED + ".key")):
+        with open(os.fsencode(clients) + b"/" + name, "wb") as handle:
+            handle.write(certificate)
+
+
+def test_odd_certificate_names_are_refused_at_load_and_said_escaped(keys):
+    _, clients = keys
+    plant_odd_names(keys)
+    names, refused = curve.load_clients(clients)
+    assert sorted(names.values()) == ["a", "b"]
+    assert len(refused) == 2 and all("\n" not in text for text in refused)
+    assert "'caf\\xe9.key'" in refused[0] and "is not valid UTF-8" in refused[0]
+    assert "'x\\n2026-01-01T00:00:00.000Z" in refused[1] and "control character" in refused[1]
+
+
+def test_odd_certificate_names_neither_kill_the_relay_nor_forge_a_line(discord, keys, relays):
+    """A producer whose key sits under a name that is not UTF-8 used to kill the metrics
+    thread (UnicodeEncodeError) at its first envelope: now its name is refused at load,
+    so its handshake fails, and the relay runs on."""
+    plant_odd_names(keys)
+    relay = relays(allowed=f"127.0.0.1:{discord.port}", **curve_settings(keys))
+    with producer(relay, keys, "c", discord) as c:
+        c.notify("must not arrive")
+        wait_until(lambda: "the key is not allowed" in relay.log(), 10, what="c refused")
+    with producer(relay, keys, "a", discord) as a:
+        a.notify("allowed")
+        snapshot = relay.wait_metrics(lambda m: m["delivered"] == 1)
+    relay.process.send_signal(signal.SIGHUP)  # reloaded: refused again, never a crash
+    wait_until(lambda: "SIGHUP: log reopened; CURVE clients reloaded" in relay.log(), 10,
+               what="the reload")
+    relay.wait_metrics(lambda m: m["timestamp"] > snapshot["timestamp"], what="metrics on")
+    assert [p["name"] for p in snapshot["producers"]] == ["a"]
+    log = relay.log()
+    assert log.count("client certificate 'caf\\xe9.key' in") == 2  # at start and SIGHUP
+    assert "forged line" in log and not any(line.startswith("2026-01-01T00:00:00.000Z")
+                                            for line in log.splitlines())
     assert relay.stop() == 0

@@ -61,7 +61,7 @@ def test_line_breaks_and_control_characters_never_split_an_entry(tmp_path):
     assert [entry.envelopes for entry in entries] == [
         (PRETTY.encode(),), (odd.encode(),), (ENVELOPE.encode(),)]
     assert "envelopes_json" in path.read_text().splitlines()[0]
-    assert sexp.loads(path.read_text().splitlines()[1])["reason"] == "HTTP 400:\\u000asecond"
+    assert sexp.loads(path.read_text().splitlines()[1])["reason"] == "HTTP 400:\\nsecond"
     assert "envelopes_json" not in path.read_text().splitlines()[2]  # plain stays plain
 
 

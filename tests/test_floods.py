@@ -201,7 +201,7 @@ def test_a_flood_of_junk_oversized_and_valid_drops_valid_messages_only_for_newer
     outbox, valid, bad = relay.outbox, [], 0
     for kind, detail in steps:
         if kind == "parse":
-            relay._parse(detail)
+            relay.admission.parse(detail)
         else:
             frames = []
             for frame_kind, value in detail:
@@ -211,11 +211,11 @@ def test_a_flood_of_junk_oversized_and_valid_drops_valid_messages_only_for_newer
                 else:
                     bad += 1
                     frames.append(value if frame_kind == "junk" else b"(" * value)
-            relay._take_in(frames, None)
+            relay.admission.take_in(frames, None)
         snapshot = outbox.snapshot()
         assert_balanced(snapshot)
         assert snapshot["rejected"] + snapshot["unparsed"] >= bad
-        relay._digest_all()  # what the idle receiver would do next: parse the rest
+        relay.admission.digest_all()  # what the idle receiver would do next: parse the rest
         snapshot = outbox.snapshot()
         assert_balanced(snapshot)
         assert (snapshot["rejected"], snapshot["drops"]) == (bad, max(0, len(valid) - queue_max))
@@ -226,9 +226,9 @@ def test_a_flood_of_junk_oversized_and_valid_drops_valid_messages_only_for_newer
 
 def test_at_the_bound_junk_is_rejected_with_its_reason_and_costs_no_message(tmp_path):
     relay = relay_in_memory(tmp_path, 3)
-    relay._take_in([envelope_text(HOOK[1], f"m{i}") for i in range(3)], None)
-    relay._digest_all()
-    relay._take_in([b"junk"] * 5 + [envelope_text(HOOK[2], "m3")] + [b"(" * 70_000], None)
+    relay.admission.take_in([envelope_text(HOOK[1], f"m{i}") for i in range(3)], None)
+    relay.admission.digest_all()
+    relay.admission.take_in([b"junk"] * 5 + [envelope_text(HOOK[2], "m3")] + [b"(" * 70_000], None)
     snapshot = relay.outbox.snapshot()
     assert (snapshot["received"], snapshot["rejected"], snapshot["drops"]) == (10, 6, 1)
     assert snapshot["last_rejected_reason"].startswith("envelope of 70000 bytes is over")

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from notifier import config, envelope, sexp
-from notifier.relay import Relay, preview
+from notifier.admission import preview
+from notifier.relay import Relay
 from notifier.standin import DiscordStandIn
 from tests.harness import assert_balanced, contents, envelope_text
 from tests.test_redaction import (CONTROLS, PLACES, RAW_CONTROL, control_cases, leaked,
@@ -148,7 +149,7 @@ def test_an_unexpected_parser_exception_rejects_only_that_envelope(tmp_path, mon
     hook = "http://127.0.0.1:8099/api/webhooks/7/tok"
     relay.outbox.accept([envelope_text(hook, text) for text in ("a", "boom", "c", "boom")])
     with caplog.at_level(logging.WARNING, "notifier.relay"):
-        relay._parse(10)
+        relay.admission.parse(10)
     snapshot = relay.outbox.snapshot()
     assert (snapshot["rejected"], snapshot["pending"], snapshot["unparsed"]) == (2, 2, 0)
     assert [record.exc_info is not None for record in caplog.records

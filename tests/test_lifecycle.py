@@ -212,8 +212,7 @@ def test_the_final_metrics_are_the_last_written_even_after_a_slow_write(tmp_path
     """A metrics thread still inside a slow write (a loaded disk) must not land its older
     snapshot over the final one."""
     relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}")
-    relay.env["PYTHONPATH"] = str(tmp_path)
-    (tmp_path / "sitecustomize.py").write_text(
+    relay.patch(
         "import threading, time\n"
         "import notifier.metrics as m\n"
         "write = m.write\n"

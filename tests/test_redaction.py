@@ -18,8 +18,9 @@ from hypothesis import given, strategies as st
 
 from notifier import config, envelope, logs, redaction, sexp
 from notifier.__main__ import main
+from notifier.admission import preview
 from notifier.logs import Throttle
-from notifier.relay import Relay, preview
+from notifier.relay import Relay
 
 LOCAL = "127.0.0.1:8099"
 TOKEN_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
@@ -101,7 +102,7 @@ def relay(tmp_path_factory):
     (home / "data").mkdir()
     relay = Relay(config.load({"SWIMMY_HOME": str(home),
                                "SWIMMY_NOTIFIER_ALLOWED_HOSTS": LOCAL}))
-    relay._reject_log = Throttle(burst=10 ** 9)
+    relay.admission._reject_log = Throttle(burst=10 ** 9)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.ScrubbingFormatter())
@@ -119,8 +120,8 @@ def through_relay(relay, data: bytes) -> tuple[str, str]:
     relay.log.seek(0)
     relay.log.truncate()
     relay.outbox.accept([data])
-    relay._parse(1)
-    relay._write_metrics()
+    relay.admission.parse(1)
+    relay.reporter.write()
     return relay.log.getvalue(), relay.settings.metrics_file.read_text()
 
 

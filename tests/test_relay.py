@@ -216,14 +216,12 @@ def test_the_log_file_is_reopened_after_logrotate_moves_it(discord, relays, push
     assert "delivered webhook=1" in rotated.read_text() and "tok" not in relay.log()
 
 
-def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discord):
-    """An intake that fails must not leave a relay that runs on without receiving: it
-    stops, saves what it holds, and exits 1 for its supervisor to restart it."""
-    port = free_port()
-    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"  # nothing listens: it waits
-    relay = RelayProcess(tmp_path, f"127.0.0.1:{port}")
-    relay.env["PYTHONPATH"] = str(tmp_path)
-    (tmp_path / "sitecustomize.py").write_text(
+def test_an_error_in_a_step_is_logged_counted_and_the_thread_carries_on(tmp_path, discord):
+    """A bug that fails the intake on one batch used to end the intake thread, and with
+    it the relay: now that batch is counted as rejected, the error logged with its
+    traceback, and the intake takes the next batch."""
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{discord.port}")
+    relay.patch(
         "import notifier.outbox as o\n"
         "accept = o.Outbox.accept\n"
         "def failing(self, envelopes, producers=None):\n"
@@ -233,11 +231,44 @@ def test_a_thread_that_dies_of_a_bug_stops_the_relay_gracefully(tmp_path, discor
         "o.Outbox.accept = failing\n")
     relay.start()
     with Pusher(relay.endpoint) as pusher:
+        pusher.send(envelope_text(discord.webhook_url(1), "before"))
+        relay.wait_metrics(lambda m: m["delivered"] == 1)
+        pusher.send(envelope_text(discord.webhook_url(1), "poison"))
+        relay.wait_metrics(lambda m: m["rejected"] == 1)
+        pusher.send(envelope_text(discord.webhook_url(1), "after"))
+        snapshot = relay.wait_metrics(lambda m: m["delivered"] == 2)
+    assert contents(discord, 1) == ["before", "after"]
+    assert snapshot["thread_errors"] == 1 and snapshot["senders_alive"] == 8
+    assert snapshot["last_rejected_reason"] == "internal error while taking it in: RuntimeError"
+    assert_balanced(snapshot)
+    log = relay.log()
+    assert "unexpected error in the intake thread; it carries on" in log
+    assert "RuntimeError: a bug" in log  # the traceback
+    assert relay.stop() == 0
+
+
+def test_a_thread_that_cannot_go_on_stops_the_relay_gracefully(tmp_path, discord):
+    """A thread the relay depends on that dies (here every sender's watchdog: requests
+    would have no deadline) must not leave a relay running on: it stops, saves what it
+    holds, and exits 1 for its supervisor to restart it."""
+    port = free_port()
+    webhook = f"http://127.0.0.1:{port}/api/webhooks/1/tok"  # nothing listens: it waits
+    relay = RelayProcess(tmp_path, f"127.0.0.1:{port}")
+    relay.patch(
+        "import os, notifier.sender as s\n"
+        "run = s.Watchdog._run\n"
+        "def dying(self):\n"
+        "    if os.path.exists(os.environ['SWIMMY_HOME'] + '/die'):\n"
+        "        raise RuntimeError('a bug')\n"
+        "    run(self)\n"
+        "s.Watchdog._run = dying\n")
+    (tmp_path / "die").touch()
+    relay.launch()
+    with Pusher(relay.endpoint) as pusher:
         pusher.send(envelope_text(webhook, "kept"))
-        relay.wait_metrics(lambda m: m["received"] == 1 and m["unparsed"] == 0)
-        pusher.send(envelope_text(webhook, "poison"))
         assert relay.process.wait(30) == 1
-    assert "intake thread failed; stopping the relay" in relay.log()
-    saved = saved_envelopes(relay.store_file)
-    assert len(saved) == 1 and "kept" in saved[0]
-    assert_balanced(relay.metrics())
+    log = relay.log()
+    assert "the watchdog of sender-1 died; stopping the relay" in log
+    final = relay.metrics()
+    assert final["state"] == "stopped" and final["saved"] == final["pending"]
+    assert_balanced(final)

@@ -63,6 +63,19 @@ def test_the_check_fails_when_a_tag_the_relay_took_never_arrives(tmp_path):
     assert [f for f in checker.result.failures if "the relay took were lost" in f]
 
 
+def test_a_short_soak_with_process_faults_keeps_every_thread_and_every_sigterm(tmp_path):
+    """The log directory removed and restored, SIGHUP and SIGTERM from the first
+    millisecond, idle and half-open /metrics connections held throughout (issue 16)."""
+    lines = []
+    result = soak.run(seconds=600, cycles=15, seed=4, sighup=True, process=True,
+                      home=tmp_path, out=lines.append)
+    assert result.failures == [], "\n".join(lines)
+    faults = result.process
+    assert faults["log directory removed"] and faults["half-closed /metrics connections"]
+    assert any(fault.endswith("ms after start") for fault in faults), "\n".join(lines)
+    assert result.kills["SIGTERM"] and result.hups_survived and result.delivered
+
+
 def test_the_webhook_check_fails_on_two_in_flight_on_disorder_and_on_another_url(tmp_path):
     """What the soak checks per webhook, whatever URL named it, shown failing: two
     requests to webhook 1 in flight at once (through two of its threads), webhook 2's

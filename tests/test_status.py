@@ -255,3 +255,18 @@ def test_queue_full_says_what_fills_the_queue_not_discord():
 def test_a_time_ahead_of_this_clock_says_how_far_in_the_future():
     assert status.when(NOW + 3 * 3600, NOW).endswith("(in the future by 3.0 h)")
     assert status.when(NOW - 5, NOW).endswith("(5 s ago)")
+
+
+def test_the_threads_are_shown_and_a_dead_sender_or_a_caught_error_judged():
+    healthy = status.judge(snapshot(senders=8, senders_alive=8, thread_errors=0), NOW)
+    assert healthy.level == status.OK
+    assert "threads:   8 of 8 senders alive, 0 errors carried on" in status.render(healthy)
+    dead = status.judge(snapshot(senders=8, senders_alive=7, thread_errors=0), NOW)
+    assert (dead.level, dead.worst) == (status.CRITICAL, "only 7 of 8 sender threads alive "
+                                        "(see the log: the relay stops itself for a restart "
+                                        "when one dies)")
+    caught = status.judge(snapshot(senders=8, senders_alive=8, thread_errors=3), NOW)
+    assert caught.level == status.WARNING and caught.worst.startswith(
+        "3 unexpected errors in the relay's threads")
+    older = status.judge(snapshot(), NOW)  # a snapshot from before threads were reported
+    assert older.level == status.OK and "threads:   ? of ? senders alive" in status.render(older)

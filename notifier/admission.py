@@ -1,0 +1,159 @@
+"""What comes in: envelopes held in the `Outbox`, parsed into messages or rejected, and
+said in the log (bounded: a flood of bad input cannot flood it).
+
+One `Admission` serves the thread that takes envelopes in: the receiver itself without
+durable mode, the intake thread with it. Every envelope is given back to the outbox
+parsed or rejected, whatever happens: one bad envelope, or a bug in the parser, costs
+only itself.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from notifier import envelope, redaction
+from notifier.config import Config
+from notifier.held import dedupe_key
+from notifier.logs import Throttle
+from notifier.outbox import Outbox
+
+log = logging.getLogger("notifier.relay")  # the names operators grep: "notifier.relay rejected"
+
+PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
+PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
+PREVIEW_CHARS = 80
+
+
+def preview(data: bytes) -> str:
+    """The start of a refused envelope for the log: one line (repr escapes every control
+    character), token-free (hidden before the cut, and what the cut leaves of a run too:
+    `redaction`)."""
+    text = data[:PREVIEW_CHARS * 4].decode("utf-8", "replace")
+    if len(data) > PREVIEW_CHARS * 4:
+        text += redaction.CUT
+    return repr(redaction.shorten(text, PREVIEW_CHARS))
+
+
+class Admission:
+    """Takes envelopes into the outbox and parses them, for one thread at a time."""
+
+    def __init__(self, outbox: Outbox, settings: Config):
+        self.outbox = outbox
+        self._allowed_hosts = settings.allowed_hosts
+        self._dedupe = settings.dedupe_window > 0
+        self._queue_max = settings.queue_max
+        self._accept_log = Throttle(burst=20)
+        self._reject_log = Throttle(burst=20)
+        self._drop_log = Throttle(burst=1)
+        self._unreported_drops = 0
+        self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
+
+    def take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
+        """Hold `frames` (each from its producer, with CURVE); count and say what the
+        outbox dropped to make room, or refused for its size. At the bound, parse before
+        anything is dropped, so that junk never takes a valid message's place: first what
+        is held unparsed (the junk leaves), then, if the newcomers still do not fit, the
+        newcomers themselves (junk is never held; the valid ones make room by dropping
+        the oldest waiting messages). Taking in slows to parsing speed while the queue is
+        full; ZeroMQ's queues and the producers' own absorb that. A batch the outbox
+        fails to take (a bug) is counted as rejected, and the error raised for the
+        thread's supervisor to log."""
+        if not frames:
+            return
+        outbox = self.outbox
+        try:
+            while outbox.room < len(frames) and outbox.unparsed:
+                self.parse(PARSE_WHEN_IDLE)
+            if outbox.room >= len(frames):
+                dropped, oversized = outbox.accept(frames, producers)
+            else:
+                senders = producers or [None] * len(frames)
+                dropped, oversized = outbox.accept_parsed(frames, producers, [
+                    self._parse_one(data, producer)
+                    for data, producer in zip(frames, senders)]), []
+        except Exception as exc:  # a bug: the batch is counted, the thread says it
+            outbox.refuse(producers or [None] * len(frames),
+                          f"internal error while taking it in: {type(exc).__name__}")
+            raise
+        self._unreported_drops += dropped
+        for size, producer in oversized:
+            self.reject(envelope.too_large(size), b"", producer)
+
+    def refuse(self, producers: list[str]) -> None:
+        """Envelopes from producers whose keys were revoked (a connection admitted before
+        still sends): counted as rejected, and said."""
+        self.outbox.refuse(producers)
+        for name in producers:
+            self.reject("the producer's key is no longer allowed", b"", name)
+
+    def idle_timeout(self, parsed: bool) -> float | None:
+        """How long the thread that parses may wait for envelopes: not at all with some
+        to parse, a second while drops wait to be reported, else for ever."""
+        return 0 if not parsed else 1.0 if self._unreported_drops else None
+
+    def digest(self, busy: bool) -> None:
+        """Parse a few (the socket is busy) or more (it is not), report drops."""
+        if self.outbox.unparsed:
+            self.parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
+        self._report_drops()
+
+    def digest_all(self) -> None:
+        while self.outbox.unparsed:
+            self.parse(PARSE_WHEN_IDLE)
+        self._report_drops(final=True)
+
+    def parse(self, limit: int) -> None:
+        """Parse what the outbox lends and give every envelope back, parsed or rejected."""
+        lent = self.outbox.take_unparsed(limit)
+        results, accepted = [], []
+        try:
+            for data, producer in lent:
+                result = self._parse_one(data, producer)
+                results.append(result)
+                if not isinstance(result[0], str):
+                    accepted.append((result[0].webhook_id, len(data)))
+        finally:
+            results.extend(("internal error while parsing", None)
+                           for _ in lent[len(results):])
+            self.outbox.add_parsed(results)
+        for webhook_id, size in accepted:  # after the senders have the messages
+            suppressed = self._accept_log.allow()
+            if suppressed is not None:
+                log.debug("accepted webhook=%s bytes=%d%s", webhook_id, size,
+                          f" ({suppressed} accepted lines left out)" if suppressed else "")
+
+    def _parse_one(self, data: bytes, producer: str | None
+                   ) -> tuple[envelope.Message | str, bytes | None]:
+        """(message, dedupe key or None), or (rejection reason, None). An unexpected
+        exception is a bug in the parser: the envelope is rejected for it, and the first
+        of each kind is logged with its traceback."""
+        try:
+            message = envelope.parse(data, self._allowed_hosts)
+            return message, dedupe_key(message) if self._dedupe else None
+        except envelope.EnvelopeError as exc:
+            reason = exc.reason
+        except Exception as exc:
+            reason = f"internal error while parsing: {type(exc).__name__}"
+            if type(exc) not in self._parser_bugs:
+                self._parser_bugs.add(type(exc))
+                log.exception("envelope rejected for a bug in the parser (further %s "
+                              "errors are logged without a traceback); preview=%s",
+                              type(exc).__name__, preview(data))
+        self.reject(reason, data, producer)
+        return reason, None
+
+    def reject(self, reason: str, data: bytes, producer: str | None = None) -> None:
+        """Say why an envelope was refused (the outbox counts it)."""
+        suppressed = self._reject_log.allow()
+        if suppressed is not None:
+            webhook = envelope.own_webhook_id(data)
+            log.warning("rejected %s%sreason=%s preview=%s%s",
+                        f"producer={producer} " if producer else "",
+                        f"webhook={webhook} " if webhook else "", reason, preview(data),
+                        f" ({suppressed} rejection lines left out)" if suppressed else "")
+
+    def _report_drops(self, final: bool = False) -> None:
+        if self._unreported_drops and (final or self._drop_log.allow() is not None):
+            log.warning("dropped %d oldest messages: queue full (queue_max=%d)",
+                        self._unreported_drops, self._queue_max)
+            self._unreported_drops = 0
