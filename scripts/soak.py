@@ -89,7 +89,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import zmq
 
@@ -97,6 +96,9 @@ from notifier import metrics
 from notifier.client import build_envelope
 from notifier.demo import free_port
 from notifier.standin import DiscordStandIn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
+from scripts import soak_checks  # noqa: E402
 
 WEBHOOKS = ("1", "2", "3")
 SPELLINGS = ("plain", "plain", "v10", "v6", "thread", "v10 thread")
@@ -114,12 +116,7 @@ QUEUE_MAXES = (5000, 5000, 300, 30)
 TMPFS = "size=48m"
 START_SEC = 60  # a relay's first snapshot, a SIGTERM's exit, the producer's settling
 DRAIN_SEC = 120  # the end: everything held delivered
-TAG = re.compile(r"\bsoak-(\d+)\b")
 BALANCE = ("delivered", "drops", "rejected", "deduplicated", "failed", "lost", "pending")
-FAILED_LINE = re.compile(r" failed webhook=\S+ messages=(\d+) reason=(.*)$", re.M)
-REJECTED_LINE = re.compile(r" rejected (?:\w+=\S+ )*reason=(.*?) preview=.*?"
-                           r"(?: \((\d+) rejection lines left out\))?$", re.M)
-DROPPED_LINE = re.compile(r" dropped (\d+) oldest messages", re.M)
 
 # The relay's own process (issue 16): its log directory, signals from its first moments,
 # connections to /metrics that send nothing or half a request.
@@ -150,7 +147,6 @@ ANSWER_SETTINGS = {"SWIMMY_NOTIFIER_REQUEST_DEADLINE_SEC": f"{DEADLINE_SEC:g}", 
                    "SWIMMY_NOTIFIER_CHANNEL_PERIOD_SEC": "6"}
 CHANNEL = {"channel_limit": (30, 6.0), "channels": {"900": WEBHOOKS}}
 NEIGHBOUR_POSTS = 25  # another poster's share of the channel, posted at once
-BROKEN_ANSWERS = ("reset", "trickle")
 
 
 class SoakError(Exception):
@@ -482,74 +478,18 @@ class ProcessFaults:
         self.scrapers.finish()
 
 
-class Soak:
-    """The stand-in, the producer's sockets and the relay runs of a soak, and its check."""
+class Relays:
+    """The relay as a real process, run after run: its settings, its start, the signals
+    that end it, and what each run wrote (snapshots, log, standard error). Each run is
+    judged as it ends (exit code, time to stop, threads, balance), while its process is
+    still at hand."""
 
-    def __init__(self, home: Path, durable: bool, seed: int, out, storage: bool = False,
-                 process: bool = False):
-        self.home, self.durable, self.out = home, durable, out
-        home.mkdir(parents=True, exist_ok=True)
-        self.rng = random.Random(seed)
-        self.result = Result()
-        self.storage = (Storage(home, random.Random(seed + 2), self.result.storage, out)
-                        if storage else None)
-        self.faults = (ProcessFaults(home, random.Random(seed + 3), self.result.process)
-                       if process else None)
+    def __init__(self, home: Path, port: int, standin_port: int, result: Result, fail,
+                 storage: Storage | None = None, faults: ProcessFaults | None = None):
+        self.home, self.port, self.standin_port = home, port, standin_port
+        self.result, self.fail = result, fail
+        self.storage, self.faults = storage, faults
         self.thread_deaths: set[int] = set()  # runs seen with fewer senders than asked
-        self.damaged: set[int] = set()  # runs whose store was damaged after they ended
-        self.standin = DiscordStandIn(rate_limit=(5, 2.0), **CHANNEL).start()
-        self.refused_webhook = "http://127.0.0.1:1/api/webhooks/9/tok"  # port not allowed
-        self.port = free_port()
-        self.context = zmq.Context()
-        self.runs: list[Run] = []
-        self.refused: set[int] = set()
-        self.sent_to: dict[int, str] = {}  # tag -> the URL it was sent to
-        self.urls: dict[str, str] = {}  # webhook -> the URL the producer names it by now
-        self.url_rng = random.Random(seed + 3)  # apart: the other decisions stay as they were
-        self.next_tag = 0
-
-    # ------------------------------------------------------------------ producer
-
-    def new_run(self) -> Run:
-        sock = self.context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.SNDHWM, 0)  # no limit: a send never drops or blocks
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(f"tcp://127.0.0.1:{self.port}")
-        durable, queue_max = self.storage.settings() if self.storage else (self.durable, 5000)
-        self.runs.append(Run(len(self.runs) + 1, sock, durable, queue_max))
-        return self.runs[-1]
-
-    def send_burst(self, run: Run) -> None:
-        """1-30 tags; each webhook is named by one of its URLs for a few bursts (as a
-        producer names it for a purpose), then by another. (Messages are combined only
-        with those asking for the same URL: a URL changed at every burst would leave
-        little to combine, and the channel's hidden limit would outlast the drain.)"""
-        for hook in WEBHOOKS:
-            if hook not in self.urls or self.url_rng.random() < URL_CHANGE_SHARE:
-                self.urls[hook] = self.url(hook)
-        urls = self.urls
-        for _ in range(self.rng.randint(1, 30)):
-            tag = self.next_tag
-            self.next_tag += 1
-            if self.rng.random() < REFUSED_SHARE:
-                webhook = self.refused_webhook
-                self.refused.add(tag)
-            else:
-                webhook = urls[self.rng.choice(WEBHOOKS)]
-                self.sent_to[tag] = webhook
-            envelope = build_envelope(webhook, {"content": f"soak-{tag}"})
-            run.socket.send(envelope, zmq.NOBLOCK)
-            run.sent.append(tag)
-
-    def url(self, hook: str) -> str:
-        """One of the URLs of webhook `hook`, at random: one webhook whatever it says."""
-        how = self.url_rng.choice(SPELLINGS)
-        self.result.spellings[how] += 1
-        thread = 500 + self.url_rng.randrange(THREADS) if "thread" in how else None
-        version = int(how.split()[0][1:]) if how.startswith("v") else None
-        return self.standin.webhook_url(hook, thread=thread, version=version)
-
-    # ------------------------------------------------------------------ relay
 
     def snapshot(self, run: Run) -> dict | None:
         try:
@@ -570,7 +510,7 @@ class Soak:
         """The relay's settings; the metrics file is off the data directory, so it is
         written whatever the store goes through."""
         return {**os.environ, "SWIMMY_HOME": str(self.home), "SWIMMY_PORT_NOTIFIER": str(port),
-                "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{self.standin.port}",
+                "SWIMMY_NOTIFIER_ALLOWED_HOSTS": f"127.0.0.1:{self.standin_port}",
                 "SWIMMY_NOTIFIER_METRICS_INTERVAL_SEC": "0.1",
                 "SWIMMY_NOTIFIER_METRICS_FILE": str(self.home / "metrics.sexp"),
                 "SWIMMY_NOTIFIER_DRAIN_SEC": f"{RELAY_DRAIN_SEC:g}",
@@ -598,14 +538,9 @@ class Soak:
         return text
 
     def start(self, run: Run, early: bool = True) -> bool:
-        """Start the relay (the store perhaps damaged first, a signal perhaps sent in its
-        first 100 ms); False if an early SIGTERM ended it (a new run follows), SoakError if
-        it does not come up (nothing after could run)."""
-        if self.storage and len(self.runs) > 1 and self.storage.damage():
-            before = self.runs[-2]
-            self.damaged.add(before.number)
-            if before.last:
-                self.result.destroyed += before.last["pending"]
+        """Start the relay (a signal perhaps sent in its first 100 ms); False if an early
+        SIGTERM ended it (a new run follows), SoakError if it does not come up (nothing
+        after could run)."""
         log_path = self.log_path(run)
         signalled = self.faults.early() if self.faults and early else None
         stderr = self.home / f"relay-{run.number}.stderr" if self.faults else log_path
@@ -731,6 +666,87 @@ class Soak:
             self.result.hups_survived += 1
         return True
 
+
+class Soak:
+    """A soak's chaos: the stand-in, the producer's sockets, the relay's runs (`Relays`)
+    and the faults injected between them; its checks are `soak_checks`."""
+
+    def __init__(self, home: Path, durable: bool, seed: int, out, storage: bool = False,
+                 process: bool = False):
+        self.home, self.durable, self.out = home, durable, out
+        home.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(seed)
+        self.result = Result()
+        self.storage = (Storage(home, random.Random(seed + 2), self.result.storage, out)
+                        if storage else None)
+        self.faults = (ProcessFaults(home, random.Random(seed + 3), self.result.process)
+                       if process else None)
+        self.damaged: set[int] = set()  # runs whose store was damaged after they ended
+        self.standin = DiscordStandIn(rate_limit=(5, 2.0), **CHANNEL).start()
+        self.refused_webhook = "http://127.0.0.1:1/api/webhooks/9/tok"  # port not allowed
+        self.port = free_port()
+        self.relays = Relays(home, self.port, self.standin.port, self.result, self.fail,
+                             self.storage, self.faults)
+        self.context = zmq.Context()
+        self.runs: list[Run] = []
+        self.refused: set[int] = set()
+        self.sent_to: dict[int, str] = {}  # tag -> the URL it was sent to
+        self.urls: dict[str, str] = {}  # webhook -> the URL the producer names it by now
+        self.url_rng = random.Random(seed + 3)  # apart: the other decisions stay as they were
+        self.next_tag = 0
+
+    # ------------------------------------------------------------------ producer
+
+    def new_run(self) -> Run:
+        sock = self.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, 0)  # no limit: a send never drops or blocks
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{self.port}")
+        durable, queue_max = self.storage.settings() if self.storage else (self.durable, 5000)
+        self.runs.append(Run(len(self.runs) + 1, sock, durable, queue_max))
+        return self.runs[-1]
+
+    def send_burst(self, run: Run) -> None:
+        """1-30 tags; each webhook is named by one of its URLs for a few bursts (as a
+        producer names it for a purpose), then by another. (Messages are combined only
+        with those asking for the same URL: a URL changed at every burst would leave
+        little to combine, and the channel's hidden limit would outlast the drain.)"""
+        for hook in WEBHOOKS:
+            if hook not in self.urls or self.url_rng.random() < URL_CHANGE_SHARE:
+                self.urls[hook] = self.url(hook)
+        urls = self.urls
+        for _ in range(self.rng.randint(1, 30)):
+            tag = self.next_tag
+            self.next_tag += 1
+            if self.rng.random() < REFUSED_SHARE:
+                webhook = self.refused_webhook
+                self.refused.add(tag)
+            else:
+                webhook = urls[self.rng.choice(WEBHOOKS)]
+                self.sent_to[tag] = webhook
+            envelope = build_envelope(webhook, {"content": f"soak-{tag}"})
+            run.socket.send(envelope, zmq.NOBLOCK)
+            run.sent.append(tag)
+
+    def url(self, hook: str) -> str:
+        """One of the URLs of webhook `hook`, at random: one webhook whatever it says."""
+        how = self.url_rng.choice(SPELLINGS)
+        self.result.spellings[how] += 1
+        thread = 500 + self.url_rng.randrange(THREADS) if "thread" in how else None
+        version = int(how.split()[0][1:]) if how.startswith("v") else None
+        return self.standin.webhook_url(hook, thread=thread, version=version)
+
+    # ------------------------------------------------------------------ relay
+
+    def start(self, run: Run, early: bool = True) -> bool:
+        """Start the relay, the store perhaps damaged first (see `Relays.start`)."""
+        if self.storage and len(self.runs) > 1 and self.storage.damage():
+            before = self.runs[-2]
+            self.damaged.add(before.number)
+            if before.last:
+                self.result.destroyed += before.last["pending"]
+        return self.relays.start(run, early)
+
     def fail(self, text: str) -> None:
         self.result.failures.append(text)
         self.out(f"FAIL {text}")
@@ -753,7 +769,7 @@ class Soak:
                       f"{START_SEC} s")
 
     def backs(self, run: Run) -> int:
-        return self.read_log(run).count("store writable again")
+        return self.relays.read_log(run).count("store writable again")
 
     def second_relay(self, run: Run) -> None:
         """A second relay on the same data directory exits 2 within seconds and leaves
@@ -761,7 +777,7 @@ class Soak:
         self.result.storage["second relay"] += 1
         log = self.home / f"relay-{run.number}-second.log"
         second = subprocess.Popen([sys.executable, "-m", "notifier"],
-                                  env=self.env(run, free_port(), log),
+                                  env=self.relays.env(run, free_port(), log),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             code = second.wait(START_SEC)
@@ -770,7 +786,7 @@ class Soak:
             code = second.wait()
         if code != 2 or "is in use by relay pid" not in log.read_text(errors="replace"):
             self.fail(f"run {run.number}: a second relay on its store exited {code}")
-        if run.process.poll() is None and not wait(lambda: self.snapshot(run), START_SEC):
+        if run.process.poll() is None and not wait(lambda: self.relays.snapshot(run), START_SEC):
             self.fail(f"run {run.number}: its metrics are no longer its own after a second "
                       f"relay started")
 
@@ -800,7 +816,7 @@ class Soak:
                 self.send_burst(run)
             elif action == "pause":
                 time.sleep(self.rng.uniform(0, 0.5))
-            elif action == "SIGHUP" and self.hup(run):
+            elif action == "SIGHUP" and self.relays.hup(run):
                 pass
             elif action == "disk":
                 self.disk()
@@ -812,12 +828,12 @@ class Soak:
                 self.faults.toggle_log_directory()
             else:
                 if action in ("SIGKILL", "SIGTERM"):
-                    self.settle(run)
+                    self.relays.settle(run)
                 if action == "SIGKILL" and self.rng.random() < 0.5:
                     self.send_burst(run)  # killed while taking it in, or before
                     self.result.kills_in_transit += 1
                     time.sleep(self.rng.uniform(0, 0.05))
-                self.end(run, action)
+                self.relays.end(run, action)
                 run = self.new_run()
         return run
 
@@ -827,129 +843,38 @@ class Soak:
         if self.storage and self.storage.full:
             self.storage.toggle_disk()
         if run.process is not None:
-            self.settle(run)
-            self.end(run, "SIGTERM")
+            self.relays.settle(run)
+            self.relays.end(run, "SIGTERM")
             run = self.new_run()
         run.durable, run.queue_max = True, 5000
         self.start(run, early=False)
-        self.settle(run)
-        if not wait(lambda: (self.snapshot(run) or {}).get("pending") == 0, DRAIN_SEC, 0.1):
-            self.fail(f"not drained within {DRAIN_SEC} s: {self.snapshot(run)}")
-        self.end(run, "SIGTERM")
+        self.relays.settle(run)
+        if not wait(lambda: (self.relays.snapshot(run) or {}).get("pending") == 0, DRAIN_SEC, 0.1):
+            self.fail(f"not drained within {DRAIN_SEC} s: {self.relays.snapshot(run)}")
+        self.relays.end(run, "SIGTERM")
 
     def check(self) -> None:
-        result, runs = self.result, self.runs
-        arrived = Counter(int(tag) for message in self.standin.messages()
-                          for tag in TAG.findall(message.get("content") or ""))
-        taken, not_taken = set(), set()
-        for run in runs:
-            taken.update(run.sent[:run.taken])
-            not_taken.update(run.sent[run.taken:])
-            result.failed += max(run.last["failed"] if run.last else 0,
-                                 sum(int(n) for n, _ in FAILED_LINE.findall(run.log)))
-            result.drops += max(run.last["drops"] if run.last else 0,
-                                sum(int(n) for n in DROPPED_LINE.findall(run.log)))
-            rejected = REJECTED_LINE.findall(run.log)
-            result.rejected += max(run.last["rejected"] if run.last else 0,
-                                   sum(1 + int(n or 0) for _, n in rejected))
-            result.reasons.update(f"failed: {reason}"
-                                  for _, reason in FAILED_LINE.findall(run.log))
-            result.reasons.update(f"rejected: {reason}" for reason, _ in rejected)
-            if run.last:
-                result.in_flight += run.last["restored_in_flight"]
-                result.corrupt_records += run.last.get("store_skipped", 0)
-        if runs and runs[-1].last and runs[-1].last.get("store_state", "ok") != "ok":
-            self.fail(f"run {runs[-1].number}: store_state {runs[-1].last['store_state']} "
-                      "with the disk free")
-        for before, after in zip(runs, runs[1:]):
-            if (before.end == "SIGTERM" and before.last and after.last
-                    and before.number not in self.damaged
-                    and before.last.get("store_state", "ok") == "ok"
-                    and after.last["restored"] != before.last["saved"]):
-                self.fail(f"run {after.number} restored {after.last['restored']}, run "
-                          f"{before.number} saved {before.last['saved']} at its SIGTERM")
-        result.messages, result.refused_sent = self.next_tag, len(self.refused)
-        result.delivered = sum(1 for tag in arrived if tag not in self.refused)
-        result.duplicates = sum(count - 1 for count in arrived.values())
-        result.not_taken = len(not_taken - self.refused - set(arrived))
-        missing = len(taken - self.refused - set(arrived))
-        result.lost = (max(0, missing - result.failed - result.drops - result.lost_counted)
-                       + max(0, len(taken & self.refused) - result.rejected))
-        posted = self.refused & set(arrived)
-        if posted:
-            self.fail(f"{len(posted)} refused tags reached the stand-in, "
-                      f"e.g. soak-{min(posted)}")
-        if result.duplicates > result.in_flight:
-            self.fail(f"{result.duplicates} duplicates, only {result.in_flight} were in "
-                      f"flight at the kills")
-        allowed = result.kill_losses + result.destroyed + result.unseen_drops
-        if result.lost > allowed:
-            self.fail(f"{result.lost} tags the relay took were lost, beyond what "
-                      f"`lost` counted ({result.lost_counted}), the {result.kill_losses} "
-                      f"held at SIGKILLs without durable mode or a store, the "
-                      f"{result.destroyed} held by stores the soak damaged, and the "
-                      f"{result.unseen_drops} a killed run may have dropped after its last "
-                      f"snapshot")
+        """The ledger against the stand-in's record (`soak_checks.ledger`)."""
+        self.result.messages, self.result.refused_sent = self.next_tag, len(self.refused)
+        for failure in soak_checks.ledger(self.result, self.runs, self.standin, self.refused,
+                                          self.damaged):
+            self.fail(failure)
 
     def check_webhooks(self) -> None:
-        """Per webhook, whatever URLs named it: one request in flight at a time in each
-        run, the tags it saved first appear in the order they were sent, and each went
-        to the URL (path and thread) it asked for."""
-        for run in self.runs:
-            if run.started_at is None:
-                continue
-            until = run.ended_at if run.ended_at is not None else time.monotonic()
-            for hook in WEBHOOKS:
-                most = self.standin.most_in_flight(hook, run.started_at, until,
-                                                   DEADLINE_SEC - GIVEN_UP_SLACK_SEC)
-                self.result.most_in_flight = max(self.result.most_in_flight, most)
-                if most > 1:
-                    self.fail(f"run {run.number}: {most} requests to webhook {hook} in "
-                              "flight at once")
-        first: dict[str, list[int]] = {}
-        elsewhere = []
-        for record in sorted(self.standin.requests, key=lambda r: r.time):  # as they came
-            if 200 <= record.status < 300 and isinstance(record.json, dict):
-                for tag in map(int, TAG.findall(record.json.get("content") or "")):
-                    seen = first.setdefault(record.webhook_id, [])
-                    if tag not in seen:
-                        seen.append(tag)
-                    asked = urlsplit(self.sent_to.get(tag, ""))
-                    if (asked.path, asked.query) != (record.path, "&".join(
-                            f"{k}={v}" for k, v in record.query.items() if k != "wait")):
-                        elsewhere.append(tag)
-        if elsewhere:
-            self.fail(f"{len(elsewhere)} tags posted to another URL than they asked for, "
-                      f"e.g. soak-{min(elsewhere)}")
-        for hook, tags in first.items():
-            late = [(a, b) for a, b in zip(tags, tags[1:]) if b < a]
-            if late:
-                self.fail(f"webhook {hook}: {len(late)} tags saved before an older one, "
-                          f"e.g. soak-{late[0][1]} after soak-{late[0][0]}")
+        """Each webhook's requests, whatever URL named it (`soak_checks.webhooks`)."""
+        for failure in soak_checks.webhooks(self.result, self.runs, self.standin,
+                                            self.sent_to, WEBHOOKS,
+                                            DEADLINE_SEC - GIVEN_UP_SLACK_SEC,
+                                            time.monotonic()):
+            self.fail(failure)
 
     def check_answers(self) -> None:
-        """No run counted a ban (the stand-in never bans), and no tag saved under a
-        broken answer was posted again before a run ended."""
-        bans = sum(run.last["rate_limited_by_scope"]["ban"] for run in self.runs if run.last)
-        if bans:
-            self.fail(f"{bans} 429s counted as bans; the stand-in sent none")
-        ends = [run.ended_at for run in self.runs if run.ended_at is not None]
-        saved: dict[int, list] = {}
-        for record in self.standin.requests:
-            if 200 <= record.status < 300 and isinstance(record.json, dict):
-                for tag in TAG.findall(record.json.get("content") or ""):
-                    saved.setdefault(int(tag), []).append(record)
-        again = [tag for tag, records in saved.items()
-                 for first, later in zip(records, records[1:])
-                 if first.mode in BROKEN_ANSWERS
-                 and not any(first.time < end < later.time for end in ends)]
-        if again:
-            self.fail(f"{len(again)} tags saved under a broken answer were posted again by "
-                      f"the same run, e.g. soak-{min(again)}")
-        unconfirmed = sum(run.last.get("delivered_unconfirmed", 0) for run in self.runs
-                          if run.last)
-        self.out(f"broken 2xx answers counted delivered_unconfirmed: {unconfirmed}; "
-                 f"bans counted: {bans}")
+        """Discord's broken and odd answers read for what they mean
+        (`soak_checks.answers`)."""
+        failures, counted = soak_checks.answers(self.runs, self.standin)
+        for failure in failures:
+            self.fail(failure)
+        self.out(counted)
 
     def close(self) -> None:
         for run in self.runs:
@@ -962,7 +887,6 @@ class Soak:
             self.storage.close()
         if self.faults:
             self.faults.close()
-
 
 def run(seconds: float = 60, messages: int = 1_000_000, cycles: int | None = None,
         seed: int = 1, durable: bool = True, sighup: bool = False, storage: bool = False,
