@@ -29,7 +29,6 @@ one line per message, until Ctrl-C or SIGTERM.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import re
@@ -39,56 +38,15 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
+
+# What it answers is decided there; MODES, FRAMINGS and validate stay importable from here.
+from notifier.standin_policy import FRAMINGS, MODES, Answer, Limits, Modes, decide, validate  # noqa: F401
 
 _WEBHOOK_PATH = re.compile(r"^/api(?:/v\d+)?/webhooks/([^/]+)/([^/]+)$")  # no trailing slash: 404
 _DISCORD_EPOCH_MS = 1420070400000
 _CHANNEL_BASE = 1100000000000000000  # a webhook's own channel: this plus its id
-_BUCKET_HASH = hashlib.sha1(b"webhook execute").hexdigest()[:32]  # one for all, as on Discord
-_GLOBAL_WINDOW = 1.0
-_NOMINAL_LIMIT = (5, 2.0)  # Discord's usual webhook limit, shown by channel_429 when none is set
-
-# Mode name -> its parameters and their defaults.
-MODES = {
-    "ok": {},
-    "status": {"status": 500, "body": None},
-    "hang": {},
-    "trickle": {"interval": 0.5, "framing": "length"},
-    "reset": {},
-    "route_429": {"retry_after": 1.0, "reset_after": 0.5, "retry_after_header": 1},
-    "global_429": {"retry_after": 1.0},
-    "channel_429": {"retry_after": 40.0},
-    "html_429": {},
-}
-"""Answers a message is saved with but whose body does not come whole: "trickle" writes
-it a byte every `interval` seconds, framed by a Content-Length, as chunks ("chunked") or
-by closing the connection ("close", with ``Connection: close``; "none", with no header
-at all); "reset" writes the
-status line, the headers and half the body, then resets the connection. "route_429"
-answers a 429 of scope user with ``Retry-After`` and ``X-RateLimit-Reset-After``
-headers and a body whose ``retry_after`` is whatever is given (None leaves it out,
-NaN is written as ``NaN``)."""
-
-FRAMINGS = ("length", "chunked", "close", "none")
-
-_STATUS_BODIES = {
-    401: {"message": "Invalid Webhook Token", "code": 50027},
-    403: {"message": "Missing Access", "code": 50001},
-    404: {"message": "Unknown Webhook", "code": 10015},
-    502: "error code: 502",  # Cloudflare answers bad gateways in plain text
-}
-
-_RATE_LIMITED = "You are being rate limited."
-
-_CLOUDFLARE_BAN_PAGE = """<!DOCTYPE html>
-<html lang="en-US"><head><title>Access denied | discord.com used Cloudflare to restrict access</title></head>
-<body><div id="cf-wrapper"><h1>Error 1015</h1><h2>You are being rate limited</h2>
-<p>The owner of this website (discord.com) has banned you temporarily from accessing this website.</p>
-</div></body></html>
-"""
 
 
 @dataclass(frozen=True)
@@ -107,156 +65,6 @@ class RecordedRequest:
     response: object = None  # JSON (or text) body answered, None for 204
     mode: str = "ok"  # the scripted mode it was answered in
     answered: float = 0.0  # time.monotonic() just before its status line was written
-
-
-def validate(payload):
-    """Check a webhook message against Discord's limits; return Discord's "errors" tree, empty if valid.
-
-    Lengths are counted in code points, as Discord does.
-    """
-    if not isinstance(payload, dict):
-        return _errors("DICT_TYPE_CONVERT", "The body must be a JSON object.")
-    errors = {}
-    content, embeds = payload.get("content"), payload.get("embeds")
-    if content is not None and not isinstance(content, str):
-        errors["content"] = _errors("BASE_TYPE_STRING", "Must be a string.")
-    elif content is not None and len(content) > 2000:
-        errors["content"] = _too_long(2000, content)
-    if embeds is not None and not isinstance(embeds, list):
-        errors["embeds"] = _errors("BASE_TYPE_ARRAY", "Must be an array.")
-    elif embeds and len(embeds) > 10:
-        errors["embeds"] = _errors("BASE_TYPE_MAX_LENGTH", f"Must be 10 or fewer in length (got {len(embeds)}).")
-    elif embeds:
-        embed_errors, total = {}, 0
-        for i, embed in enumerate(embeds):
-            found, chars = _check_embed(embed)
-            total += chars
-            if found:
-                embed_errors[str(i)] = found
-        if total > 6000:
-            embed_errors.update(_errors("MAX_EMBED_SIZE_EXCEEDED", f"Embed size exceeds maximum size of 6000 (got {total})."))
-        if embed_errors:
-            errors["embeds"] = embed_errors
-    errors.update(_check_fields(payload))
-    if (not errors and not (isinstance(content, str) and content.strip()) and not embeds
-            and not payload.get("poll")):
-        errors["content"] = _errors("BASE_TYPE_REQUIRED", "Cannot send an empty message: give non-empty content or embeds.")
-    return errors
-
-
-def _check_fields(payload):
-    """Discord's errors for the fields of a webhook message besides content and embeds:
-    the webhook name's length (after trimming) and words, the URL of its avatar, the
-    thread's name, the flags a webhook may set, mentions, forum tags and polls."""
-    errors = {}
-
-    def text(path, value, low, high):
-        if not isinstance(value, str):
-            _put(errors, path, _errors("BASE_TYPE_STRING", "Must be a string."))
-        elif not low <= len(value.strip()) <= high:
-            _put(errors, path, _errors("BASE_TYPE_BAD_LENGTH", f"Must be between {low} and {high} in length."))
-
-    def snowflakes(path, value, most):
-        if not isinstance(value, list) or len(value) > most:
-            _put(errors, path, _errors("BASE_TYPE_MAX_LENGTH", f"Must be {most} or fewer in length."))
-        elif not all(re.fullmatch(r"\d{1,20}", str(item)) and not isinstance(item, bool) for item in value):
-            _put(errors, path, _errors("NUMBER_TYPE_COERCE", "Value is not snowflake."))
-
-    username, avatar = payload.get("username"), payload.get("avatar_url")
-    if username is not None:
-        text(("username",), username, 1, 80)
-        if isinstance(username, str) and any(word in username.lower() for word in ("clyde", "discord")):
-            _put(errors, ("username",), _errors("USERNAME_INVALID_CONTAINS", "Username cannot contain a word Discord reserves."))
-    if avatar is not None:
-        parts = urlsplit(avatar) if isinstance(avatar, str) and avatar.isprintable() and " " not in avatar else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            _put(errors, ("avatar_url",), _errors("URL_TYPE_INVALID_URL", "Not a well formed URL."))
-    if payload.get("thread_name") is not None:
-        text(("thread_name",), payload["thread_name"], 1, 100)
-    if payload.get("tts") is not None and not isinstance(payload["tts"], bool):
-        _put(errors, ("tts",), _errors("BASE_TYPE_BOOLEAN", "Must be either true or false."))
-    flags = payload.get("flags")
-    if flags is not None and (not isinstance(flags, int) or isinstance(flags, bool) or flags & ~(4 | 4096) or flags < 0):
-        _put(errors, ("flags",), _errors("MESSAGE_FLAGS_INVALID", "Invalid flags for a webhook message."))
-    if payload.get("applied_tags") is not None:
-        snowflakes(("applied_tags",), payload["applied_tags"], 5)
-    mentions = payload.get("allowed_mentions")
-    if isinstance(mentions, dict):
-        parse = mentions.get("parse") or []
-        if not isinstance(parse, list) or not set(parse) <= {"roles", "users", "everyone"}:
-            _put(errors, ("allowed_mentions", "parse"), _errors("BASE_TYPE_CHOICES", "Value must be one of ('roles', 'users', 'everyone')."))
-            parse = []
-        for kind in ("roles", "users"):
-            if mentions.get(kind) is not None:
-                snowflakes(("allowed_mentions", kind), mentions[kind], 100)
-                if mentions[kind] and kind in parse:
-                    _put(errors, ("allowed_mentions",), _errors("MESSAGE_ALLOWED_MENTIONS_PARSE_EXCLUSIVE", f"parse:[\"{kind}\"] and {kind}: [ids...] are mutually exclusive."))
-    elif mentions is not None:
-        _put(errors, ("allowed_mentions",), _errors("DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType"))
-    poll = payload.get("poll")
-    if isinstance(poll, dict):
-        question, answers = poll.get("question"), poll.get("answers")
-        text(("poll", "question", "text"), question.get("text") if isinstance(question, dict) else None, 1, 300)
-        if not isinstance(answers, list) or not 1 <= len(answers) <= 10:
-            _put(errors, ("poll", "answers"), _errors("BASE_TYPE_BAD_LENGTH", "Must be between 1 and 10 in length."))
-        else:
-            for i, answer in enumerate(answers):
-                media = answer.get("poll_media") if isinstance(answer, dict) else None
-                text(("poll", "answers", str(i), "poll_media", "text"), media.get("text") if isinstance(media, dict) else None, 1, 55)
-        duration = poll.get("duration")
-        if duration is not None and (not isinstance(duration, int) or isinstance(duration, bool) or not 1 <= duration <= 768):
-            _put(errors, ("poll", "duration"), _errors("NUMBER_TYPE_MAX", "int value should be between 1 and 768."))
-    elif poll is not None:
-        _put(errors, ("poll",), _errors("DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType"))
-    return errors
-
-
-def _check_embed(embed):
-    """Return (errors, characters counted towards the 6000 total) for one embed."""
-    if not isinstance(embed, dict):
-        return _errors("DICT_TYPE_CONVERT", "Each embed must be a JSON object."), 0
-    errors, total = {}, 0
-    checks = [(("title",), embed.get("title"), 256), (("description",), embed.get("description"), 4096)]
-    footer, author, fields = embed.get("footer"), embed.get("author"), embed.get("fields")
-    if isinstance(footer, dict):
-        checks.append((("footer", "text"), footer.get("text"), 2048))
-    if isinstance(author, dict):
-        checks.append((("author", "name"), author.get("name"), 256))
-    if isinstance(fields, list):
-        if len(fields) > 25:
-            errors["fields"] = _errors("BASE_TYPE_MAX_LENGTH", f"Must be 25 or fewer in length (got {len(fields)}).")
-        for i, field in enumerate(fields):
-            if isinstance(field, dict):
-                checks.append((("fields", str(i), "name"), field.get("name"), 256))
-                checks.append((("fields", str(i), "value"), field.get("value"), 1024))
-    for path, text, limit in checks:
-        if isinstance(text, str):
-            total += len(text)
-            if len(text) > limit:
-                _put(errors, path, _too_long(limit, text))
-    return errors, total
-
-
-def _put(tree, path, value):
-    """Nest an error the way Discord does: {"fields": {"3": {"value": ...}}}."""
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
-def _phrase(status):
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
-
-
-def _errors(code, message):
-    return {"_errors": [{"code": code, "message": message}]}
-
-
-def _too_long(limit, text):
-    return _errors("BASE_TYPE_MAX_LENGTH", f"Must be {limit} or fewer in length (got {len(text)}).")
 
 
 class _Server(ThreadingHTTPServer):
@@ -352,20 +160,15 @@ class DiscordStandIn:
     def __init__(self, host="127.0.0.1", port=0, *, rate_limit=None, global_limit=None,
                  channel_limit=None, channels=None, forums=(), on_request=None):
         self.host, self.port = host, port
-        self.rate_limit = (int(rate_limit[0]), float(rate_limit[1])) if rate_limit else None
-        self.global_limit = global_limit
-        self.channel_limit = (int(channel_limit[0]), float(channel_limit[1])) if channel_limit else None
         self.on_request = on_request
+        self._limits = Limits(rate_limit, global_limit, channel_limit)
+        self._modes = Modes()
         self._channel_of = {str(w): str(name) for name, ids in (channels or {}).items() for w in ids}
         self._forums = {str(w) for w in forums}
-        self._recent = []  # time.monotonic() of the requests of the last second
-        self._accepted = {}  # channel -> times of the messages accepted in its window
         self._threads = []  # (webhook id, thread id, name) of the threads created
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._records = []
-        self._modes = {}  # webhook id, or None for all -> [mode, params, times left or None]
-        self._windows = {}  # bucket key -> (window start, requests counted)
         self._release = threading.Event()
         self._hanging = 0
         self._active = 0
@@ -374,6 +177,10 @@ class DiscordStandIn:
         self._server = None
         self._thread = None
         self._stopping = False
+
+    rate_limit = property(lambda self: self._limits.rate_limit, doc="(count, seconds) per webhook, or None")
+    global_limit = property(lambda self: self._limits.global_limit, doc="requests per second in all, or None")
+    channel_limit = property(lambda self: self._limits.channel_limit, doc="(count, seconds) per channel, or None")
 
     # Life cycle
 
@@ -438,29 +245,14 @@ class DiscordStandIn:
         Setting None also drops per-webhook modes. With times=N the mode applies to
         the next N requests only, then the webhook answers "ok" again.
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-        unknown = set(params) - set(MODES[mode])
-        if unknown:
-            raise TypeError(f"mode {mode!r} takes no parameter(s) {', '.join(sorted(unknown))}")
-        if times is not None and times < 1:
-            raise ValueError("times must be at least 1")
-        if mode == "status" and not 200 <= params.get("status", 500) <= 599:
-            raise ValueError("status must be between 200 and 599")
-        if mode == "trickle" and params.get("framing", "length") not in FRAMINGS:
-            raise ValueError(f"framing must be one of {', '.join(FRAMINGS)}")
         with self._lock:
-            if webhook_id is None:
-                self._modes.clear()
-            else:
-                webhook_id = str(webhook_id)
-            self._modes[webhook_id] = [mode, {**MODES[mode], **params}, times]
+            self._modes.set(webhook_id, mode, times, params)
 
     def use_channel(self, channel, count):
         """Count `count` messages as posted into `channel` now by someone else (another
         poster, or this relay before a restart): they take part of its hidden limit."""
         with self._lock:
-            self._accepted.setdefault(str(channel), []).extend([time.monotonic()] * count)
+            self._limits.accept(str(channel), count)
 
     def release_hangs(self):
         """Let every request held by "hang" answer; later "hang" requests hang again."""
@@ -585,7 +377,7 @@ class DiscordStandIn:
         mode, params, hold = "ok", {}, None
         if method == "POST" and match:
             with self._cond:
-                mode, params = self._take_mode(webhook_id)
+                mode, params = self._modes.take(webhook_id)
                 if mode == "hang" and not self._stopping:
                     hold = self._release
                     self._hanging += 1
@@ -597,15 +389,20 @@ class DiscordStandIn:
                 self._cond.notify_all()
         with self._cond:
             if method != "POST":
-                status, out, response = 405, {}, {"message": "405: Method Not Allowed", "code": 0}
+                answer = Answer(405, {}, {"message": "405: Method Not Allowed", "code": 0})
             elif not match:
-                status, out, response = 404, {}, {"message": "404: Not Found", "code": 0}
+                answer = Answer(404, {}, {"message": "404: Not Found", "code": 0})
             else:
-                status, out, response = self._decide(webhook_id, payload, query, mode, params)
-            record = RecordedRequest(webhook_id, token, payload, status, received, headers, query,
-                                     method, url.path, response, mode, time.monotonic())
+                answer = decide(mode, params, self._limits, webhook_id=webhook_id, payload=payload, query=query,
+                                channel_of=self.channel_of, forum=webhook_id in self._forums,
+                                new_id=self._snowflake)
+                if answer.thread is not None:
+                    self._threads.append((webhook_id, *answer.thread))
+            record = RecordedRequest(webhook_id, token, payload, answer.status, received, headers, query,
+                                     method, url.path, answer.body, mode, time.monotonic())
             self._records.append(record)
             self._cond.notify_all()
+        out, response = dict(answer.headers), answer.body
         if response is None:
             data = b""
         elif isinstance(response, str):
@@ -616,149 +413,11 @@ class DiscordStandIn:
             out["Content-Type"] = "application/json"
         return record, out, data, mode, params
 
-    def _take_mode(self, webhook_id):
-        """The mode for this request, counting it against a times=N limit."""
-        key = webhook_id if webhook_id in self._modes else None
-        entry = self._modes.get(key)
-        if entry is None:
-            return "ok", {}
-        mode, params, times = entry
-        if times is not None:
-            if times <= 1:
-                del self._modes[key]
-            else:
-                entry[2] = times - 1
-        return mode, params
-
-    def _decide(self, webhook_id, payload, query, mode, params):
-        """(status, headers, response body) for a webhook POST in the given mode."""
-        if mode == "status":
-            status = params["status"]
-            body = params["body"]
-            if body is None:
-                body = _STATUS_BODIES.get(status, {"message": f"{status}: {_phrase(status)}", "code": 0})
-            return status, {}, None if status == 204 else body
-        if mode == "global_429":
-            retry = params["retry_after"]
-            headers = {"Retry-After": str(math.ceil(retry)), "X-RateLimit-Global": "true",
-                       "X-RateLimit-Scope": "global"}
-            return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": True}
-        if mode == "channel_429":
-            retry = params["retry_after"]
-            headers = self._count(webhook_id, consume=False)[1]
-            headers.update({"Retry-After": str(math.ceil(retry)), "X-RateLimit-Scope": "shared"})
-            return 429, headers, {"message": _RATE_LIMITED, "retry_after": retry, "global": False}
-        if mode == "route_429":
-            headers = {"Retry-After": str(params["retry_after_header"]),
-                       "X-RateLimit-Reset-After": str(params["reset_after"]),
-                       "X-RateLimit-Scope": "user"}
-            body = {"message": _RATE_LIMITED, "global": False}
-            if params["retry_after"] is not None:
-                body["retry_after"] = params["retry_after"]
-            return 429, headers, body
-        if mode == "html_429":
-            return 429, {"Content-Type": "text/html; charset=UTF-8"}, _CLOUDFLARE_BAN_PAGE
-        # "ok", "trickle", "reset", and "hang" once released: the global limit, then the webhook's, then the
-        # channel's, as Discord counts invalid requests too.
-        wait = self._global_wait()
-        if wait is not None:
-            headers = {"Retry-After": str(math.ceil(wait)), "X-RateLimit-Global": "true",
-                       "X-RateLimit-Scope": "global"}
-            return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(wait, 3), "global": True}
-        allowed, headers, reset_after = self._count(webhook_id, consume=True)
-        if not allowed:
-            headers.update({"Retry-After": str(math.ceil(reset_after)), "X-RateLimit-Scope": "user"})
-            return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(reset_after, 3), "global": False}
-        channel = self.channel_of(webhook_id)
-        wait = self._channel_wait(channel)
-        if wait is not None:
-            headers.update({"Retry-After": str(math.ceil(wait)), "X-RateLimit-Scope": "shared"})
-            return 429, headers, {"message": _RATE_LIMITED, "retry_after": round(wait, 3), "global": False}
-        errors = validate(payload)
-        if errors:
-            return 400, headers, {"code": 50035, "message": "Invalid Form Body", "errors": errors}
-        thread = query.get("thread_id")
-        if thread is None and webhook_id in self._forums:
-            if not isinstance(payload.get("thread_name"), str) or not payload["thread_name"].strip():
-                return 400, headers, {"code": 220001, "message": "Webhooks posted to forum channels "
-                                      "must have a thread_name or thread_id"}
-            thread = self._snowflake()
-            self._threads.append((webhook_id, thread, payload["thread_name"]))
-        self._accepted.setdefault(channel, []).append(time.monotonic())
-        if query.get("wait", "").lower() not in ("true", "1"):
-            return 204, headers, None
-        return 200, headers, self._message(webhook_id, payload, thread or channel)
-
-    def _global_wait(self):
-        """Seconds until a request is allowed by the global limit (this one counted when
-        it is), or None now."""
-        if self.global_limit is None:
-            return None
-        now = time.monotonic()
-        self._recent = [t for t in self._recent if t > now - _GLOBAL_WINDOW]
-        if len(self._recent) >= self.global_limit:
-            return self._recent[-self.global_limit] + _GLOBAL_WINDOW - now
-        self._recent.append(now)
-        return None
-
-    def _channel_wait(self, channel):
-        """Seconds until the channel's hidden limit takes another message, or None now."""
-        if self.channel_limit is None:
-            return None
-        count, window = self.channel_limit
-        now = time.monotonic()
-        accepted = self._accepted[channel] = [t for t in self._accepted.get(channel, ()) if t > now - window]
-        return accepted[-count] + window - now if len(accepted) >= count else None
-
-    def _count(self, webhook_id, consume):
-        """Count a request in its bucket's window: (allowed, X-RateLimit-* headers, seconds to reset).
-
-        With consume=False it only reports the window (used by channel_429, which
-        shows Remaining above 0 and falls back to Discord's usual 5 per 2 s).
-        """
-        if self.rate_limit is None and consume:
-            return True, {}, 0.0
-        limit, window = self.rate_limit or _NOMINAL_LIMIT
-        key = "webhook:" + webhook_id
-        now = time.monotonic()
-        start, used = self._windows.get(key, (now, 0))
-        if now >= start + window:
-            start, used = now, 0
-        allowed = used < limit
-        if consume:
-            used += 1 if allowed else 0
-            self._windows[key] = (start, used)
-        remaining = limit - used if consume else max(1, limit - used)
-        reset_after = max(0.0, start + window - now)
-        headers = {
-            "X-RateLimit-Limit": str(limit),
-            "X-RateLimit-Remaining": str(remaining),
-            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
-            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
-            "X-RateLimit-Bucket": _BUCKET_HASH,
-        }
-        return allowed, headers, reset_after
-
     def _snowflake(self):
         """An increasing snowflake id, as Discord makes for messages and threads."""
         snowflake = (int(time.time() * 1000) - _DISCORD_EPOCH_MS) << 22
         self._last_id = max(snowflake, self._last_id + 1)
         return str(self._last_id)
-
-    def _message(self, webhook_id, payload, channel):
-        """The message object Discord returns for ?wait=true."""
-        return {
-            "id": self._snowflake(),
-            "type": 0,
-            "channel_id": channel,
-            "webhook_id": webhook_id,
-            "author": {"id": webhook_id, "username": payload.get("username") or "Stand-in", "bot": True},
-            "content": payload.get("content") or "",
-            "embeds": payload.get("embeds") or [],
-            "attachments": [],
-            "tts": bool(payload.get("tts")),
-            "timestamp": datetime.now(timezone.utc).isoformat(),
-        }
 
 
 def _rate_limit_arg(text):
