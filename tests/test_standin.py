@@ -2,6 +2,7 @@
 
 import math
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -85,6 +86,19 @@ def test_unknown_path_and_method_are_refused_and_recorded(discord, http):
     assert r.status_code == 404
     assert discord.requests[0].webhook_id is None and discord.count_status(404) == 1
     assert http.get(discord.webhook_url(), timeout=DEADLINE).status_code == 405
+
+
+def test_a_webhook_id_of_other_digits_is_answered_not_a_crash(discord):
+    """A raw 0xB2 byte in the path reads as '\u00b2', a digit to str.isdigit but not to
+    int(): the stand-in still answers, as Discord would, and records it."""
+    body = b'{"content": "hi"}'
+    with socket.create_connection(("127.0.0.1", discord.port), timeout=DEADLINE) as conn:
+        conn.sendall(b"POST /api/webhooks/\xb2/tok?wait=true HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = conn.makefile("rb").readline()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert discord.wait_for(1, timeout=DEADLINE)
 
 
 def test_wait_for_counts_and_predicates(discord, http):
