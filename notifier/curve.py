@@ -31,7 +31,7 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from notifier.logs import CONTROL
+from notifier.redaction import CONTROL
 
 log = logging.getLogger("notifier.curve")
 

@@ -47,8 +47,8 @@ from typing import Iterator
 
 from notifier import files, sexp
 from notifier.envelope import MAX_ENVELOPE_BYTES, webhook_id
-from notifier.logs import CONTROL, Throttle
-from notifier.redaction import escape_controls
+from notifier.logs import Throttle
+from notifier.redaction import CONTROL, escape_controls
 
 log = logging.getLogger("notifier.deadletter")
 

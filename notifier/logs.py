@@ -19,7 +19,6 @@ import errno
 import json
 import logging
 import os
-import re
 import select
 import stat
 import sys
@@ -32,9 +31,6 @@ from notifier.redaction import escape_controls
 
 RETRY_SEC = 5.0
 """While the log file cannot be written, how often a line tries it again."""
-
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-"""Characters that would break a line, or could in a reader."""
 
 _CHUNK = 4096  # PIPE_BUF: a pipe that polls writable takes this much without blocking
 

@@ -39,7 +39,8 @@ _TOKEN_RUN = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_RUN},}}|[A-Za-z0-9_-]+(?={CUT})
 _CONTROLS = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029]
 _ESCAPES = {code: f"\\u{code:04x}" for code in _CONTROLS}
 _ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters that would break a line, or could in a reader."""
 _ESCAPES_BUT_NEWLINE = {code: text for code, text in _ESCAPES.items() if code != ord("\n")}
 _CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -61,5 +62,5 @@ def escape_controls(text: str, keep_newlines: bool = False) -> str:
     """`text` with every control character escaped (line feeds kept if asked: the lines
     of a traceback, the layout of indented JSON)."""
     pattern, table = ((_CONTROL_BUT_NEWLINE, _ESCAPES_BUT_NEWLINE) if keep_newlines
-                      else (_CONTROL, _ESCAPES))
+                      else (CONTROL, _ESCAPES))
     return text.translate(table) if pattern.search(text) else text
