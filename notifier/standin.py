@@ -289,7 +289,9 @@ class DiscordStandIn:
         webhook_id = str(webhook_id)
         if webhook_id in self._channel_of:
             return self._channel_of[webhook_id]
-        return str(_CHANNEL_BASE + int(webhook_id)) if webhook_id.isascii() and webhook_id.isdigit() else f"channel-{webhook_id}"
+        if webhook_id.isascii() and webhook_id.isdigit():
+            return str(_CHANNEL_BASE + int(webhook_id))
+        return f"channel-{webhook_id}"
 
     def most_in_flight(self, webhook_id, since=0.0, until=math.inf, deadline=math.inf):
         """The most requests to one webhook that were ever in flight at once, among those
