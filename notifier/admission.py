@@ -10,6 +10,8 @@ only itself.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from itertools import repeat
 
 from notifier import envelope, redaction
 from notifier.config import Config
@@ -22,6 +24,10 @@ log = logging.getLogger("notifier.relay")  # the names operators grep: "notifier
 PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
 PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
 PREVIEW_CHARS = 80
+VERDICTS_KEPT = 256
+"""Parse results remembered by the envelope's bytes: a producer sending the same
+envelope in a loop (a runaway alert, a broken frame) is parsed once, not at every copy."""
+VERDICT_BYTES = 4096  # only envelopes this small are remembered: at most 1 MiB in all
 
 
 def preview(data: bytes) -> str:
@@ -37,7 +43,7 @@ def preview(data: bytes) -> str:
 class Admission:
     """Takes envelopes into the outbox and parses them, for one thread at a time."""
 
-    def __init__(self, outbox: Outbox, settings: Config):
+    def __init__(self, outbox: Outbox, settings: Config, remember: int = VERDICTS_KEPT):
         self.outbox = outbox
         self._allowed_hosts = settings.allowed_hosts
         self._dedupe = settings.dedupe_window > 0
@@ -47,6 +53,10 @@ class Admission:
         self._drop_log = Throttle(burst=1)
         self._unreported_drops = 0
         self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
+        # What parsing gave for an envelope's bytes: parsing is a function of the bytes
+        # and the settings alone, so the same bytes give the same message or reason.
+        self._verdicts: dict[bytes, tuple[envelope.Message | str, bytes | None]] = {}
+        self._remember = remember  # how many (0: none, for tests to compare)
 
     def take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
         """Hold `frames` (each from its producer, with CURVE); count and say what the
@@ -62,6 +72,10 @@ class Admission:
             return
         outbox = self.outbox
         try:
+            if self._verdicts:
+                frames, producers = self._settle(frames, producers)
+                if not frames:
+                    return
             while outbox.room < len(frames) and outbox.unparsed:
                 self.parse(PARSE_WHEN_IDLE)
             if outbox.room >= len(frames):
@@ -78,6 +92,30 @@ class Admission:
         self._unreported_drops += dropped
         for size, producer in oversized:
             self.reject(envelope.too_large(size), b"", producer)
+
+    def _settle(self, frames: list[bytes], producers: list[str] | None
+                ) -> tuple[list[bytes], list[str] | None]:
+        """Envelopes parsed before (the same bytes) that would be rejected or suppressed
+        as duplicates are counted at once, alike ones together (`Outbox.settle`); the
+        others are returned."""
+        verdicts = self._verdicts
+        alike = Counter(zip(frames, producers or repeat(None)))
+        known = [(pair, verdict, count) for pair, count in alike.items()
+                 if (verdict := verdicts.get(pair[0])) is not None]
+        if not known:
+            return frames, producers
+        gone = set()
+        for ((data, producer), verdict, count), settled in zip(known, self.outbox.settle(
+                [(verdict, producer, count) for (_, producer), verdict, count in known])):
+            if settled:
+                gone.add((data, producer))
+                if isinstance(verdict[0], str):
+                    self.reject(verdict[0], data, producer, count)
+        if len(gone) == len(alike):
+            return [], producers and []
+        keep = [i for i, pair in enumerate(zip(frames, producers or repeat(None)))
+                if pair not in gone]
+        return [frames[i] for i in keep], producers and [producers[i] for i in keep]
 
     def refuse(self, producers: list[str]) -> None:
         """Envelopes from producers whose keys were revoked (a connection admitted before
@@ -124,27 +162,42 @@ class Admission:
 
     def _parse_one(self, data: bytes, producer: str | None
                    ) -> tuple[envelope.Message | str, bytes | None]:
-        """(message, dedupe key or None), or (rejection reason, None). An unexpected
-        exception is a bug in the parser: the envelope is rejected for it, and the first
-        of each kind is logged with its traceback."""
+        """(message, dedupe key or None), or (rejection reason, None), said in the log;
+        remembered for the same bytes (`VERDICTS_KEPT`)."""
+        verdict = self._verdicts.get(data)
+        if verdict is None:
+            verdict = self._parse_new(data)
+            verdicts = self._verdicts
+            if len(data) <= VERDICT_BYTES and self._remember:
+                if len(verdicts) >= self._remember:
+                    del verdicts[next(iter(verdicts))]  # the oldest remembered
+                verdicts[data] = verdict
+        if isinstance(verdict[0], str):
+            self.reject(verdict[0], data, producer)
+        return verdict
+
+    def _parse_new(self, data: bytes) -> tuple[envelope.Message | str, bytes | None]:
+        """`_parse_one` for bytes not seen lately. An unexpected exception is a bug in the
+        parser: the envelope is rejected for it, and the first of each kind is logged
+        with its traceback."""
         try:
             message = envelope.parse(data, self._allowed_hosts)
             return message, dedupe_key(message) if self._dedupe else None
         except envelope.EnvelopeError as exc:
-            reason = exc.reason
+            return exc.reason, None
         except Exception as exc:
-            reason = f"internal error while parsing: {type(exc).__name__}"
             if type(exc) not in self._parser_bugs:
                 self._parser_bugs.add(type(exc))
                 log.exception("envelope rejected for a bug in the parser (further %s "
                               "errors are logged without a traceback); preview=%s",
                               type(exc).__name__, preview(data))
-        self.reject(reason, data, producer)
-        return reason, None
+            return f"internal error while parsing: {type(exc).__name__}", None
 
-    def reject(self, reason: str, data: bytes, producer: str | None = None) -> None:
-        """Say why an envelope was refused (the outbox counts it)."""
-        suppressed = self._reject_log.allow()
+    def reject(self, reason: str, data: bytes, producer: str | None = None,
+               count: int = 1) -> None:
+        """Say why an envelope was refused, or `count` alike ones (the outbox counts
+        them)."""
+        suppressed = self._reject_log.allow(count)
         if suppressed is not None:
             webhook = envelope.own_webhook_id(data)
             log.warning("rejected %s%sreason=%s preview=%s%s",

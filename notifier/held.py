@@ -171,14 +171,18 @@ class Dedupe:
     def seen(self, key: bytes, now: float) -> bool:
         """Whether an identical payload went to the same webhook within the window (and
         remember this one)."""
+        if self.recent(key, now):
+            return True
+        self._seen[key] = now
+        return False
+
+    def recent(self, key: bytes, now: float) -> bool:
+        """`seen` without remembering this one."""
         seen = self._seen
         horizon = now - self.window
         while seen and (next(iter(seen.values())) < horizon or len(seen) >= DEDUPE_MAX_ENTRIES):
             seen.popitem(last=False)
-        if key in seen:
-            return True
-        seen[key] = now
-        return False
+        return key in seen
 
     def forget(self, held: Held) -> None:
         """A lost message no longer counts as seen: the producer's resend must go out."""

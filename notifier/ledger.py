@@ -97,9 +97,9 @@ class Ledger:
         self.counts["restored"] += count
         self.counts["restored_in_flight"] += in_flight
 
-    def rejected(self, producer: str | None, reason: str) -> None:
-        self.counts["rejected"] += 1
-        self.charge(producer, "rejected")
+    def rejected(self, producer: str | None, reason: str, count: int = 1) -> None:
+        self.counts["rejected"] += count
+        self.charge(producer, "rejected", count)
         self.last_rejected_at, self.last_rejected_reason = self._wall(), reason
 
     def note_loss(self, account: Account, dropped: int = 0, failed: int = 0,

@@ -306,13 +306,14 @@ class Throttle:
         self._used = 0
         self._suppressed = 0
 
-    def allow(self) -> int | None:
+    def allow(self, events: int = 1) -> int | None:
+        """`events` alike at once get one line at most: the others are left out."""
         now = self._clock()
         if now - self._window_start >= self._interval:
             self._window_start, self._used = now, 0
         if self._used >= self._burst:
-            self._suppressed += 1
+            self._suppressed += events
             return None
         self._used += 1
-        suppressed, self._suppressed = self._suppressed, 0
+        suppressed, self._suppressed = self._suppressed, events - 1
         return suppressed

@@ -176,6 +176,38 @@ class Outbox:
             self._changed.notify_all()
             return len(dropped) + cut
 
+    def settle(self, known: list[tuple[tuple[Message | str, bytes | None], str | None, int]]
+               ) -> list[bool]:
+        """Count at once, never holding nor storing them, envelopes whose parse is known
+        (their bytes were parsed before, `Admission`: each entry a verdict, the producer
+        and how many such envelopes came) when parsing would leave them unheld: rejected,
+        or duplicates of a message sent to a webhook not in quarantine within the window.
+        Says which entries it counted; the others are for `accept`. (Without this, a
+        producer resending one envelope in a loop is parsed at every copy once the queue
+        is full.)"""
+        now, settled = self._monotonic(), []
+        with self._locked():
+            for (result, key), producer, count in known:
+                if isinstance(result, str):
+                    self._ledger.rejected(producer, result, count)
+                elif key is not None and self._duplicate(result, key, now):
+                    self._ledger.counts["deduplicated"] += count
+                    self._log_duplicate(result.webhook_id, count)
+                else:
+                    settled.append(False)
+                    continue
+                self._ledger.received(count)
+                self._ledger.charge(producer, "received", count)
+                settled.append(True)
+        return settled
+
+    def _duplicate(self, message: Message, key: bytes, now: float) -> bool:
+        """Whether `_place` would suppress `message` as a duplicate (not failed first)."""
+        lane = self._lanes.get(message.key)
+        return not (lane is not None and lane.dead_reason is not None
+                    and self._limits.quarantined(lane.key, now)) \
+            and self._dedupe.recent(key, now)
+
     def refuse(self, producers: list[str | None],
                reason: str = "the producer's key is no longer allowed") -> None:
         """Count envelopes refused as they arrived, never held: from a producer whose key
@@ -279,15 +311,15 @@ class Outbox:
             self._ledger.counts["deduplicated"] += 1
             holding.release(1)
             finished.append(raw)
-            self._log_duplicate(lane)
+            self._log_duplicate(lane.id)
             return None
         return lane, holding.parsed(message, key, raw)
 
-    def _log_duplicate(self, lane: Lane) -> None:
+    def _log_duplicate(self, webhook_id: str, count: int = 1) -> None:
         """A suppressed duplicate is said, not silent: the producer's send succeeded."""
-        suppressed = self._dedupe_log.allow()
+        suppressed = self._dedupe_log.allow(count)
         if suppressed is not None:
-            self._say(logging.INFO, "duplicate suppressed webhook=%s window_s=%g%s", lane.id,
+            self._say(logging.INFO, "duplicate suppressed webhook=%s window_s=%g%s", webhook_id,
                       self.dedupe_window,
                       f" ({suppressed} duplicate lines left out)" if suppressed else "")
 

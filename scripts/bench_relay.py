@@ -6,8 +6,12 @@
 2. idle CPU: CPU seconds the relay uses in 30 s with nothing to do;
 3. absorb rate: envelopes per second the relay takes off the socket while Discord is
    down (the webhook's port refuses connections), for a flood of 1,000,000 envelopes,
-   and the same producer against a bare pyzmq PULL loop in the same run, for the ratio;
-4. memory: the relay's RSS growth (peak minus before) during that flood.
+   and the same producer against a bare pyzmq PULL loop in the same run, for the ratio.
+   Three floods: one envelope sent over and over (a runaway loop: all but the first are
+   duplicates); distinct envelopes (a counter in each) with the default queue_max, so
+   the queue is full and each is parsed before anything is dropped; and distinct
+   envelopes with room for them all (queue_max above the flood: taken in unparsed);
+4. memory: the relay's RSS growth (peak minus before) during each flood.
 
 5. restore: how long a start takes to read a store holding 100,000 messages and hand
    them to the outbox (what the relay does before it binds), in this process.
@@ -159,10 +163,18 @@ JUNK = [b"not an envelope", b'{"type": "NOTIFIER"}', b'((type . "NOTIFIER") (web
 """Frames a broken producer sends: not an envelope, fields missing, cut off, refused."""
 
 
-def produce(endpoint: str, count: int, data: bytes, keys: tuple | None, junk: int = 0) -> None:
+COUNTER = b"151.234"
+"""In the benchmark's envelope: replaced by a counter of as many digits for distinct ones."""
+
+
+def produce(endpoint: str, count: int, data: bytes, keys: tuple | None, junk: int = 0,
+            distinct: bool = False) -> None:
     """The producer: as fast as pyzmq sends, blocking when the socket's queue is full,
     so that every envelope reaches the receiver and the receiver sets the pace. `junk`
-    frames are spread evenly among the `count` envelopes."""
+    frames are spread evenly among the `count` envelopes; `distinct`: each envelope
+    differs (made before the first is sent)."""
+    frames = [data.replace(COUNTER, b"%07d" % i) for i in range(count)] if distinct \
+        else [data] * count
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 10_000)
@@ -171,8 +183,8 @@ def produce(endpoint: str, count: int, data: bytes, keys: tuple | None, junk: in
     push.connect(endpoint)
     send = push.send
     every = count // junk if junk else count + 1
-    for i in range(count):
-        send(data)
+    for i, frame in enumerate(frames):
+        send(frame)
         if i % every == every - 1 and i // every < junk:
             send(JUNK[i // every % len(JUNK)])
     push.close(linger=-1)
@@ -204,11 +216,12 @@ def raw_pull_rate(count: int, data: bytes, keys: Keys | None) -> float:
 
 
 def flood(count: int, data_for, keys: Keys | None, settings: dict, *, junk: int = 0,
-          during=None, cwd: Path | None = None) -> tuple[float, float, float]:
+          during=None, cwd: Path | None = None, distinct: bool = False
+          ) -> tuple[float, float, float]:
     """Absorb rate (envelopes/s, junk frames included), RSS growth (MiB) and CPU per
     envelope (µs) of the relay while Discord is down. `junk` frames are spread among
     the envelopes; `during(relay)` runs beside the producer (another producer); `cwd`
-    runs another checkout's relay."""
+    runs another checkout's relay; `distinct` envelopes, else one sent over and over."""
     down = free_port()  # nothing listens there: every request is refused
     total = count + junk
     with tempfile.TemporaryDirectory() as home:
@@ -218,7 +231,7 @@ def flood(count: int, data_for, keys: Keys | None, settings: dict, *, junk: int 
         data = data_for(f"http://127.0.0.1:{down}/api/webhooks/1/made-up-token")
         rss_before = relay.memory_kib("VmRSS")
         producer = multiprocessing.Process(target=produce, args=(
-            relay.endpoint, count, data, keys.socket if keys else None, junk))
+            relay.endpoint, count, data, keys.socket if keys else None, junk, distinct))
         producer.start()
         beside = threading.Thread(target=during, args=(relay,)) if during else None
         if beside:
@@ -395,19 +408,26 @@ def main() -> None:
             cpu = idle_cpu(args.idle_seconds, settings)
             print(f"idle CPU:             {cpu:.3f} s in {args.idle_seconds:g} s", flush=True)
             raw = raw_pull_rate(args.messages, data, with_keys)
-            absorbed[label], growth, cpu, _ = flood(args.messages, data_for, with_keys, settings)
-            print(f"absorb, Discord down: {absorbed[label]:,.0f} envelopes/s  "
-                  f"(bare pyzmq PULL loop: {raw:,.0f}/s; ratio {absorbed[label] / raw:.2f}), "
-                  f"{len(data)}-byte envelopes, {args.messages:,} pushed", flush=True)
-            print(f"relay CPU in flood:   {cpu:.2f} µs per envelope (all its threads)",
-                  flush=True)
-            print(f"RSS growth in flood:  {growth:.1f} MiB (peak minus before)", flush=True)
+            print(f"bare pyzmq PULL loop: {raw:,.0f}/s, {len(data)}-byte envelopes, "
+                  f"{args.messages:,} pushed", flush=True)
+            room = {**settings, "SWIMMY_NOTIFIER_QUEUE_MAX": str(args.messages + 1000)}
+            for kind, how, distinct in (("one envelope over and over", settings, False),
+                                        ("distinct, queue full", settings, True),
+                                        ("distinct, room for all", room, True)):
+                rate, growth, cpu, _ = flood(args.messages, data_for, with_keys, how,
+                                             distinct=distinct)
+                absorbed.setdefault(kind, {})[label] = rate
+                print(f"absorb, {kind}: {rate:,.0f}/s (ratio to the bare loop "
+                      f"{rate / raw:.2f}); relay CPU {cpu:.2f} µs per envelope (all its "
+                      f"threads); RSS growth {growth:.1f} MiB (peak minus before)",
+                      flush=True)
         if args.hostile:
             hostile(args.messages, data, data_for, durable, args.baseline)
-    for label in absorbed.keys() - {"memory"}:
-        if "memory" in absorbed:
-            print(f"absorb {label} / memory: {absorbed[label] / absorbed['memory']:.2f}",
-                  flush=True)
+    for kind, rates in absorbed.items():
+        for label in rates.keys() - {"memory"}:
+            if "memory" in rates:
+                print(f"absorb {kind}, {label} / memory: "
+                      f"{rates[label] / rates['memory']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
