@@ -23,6 +23,12 @@ log = logging.getLogger("notifier.relay")  # the names operators grep: "notifier
 
 PARSE_WHEN_IDLE = 64  # envelopes parsed per turn when the socket is empty
 PARSE_WHEN_BUSY = 2  # ... and when it is not, so delivery still makes progress
+FLOOD_BATCH = 64
+"""A batch this large says a flood is on: parsing (which takes the GIL from the
+receiver) waits `FLOOD_PAUSE` for the next batch before it parses more than a few, so a
+flood is taken off the socket first and parsed once it ends. A lone message is parsed at
+once: idle latency does not move."""
+FLOOD_PAUSE = 0.002
 PREVIEW_CHARS = 80
 VERDICTS_KEPT = 256
 """Parse results remembered by the envelope's bytes: a producer sending the same
@@ -52,6 +58,7 @@ class Admission:
         self._reject_log = Throttle(burst=20)
         self._drop_log = Throttle(burst=1)
         self._unreported_drops = 0
+        self._flood = False  # the last batch was FLOOD_BATCH or more
         self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
         # What parsing gave for an envelope's bytes: parsing is a function of the bytes
         # and the settings alone, so the same bytes give the same message or reason.
@@ -99,6 +106,8 @@ class Admission:
         as duplicates are counted at once, alike ones together (`Outbox.settle`); the
         others are returned."""
         verdicts = self._verdicts
+        if not any(map(verdicts.__contains__, frames)):  # (distinct envelopes' speed)
+            return frames, producers
         alike = Counter(zip(frames, producers or repeat(None)))
         known = [(pair, verdict, count) for pair, count in alike.items()
                  if (verdict := verdicts.get(pair[0])) is not None]
@@ -126,13 +135,18 @@ class Admission:
 
     def idle_timeout(self, parsed: bool) -> float | None:
         """How long the thread that parses may wait for envelopes: not at all with some
-        to parse, a second while drops wait to be reported, else for ever."""
-        return 0 if not parsed else 1.0 if self._unreported_drops else None
+        to parse (a moment during a flood), a second while drops wait to be reported,
+        else for ever."""
+        if not parsed:
+            return FLOOD_PAUSE if self._flood else 0
+        return 1.0 if self._unreported_drops else None
 
-    def digest(self, busy: bool) -> None:
-        """Parse a few (the socket is busy) or more (it is not), report drops."""
+    def digest(self, busy: bool, taken: int) -> None:
+        """After a batch of `taken` envelopes: parse a few (the socket is busy, or a
+        flood is on) or more (it is idle), report drops."""
+        self._flood = taken >= FLOOD_BATCH
         if self.outbox.unparsed:
-            self.parse(PARSE_WHEN_BUSY if busy else PARSE_WHEN_IDLE)
+            self.parse(PARSE_WHEN_BUSY if busy or self._flood else PARSE_WHEN_IDLE)
         self._report_drops()
 
     def digest_all(self) -> None:

@@ -106,7 +106,7 @@ class IntakeWorker:
             admission.digest_all()
             return False
         admission.take_in(*batch)
-        admission.digest(intake.busy)
+        admission.digest(intake.busy, len(batch[0]))
         return True
 
     def close(self) -> None:

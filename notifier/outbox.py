@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from itertools import repeat
 from typing import Callable, Iterator
 
 from notifier.answers import MAX_AGE_SEC, Answers
@@ -121,12 +122,17 @@ class Outbox:
         each from the producer at the same index of `producers` (with CURVE). Returns the
         messages dropped to stay within the bound and (size, producer) of the envelopes
         rejected for their size."""
-        now = self._monotonic()
-        senders = producers or [None] * len(envelopes)
-        raws = [Raw(data, now, producer=producer) for data, producer in zip(envelopes, senders)
-                if len(data) <= MAX_ENVELOPE_BYTES]
-        oversized = [(len(data), producer) for data, producer in zip(envelopes, senders)
-                     if len(data) > MAX_ENVELOPE_BYTES] if len(raws) < len(envelopes) else []
+        now, senders = self._monotonic(), producers or repeat(None)
+        if max(map(len, envelopes), default=0) <= MAX_ENVELOPE_BYTES:  # (a flood's speed)
+            raws = list(map(Raw, envelopes, repeat(now), repeat(None), repeat(0), repeat(0),
+                            senders))
+            oversized = []
+        else:
+            raws = [Raw(data, now, producer=producer)
+                    for data, producer in zip(envelopes, senders)
+                    if len(data) <= MAX_ENVELOPE_BYTES]
+            oversized = [(len(data), producer) for data, producer in zip(envelopes, senders)
+                         if len(data) > MAX_ENVELOPE_BYTES]
         if self._durable and raws:
             self._store.add(raws, self._wall())
         with self._locked():

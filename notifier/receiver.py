@@ -78,6 +78,7 @@ class Receiver:
         self._receive_batch = self._receive_curve_batch if clients else self._receive_plain
         self._refusal_log = Throttle(burst=10, interval=60.0)
         self._oversized_log = Throttle(burst=10, interval=60.0)
+        self._full = False  # the last batch was full: the socket may hold more
 
     def loop(self) -> bool:
         try:
@@ -89,20 +90,24 @@ class Receiver:
     def _turn(self) -> bool:
         admission, inline = self._admission, self._intake is None
         # Inline, never sleep with envelopes to parse, and wake once a second while drops
-        # wait to be reported; otherwise block until something comes.
-        timeout = admission.idle_timeout(not admission.outbox.unparsed) if inline else None
+        # wait to be reported; otherwise block until something comes, once the intake
+        # thread knows the socket is empty (it parses only then: after a full batch, an
+        # empty one tells it).
+        timeout = admission.idle_timeout(not admission.outbox.unparsed) if inline \
+            else 0 if self._full else None
         events = dict(self._poller.poll(None if timeout is None else timeout * 1000))
         if self._woken in events:
-            while self._receive_batch():  # what already arrived is taken too
+            while self._receive_batch() == RECEIVE_BATCH:  # what already arrived too
                 pass
             if inline:
                 admission.digest_all()
             return False
         if self.door.socket in events:
             self._read_door()
-        busy = self._receive_batch()
+        taken = self._receive_batch()
+        self._full = taken == RECEIVE_BATCH
         if inline:
-            admission.digest(busy)
+            admission.digest(taken == RECEIVE_BATCH, taken)
         return True
 
     def wake(self) -> None:
@@ -121,8 +126,8 @@ class Receiver:
         self._pull.close()
         self._woken.close()
 
-    def _receive_plain(self) -> bool:
-        """Take up to RECEIVE_BATCH envelopes; True if more may be waiting."""
+    def _receive_plain(self) -> int:
+        """Take up to RECEIVE_BATCH envelopes; how many (all: more may be waiting)."""
         frames: list[bytes] = []
         receive, append = self._pull.recv, frames.append
         try:
@@ -130,11 +135,10 @@ class Receiver:
                 append(receive(zmq.NOBLOCK))
         except zmq.Again:
             pass
-        full = len(frames) == RECEIVE_BATCH
-        self._hand_over(frames, None, full)
-        return full
+        self._hand_over(frames, None, len(frames) == RECEIVE_BATCH)
+        return len(frames)
 
-    def _receive_curve_batch(self) -> bool:
+    def _receive_curve_batch(self) -> int:
         """`_receive_plain` on a CURVE socket: each frame's ZAP User-Id (its client's
         key) names its producer, and what a connection admitted before its key was
         revoked still sends is refused. (A Frame costs about 1.4 µs more than plain bytes
@@ -157,9 +161,9 @@ class Receiver:
             pass
         if refused:
             self._admission.refuse(refused)
-        full = len(frames) + len(refused) == RECEIVE_BATCH
-        self._hand_over(frames, producers, full)
-        return full
+        taken = len(frames) + len(refused)
+        self._hand_over(frames, producers, taken == RECEIVE_BATCH)
+        return taken
 
     def _hand_over(self, frames: list[bytes], producers: list[str] | None, full: bool) -> None:
         """To the intake thread (an empty batch: the socket is empty, parse ahead), or

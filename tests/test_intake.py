@@ -58,3 +58,41 @@ def test_a_waiting_take_wakes_for_a_batch_or_the_close():
     intake.close()
     wait_until(lambda: len(taken) == 2, 10, what="the close")
     assert taken[1] is None
+
+
+def test_after_a_full_batch_the_receiver_says_when_the_socket_is_empty(tmp_path):
+    """The intake thread parses only once the socket is empty, and waits for the receiver
+    to say so after a full batch. A flood that ended on exactly a full batch left the
+    receiver blocked on the socket and the intake waiting: nothing parsed, nothing sent,
+    until the next envelope came."""
+    import zmq
+
+    from notifier import config
+    from notifier.admission import Admission
+    from notifier.outbox import Outbox
+    from notifier.receiver import RECEIVE_BATCH, Receiver
+
+    context = zmq.Context()
+    pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    pull.bind("inproc://relay")
+    push.connect("inproc://relay")
+    for i in range(RECEIVE_BATCH):  # in the socket at once (inproc)
+        push.send(b"envelope %d" % i)
+    outbox = Outbox(10_000, 0.0)
+    intake = Intake()
+    receiver = Receiver(context, pull, None, Admission(outbox, config.load({})), intake)
+    try:
+        assert receiver.loop()
+        assert intake.more  # a full batch: the socket may hold more
+        turn = threading.Thread(target=receiver.loop)
+        turn.start()
+        turn.join(10)
+        assert not turn.is_alive(), "the receiver blocked without saying the socket is empty"
+        assert not intake.more  # said: the intake parses now
+        assert intake.take(0)[0] == [b"envelope %d" % i for i in range(RECEIVE_BATCH)]
+    finally:
+        receiver.wake()
+        turn.join(10)
+        receiver.close()
+        push.close(linger=0)
+        context.term()

@@ -120,7 +120,7 @@ def test_a_runaway_producer_is_parsed_once_and_its_copies_counted_at_once(monkey
                         lambda self, data: parsed.append(data) or real(self, data))
     for _ in range(10):
         intake.admission.take_in([envelope(1, "loop")] * 500 + [JUNK[0]] * 500, None)
-        intake.admission.digest(busy=True)
+        intake.admission.digest(busy=True, taken=1000)
     snapshot = intake.settled()
     assert (snapshot["received"], snapshot["pending"], snapshot["deduplicated"],
             snapshot["rejected"], snapshot["drops"]) == (10_000, 1, 4_999, 5_000, 0)
