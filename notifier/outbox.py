@@ -374,7 +374,7 @@ class Outbox:
             snapshot = self._ledger.snapshot()
             held = self._holding.count
             snapshot.update(pending=held, queue_len=held, queue_max=self.queue_max,
-                            unparsed=len(self._holding.raw),
+                            unparsed=len(self._holding.raw) + len(self._holding.lent),
                             invalid_requests_10m=self._limits.invalid_count(now),
                             webhooks=self._lanes.report(now))
         return snapshot

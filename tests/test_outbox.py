@@ -734,3 +734,14 @@ def test_losses_kept_per_url_by_an_earlier_version_are_one_notice_per_webhook():
     job = outbox.next_job()  # a forum's notice makes a thread of its own
     assert job.webhook == HOOKS[1] and job.payload["thread_name"] == LOSS_THREAD_NAME
     assert "3 dropped" in job.payload["content"] and "1 failed" in job.payload["content"]
+
+
+def test_envelopes_being_parsed_still_count_as_unparsed():
+    """The snapshot said 0 unparsed while a chunk was being parsed, so a reader waiting
+    for `unparsed == 0` saw webhooks whose messages were not in any lane yet."""
+    outbox = Outbox(10, 0.0)
+    outbox.accept([b"a", b"b", b"c"])
+    assert [data for data, _ in outbox.take_unparsed(2)] == [b"a", b"b"]
+    assert outbox.snapshot()["unparsed"] == 3
+    outbox.add_parsed([("junk", None), ("junk", None)])
+    assert outbox.snapshot()["unparsed"] == 1
