@@ -28,6 +28,7 @@ from itertools import repeat
 from typing import Callable, Iterator
 
 from notifier.answers import MAX_AGE_SEC, Answers
+from notifier.arrivals import Arrivals, Verdict
 from notifier.deadletter import DeadLetters, Letter
 from notifier.discord import Outcome
 from notifier.envelope import MAX_ENVELOPE_BYTES, Message, own_webhook_id, too_large
@@ -35,7 +36,6 @@ from notifier.held import Dedupe, Holding, Raw
 from notifier.lanes import Job, Lane, Lanes
 from notifier.ledger import Ledger
 from notifier.limits import Limits
-from notifier.logs import Throttle
 from notifier.store import Contents, Holdings, NoStore
 
 log = logging.getLogger("notifier.outbox")
@@ -96,9 +96,10 @@ class Outbox:
         self._answers = Answers(self._holding, self._dedupe, self._lanes, self._ledger,
                                 self._store, self._limits, self._deferred, max_age,
                                 monotonic, wall)
+        self._arrivals = Arrivals(self._holding, self._dedupe, self._lanes, self._ledger,
+                                  self._limits, self._answers, self._say, dedupe_window)
         self._closed = False  # no more jobs handed out
         self._written_off = False  # the final count is made: answers no longer change it
-        self._dedupe_log = Throttle(burst=20)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -167,9 +168,9 @@ class Outbox:
                 if isinstance(result, str):
                     self._ledger.rejected(producer, result)
             holding, finished, held = self._holding, [], []
-            holding.count += len(valid)  # as if held: `_place` releases what it does not hold
+            holding.count += len(valid)  # as if held: `place` releases what it does not hold
             for raw, message, key in valid:
-                if (placed := self._place(message, key, raw, now, finished)) is not None:
+                if (placed := self._arrivals.place(message, key, raw, now, finished)) is not None:
                     held.append(placed)
             holding.count -= len(held)  # held again below, within the bound
             dropped, _ = holding.make_room(len(held), self._lanes)
@@ -182,8 +183,7 @@ class Outbox:
             self._changed.notify_all()
             return len(dropped) + cut
 
-    def settle(self, known: list[tuple[tuple[Message | str, bytes | None], str | None, int]]
-               ) -> list[bool]:
+    def settle(self, known: list[tuple[Verdict, str | None, int]]) -> list[bool]:
         """Count at once, never holding nor storing them, envelopes whose parse is known
         (their bytes were parsed before, `Admission`: each entry a verdict, the producer
         and how many such envelopes came) when parsing would leave them unheld: rejected,
@@ -191,28 +191,9 @@ class Outbox:
         Says which entries it counted; the others are for `accept`. (Without this, a
         producer resending one envelope in a loop is parsed at every copy once the queue
         is full.)"""
-        now, settled = self._monotonic(), []
+        now = self._monotonic()
         with self._locked():
-            for (result, key), producer, count in known:
-                if isinstance(result, str):
-                    self._ledger.rejected(producer, result, count)
-                elif key is not None and self._duplicate(result, key, now):
-                    self._ledger.counts["deduplicated"] += count
-                    self._log_duplicate(result.webhook_id, count)
-                else:
-                    settled.append(False)
-                    continue
-                self._ledger.received(count)
-                self._ledger.charge(producer, "received", count)
-                settled.append(True)
-        return settled
-
-    def _duplicate(self, message: Message, key: bytes, now: float) -> bool:
-        """Whether `_place` would suppress `message` as a duplicate (not failed first)."""
-        lane = self._lanes.get(message.key)
-        return not (lane is not None and lane.dead_reason is not None
-                    and self._limits.quarantined(lane.key, now)) \
-            and self._dedupe.recent(key, now)
+            return self._arrivals.settle(known, now)
 
     def refuse(self, producers: list[str | None],
                reason: str = "the producer's key is no longer allowed") -> None:
@@ -295,39 +276,11 @@ class Outbox:
                     self._ledger.rejected(raw.producer, result)
                     holding.release(1)
                     finished.append(raw)
-                elif (placed := self._place(result, key, raw, now, finished)) is not None:
+                elif (placed := self._arrivals.place(result, key, raw, now, finished)) is not None:
                     lane, item = placed
                     lane.waiting.append(item)
             self._store.done(finished)
             self._changed.notify_all()
-
-    def _place(self, message: Message, key: bytes | None, raw: Raw, now: float,
-               finished: list[Raw]) -> tuple[Lane, Held] | None:
-        """A message just parsed (counted as held): failed at once to a quarantined
-        webhook, or suppressed as a duplicate (`finished`: for the store), else
-        (its lane, itself) to wait there."""
-        holding = self._holding
-        lane = self._lanes.get(message.key) or self._lanes.add(message.key)
-        if lane.dead_reason is not None and self._limits.quarantined(lane.key, now):
-            self._answers.fail([holding.parsed(message, None, raw)], lane,
-                               lane.dead_reason, lane.dead_status, quiet=True)
-            lane.dead_failed += 1  # (not seen, so not forgotten: key None)
-            return None
-        if key is not None and self._dedupe.seen(key, now):
-            self._ledger.counts["deduplicated"] += 1
-            holding.release(1)
-            finished.append(raw)
-            self._log_duplicate(lane.id)
-            return None
-        return lane, holding.parsed(message, key, raw)
-
-    def _log_duplicate(self, webhook_id: str, count: int = 1) -> None:
-        """A suppressed duplicate is said, not silent: the producer's send succeeded."""
-        suppressed = self._dedupe_log.allow(count)
-        if suppressed is not None:
-            self._say(logging.INFO, "duplicate suppressed webhook=%s window_s=%g%s", webhook_id,
-                      self.dedupe_window,
-                      f" ({suppressed} duplicate lines left out)" if suppressed else "")
 
     # ------------------------------------------------------------------ sending
 
