@@ -14,6 +14,7 @@ from collections import Counter
 from itertools import repeat
 
 from notifier import envelope, redaction
+from notifier.arrivals import Verdict
 from notifier.config import Config
 from notifier.held import dedupe_key
 from notifier.logs import Throttle
@@ -33,7 +34,7 @@ PREVIEW_CHARS = 80
 VERDICTS_KEPT = 256
 """Parse results remembered by the envelope's bytes: a producer sending the same
 envelope in a loop (a runaway alert, a broken frame) is parsed once, not at every copy."""
-VERDICT_BYTES = 4096  # only envelopes this small are remembered: at most 1 MiB in all
+VERDICT_BYTES = 4096  # only envelopes this small are remembered: 1 MiB of them at most
 
 
 def preview(data: bytes) -> str:
@@ -62,7 +63,7 @@ class Admission:
         self._parser_bugs: set[type] = set()  # kinds of parser exception logged already
         # What parsing gave for an envelope's bytes: parsing is a function of the bytes
         # and the settings alone, so the same bytes give the same message or reason.
-        self._verdicts: dict[bytes, tuple[envelope.Message | str, bytes | None]] = {}
+        self._verdicts: dict[bytes, Verdict] = {}
         self._remember = remember  # how many (0: none, for tests to compare)
 
     def take_in(self, frames: list[bytes], producers: list[str] | None) -> None:
@@ -111,8 +112,6 @@ class Admission:
         alike = Counter(zip(frames, producers or repeat(None)))
         known = [(pair, verdict, count) for pair, count in alike.items()
                  if (verdict := verdicts.get(pair[0])) is not None]
-        if not known:
-            return frames, producers
         gone = set()
         for ((data, producer), verdict, count), settled in zip(known, self.outbox.settle(
                 [(verdict, producer, count) for (_, producer), verdict, count in known])):
@@ -174,8 +173,7 @@ class Admission:
                 log.debug("accepted webhook=%s bytes=%d%s", webhook_id, size,
                           f" ({suppressed} accepted lines left out)" if suppressed else "")
 
-    def _parse_one(self, data: bytes, producer: str | None
-                   ) -> tuple[envelope.Message | str, bytes | None]:
+    def _parse_one(self, data: bytes, producer: str | None) -> Verdict:
         """(message, dedupe key or None), or (rejection reason, None), said in the log;
         remembered for the same bytes (`VERDICTS_KEPT`)."""
         verdict = self._verdicts.get(data)
@@ -190,7 +188,7 @@ class Admission:
             self.reject(verdict[0], data, producer)
         return verdict
 
-    def _parse_new(self, data: bytes) -> tuple[envelope.Message | str, bytes | None]:
+    def _parse_new(self, data: bytes) -> Verdict:
         """`_parse_one` for bytes not seen lately. An unexpected exception is a bug in the
         parser: the envelope is rejected for it, and the first of each kind is logged
         with its traceback."""

@@ -31,7 +31,7 @@ from notifier.answers import MAX_AGE_SEC, Answers
 from notifier.arrivals import Arrivals, Verdict
 from notifier.deadletter import DeadLetters, Letter
 from notifier.discord import Outcome
-from notifier.envelope import MAX_ENVELOPE_BYTES, Message, own_webhook_id, too_large
+from notifier.envelope import MAX_ENVELOPE_BYTES, own_webhook_id, too_large
 from notifier.held import Dedupe, Holding, Raw
 from notifier.lanes import Job, Lane, Lanes
 from notifier.ledger import Ledger
@@ -149,7 +149,7 @@ class Outbox:
         return self.queue_max - self._holding.count
 
     def accept_parsed(self, envelopes: list[bytes], producers: list[str] | None,
-                      results: list[tuple[Message | str, bytes | None]]) -> int:
+                      results: list[Verdict]) -> int:
         """`accept` at the bound, for envelopes the receiver parsed first (`results`, one
         each, as `add_parsed` takes them): a rejected one is counted with its reason and
         never held, so it takes no message's place; the valid ones are held as the
@@ -264,7 +264,7 @@ class Outbox:
     def unparsed(self) -> int:
         return len(self._holding.raw)  # a deque's len is atomic
 
-    def add_parsed(self, results: list[tuple[Message | str, bytes | None]]) -> None:
+    def add_parsed(self, results: list[Verdict]) -> None:
         """Give back what `take_unparsed` lent, parsed: ``(message or rejection reason,
         dedupe key or None)`` each, in the same order."""
         now = self._monotonic()
