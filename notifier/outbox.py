@@ -123,17 +123,15 @@ class Outbox:
         each from the producer at the same index of `producers` (with CURVE). Returns the
         messages dropped to stay within the bound and (size, producer) of the envelopes
         rejected for their size."""
-        now, senders = self._monotonic(), producers or repeat(None)
-        if max(map(len, envelopes), default=0) <= MAX_ENVELOPE_BYTES:  # (a flood's speed)
-            raws = list(map(Raw, envelopes, repeat(now), repeat(None), repeat(0), repeat(0),
-                            senders))
-            oversized = []
-        else:
-            raws = [Raw(data, now, producer=producer)
-                    for data, producer in zip(envelopes, senders)
-                    if len(data) <= MAX_ENVELOPE_BYTES]
-            oversized = [(len(data), producer) for data, producer in zip(envelopes, senders)
+        now, fitting, senders = self._monotonic(), envelopes, producers or repeat(None)
+        oversized = []
+        if max(map(len, envelopes), default=0) > MAX_ENVELOPE_BYTES:  # rare: set them apart
+            pairs = list(zip(envelopes, senders))
+            oversized = [(len(data), producer) for data, producer in pairs
                          if len(data) > MAX_ENVELOPE_BYTES]
+            fitting = [data for data, _ in pairs if len(data) <= MAX_ENVELOPE_BYTES]
+            senders = [producer for data, producer in pairs if len(data) <= MAX_ENVELOPE_BYTES]
+        raws = list(map(Raw, fitting, repeat(now), repeat(None), repeat(0), repeat(0), senders))
         if self._durable and raws:
             self._store.add(raws, self._wall())
         with self._locked():
